@@ -1,0 +1,69 @@
+"""Shared fixtures. Tests never touch the network: downloads are disabled and Keras' cache is an empty folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_DATABASE = REPO / "database"
+
+# Before anything imports the package: no downloads, no user cache, quiet TensorFlow. Subprocesses inherit these.
+os.environ["RETRIEVAL_OFFLINE"] = "1"
+os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="empty-keras-home-")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def seeded_vgg16_weights(tmp_path_factory) -> Path:
+    """VGG16 (no top) with seeded random weights saved to a Keras weights file: the VGG16 path without ImageNet."""
+    from retrieval.backbones import quiet_tensorflow
+
+    quiet_tensorflow()
+    import keras
+
+    keras.utils.set_random_seed(1234)
+    model = keras.applications.VGG16(weights=None, include_top=False, input_shape=(224, 224, 3))
+    path = tmp_path_factory.mktemp("weights") / "seeded_vgg16.weights.h5"
+    model.save_weights(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def effnet_extractor():
+    """One EfficientNet-Lite0 max-pooling extractor with the real packaged ImageNet weights, shared by the session."""
+    from retrieval.backbones import efficientnet_lite0_weights
+    from retrieval.extractor import Extractor, new_encoder_config
+
+    weights = efficientnet_lite0_weights()
+    return Extractor(new_encoder_config(weights, "max", "float32"), weights)
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """A small image folder: six demo photos (two groups), one in a sub-folder with a non-ASCII name and a space."""
+    folder = tmp_path / "images"
+    (folder / "sub dir é").mkdir(parents=True)
+    shutil.copy(DEMO_DATABASE / "coffee" / "original.jpg", folder / "coffee.jpg")
+    shutil.copy(DEMO_DATABASE / "coffee" / "view-01.jpg", folder / "sub dir é" / "café crème.JPG")
+    shutil.copy(DEMO_DATABASE / "chelsea" / "original.jpg", folder / "chelsea.jpeg")
+    shutil.copy(DEMO_DATABASE / "chelsea" / "view-02.jpg", folder / "sub dir é" / "chelsea-2.jpg")
+    shutil.copy(DEMO_DATABASE / "rocket" / "original.jpg", folder / "rocket.jpg")
+    shutil.copy(DEMO_DATABASE / "astronaut" / "original.jpg", folder / "astronaut.jpg")
+    return folder
+
+
+def write_rgb(path: Path, seed: int = 0, size=(64, 48), fmt: str | None = None) -> Path:
+    """A small random-noise RGB image file."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, format=fmt)
+    return path
