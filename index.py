@@ -14,6 +14,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from retrieval.backbones import BACKBONE_CHOICES
     from retrieval.cli import positive_int
     from retrieval.extractor import DEFAULT_BATCH_SIZE, PRECISIONS
+    from retrieval.indexing import CHECKPOINT_EVERY
     from retrieval.pooling import POOLINGS
 
     parser = argparse.ArgumentParser(
@@ -28,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="how conv activations become one vector (default: max, or the existing index's)")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32", help="compute precision (default: float32)")
     parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=CHECKPOINT_EVERY, metavar="N",
+                        help=f"save finished descriptors every N images so a killed run resumes (default: {CHECKPOINT_EVERY})")
     parser.add_argument("--rebuild", action="store_true", help="ignore the existing index and extract everything again")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -48,6 +51,7 @@ def main(argv=None) -> int:
             precision=args.precision,
             rebuild=args.rebuild,
             batch_size=args.batch_size,
+            checkpoint_every=args.checkpoint_every,
             progress=not args.quiet,
             notice=lambda line: print(f"note: {line}", file=sys.stderr),
         )

@@ -1,0 +1,56 @@
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import DEMO_DATABASE
+from retrieval.engine import RetrievalEngine
+from retrieval.errors import ImageError
+from retrieval.indexing import build_index
+from retrieval.testsets import random_view
+
+
+@pytest.fixture(scope="module")
+def originals_engine(tmp_path_factory):
+    """An EfficientNet-Lite0 index of the twelve demo originals only, with its engine."""
+    folder = tmp_path_factory.mktemp("originals")
+    for group in sorted(p for p in DEMO_DATABASE.iterdir() if p.is_dir()):
+        shutil.copy(group / "original.jpg", folder / f"{group.name}.jpg")
+    path = folder.parent / "originals.h5"
+    build_index(folder, path, backbone="efficientnet-lite0", progress=False)
+    return RetrievalEngine.open(path), folder
+
+
+def test_transformed_copies_find_their_own_original_first(originals_engine):
+    from PIL import Image
+
+    engine, folder = originals_engine
+    rng = np.random.default_rng(7)
+    queries = hits = 0
+    misses = []
+    for original in sorted(folder.glob("*.jpg")):
+        image = Image.open(original).convert("RGB")
+        for _ in range(5):
+            top = engine.search_vector(engine.extractor.encode_pil([random_view(image, rng)])[0], 1)[0]
+            queries += 1
+            hits += top.path == original.name
+            if top.path != original.name:
+                misses.append((original.name, top.path))
+    rate = hits / queries
+    print(f"top-1 hit rate {rate:.3f} over {queries} transformed queries; misses {misses}")
+    assert queries == 60 and rate >= 0.9
+
+
+def test_hits_are_ranked_with_paths_and_scores(originals_engine):
+    engine, folder = originals_engine
+    hits = engine.search_source(folder / "coffee.jpg", k=3)
+    assert [h.rank for h in hits] == [1, 2, 3] and hits[0].path == "coffee.jpg"
+    assert hits[0].score == pytest.approx(1.0, abs=1e-4) and hits[0].score >= hits[1].score >= hits[2].score
+    assert engine.image_path(hits[0]) == folder.resolve() / "coffee.jpg"
+    assert hits[0].as_dict()["path"] == "coffee.jpg"
+
+
+def test_bad_query_bytes_raise_image_error(originals_engine):
+    engine, _ = originals_engine
+    with pytest.raises(ImageError, match="not an image"):
+        engine.search_source(b"definitely not an image")
