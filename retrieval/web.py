@@ -258,6 +258,7 @@ def create_app(
     """
     app = Flask(__name__, template_folder=str(REPO_ROOT / "templates"), static_folder=str(REPO_ROOT / "static"))
     app.request_class = InMemoryRequest
+    app.url_map.merge_slashes = False  # "//etc/passwd" is simply not found, not redirected somewhere
     app.config.update(DEFAULT_CONFIG)
     app.config["SECRET_KEY"] = os.environ.get("RETRIEVAL_SECRET_KEY") or secrets.token_hex(32)
     if config:

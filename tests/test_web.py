@@ -1,0 +1,530 @@
+"""The web app through Flask's test client, around one real EfficientNet-Lite0 index built for this module."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import DEMO_DATABASE, REPO
+from retrieval.engine import RetrievalEngine
+from retrieval.errors import IndexFileError
+from retrieval.indexing import build_index
+from retrieval.store import FeatureDatabase, read_database, write_database
+from retrieval.web import CONTENT_SECURITY_POLICY, NO_INDEX_MESSAGE, create_app
+
+GROUPS = ("coffee", "chelsea", "rocket", "astronaut")
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    """(image folder, index path): two photos of four demo groups, in sub-folders, one with a non-ASCII name."""
+    root = tmp_path_factory.mktemp("web")
+    folder = root / "images"
+    for group in GROUPS:
+        (folder / group).mkdir(parents=True)
+        shutil.copy(DEMO_DATABASE / group / "original.jpg", folder / group / "original.jpg")
+        shutil.copy(DEMO_DATABASE / group / "view-01.jpg", folder / group / "vue é.jpg")
+    index = root / "index.h5"
+    build_index(folder, index, backbone="efficientnet-lite0", progress=False)
+    return folder, index
+
+
+@pytest.fixture(scope="module")
+def engine(indexed, effnet_extractor):
+    """The module's engine, sharing the session's extractor (same encoder as the index, so no second model)."""
+    database = read_database(indexed[1])
+    assert database.encoder.identity() == effnet_extractor.encoder.identity()
+    return RetrievalEngine(database, effnet_extractor)
+
+
+@pytest.fixture(scope="module")
+def app(indexed, engine):
+    return create_app(indexed[1], engine=engine, config={"TESTING": True})
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def jpeg_bytes(group: str, name: str = "original.jpg") -> bytes:
+    return (DEMO_DATABASE / group / name).read_bytes()
+
+
+def post_image(client, data: bytes, filename: str = "query.jpg", **fields):
+    return client.post("/api/search", data={"image": (io.BytesIO(data), filename), **fields}, content_type="multipart/form-data")
+
+
+def assert_security_headers(response):
+    assert response.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+    assert "default-src 'self'" in CONTENT_SECURITY_POLICY and "unsafe-inline" not in CONTENT_SECURITY_POLICY
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert response.headers["Referrer-Policy"] == "no-referrer"
+
+
+def assert_json_error(response, status: int, *fragments: str):
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert set(body) >= {"error"} and isinstance(body["error"], str) and body["error"]
+    assert "Traceback" not in body["error"]
+    for fragment in fragments:
+        assert fragment in body["error"]
+    assert_security_headers(response)
+    return body
+
+
+# ---------------------------------------------------------------------------------------------------- page, info
+
+
+def test_page_shows_database_info_and_loads_only_local_assets(client):
+    response = client.get("/")
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    html = response.get_data(as_text=True)
+    assert 'id="info-size">8<' in html and "efficientnet-lite0" in html and 'id="info-pooling">max<' in html
+    assert '<script src="/static/app.js" defer></script>' in html
+    assert "<script>" not in html and " on" + "click=" not in html and "style=" not in html  # CSP: no inline code
+    assert "http://" not in html and "https://" not in html  # no CDN: works offline
+    assert 'for="k-select"' in html and 'type="file"' in html and 'id="choose-button"' in html
+    for asset, mimetype in (("app.js", "text/javascript"), ("style.css", "text/css"), ("favicon.svg", "image/svg+xml")):
+        static = client.get(f"/static/{asset}")
+        assert static.status_code == 200 and static.mimetype == mimetype
+        assert_security_headers(static)
+    assert_security_headers(response)
+
+
+def test_info_and_healthz(client, engine):
+    info = client.get("/api/info").get_json()
+    assert info["size"] == 8 and info["backbone"] == "efficientnet-lite0" and info["pooling"] == "max"
+    assert info["dimension"] == engine.database.encoder.dim == 1280
+    assert info["created"] and info["updated"] and info["version"]
+    assert info["limits"] == {"default_k": 10, "max_k": 200, "k_choices": [10, 20, 50], "max_upload_bytes": 20 * 1024 * 1024}
+    health = client.get("/healthz")
+    assert health.status_code == 200 and health.get_json()["status"] == "ok" and health.get_json()["size"] == 8
+
+
+def test_sample_lists_database_items_by_id(client, engine):
+    body = client.get("/api/sample?n=5").get_json()
+    assert len(body["items"]) == 5 and body["total"] == 8
+    for item in body["items"]:
+        assert item["path"] == engine.database.paths[item["id"]]
+        assert item["thumb_url"] == f"/thumb/{item['id']}?v={body['version']}"
+    assert len(client.get("/api/sample?n=200").get_json()["items"]) == 8
+    assert_json_error(client.get("/api/sample?n=0"), 400, "n must be between 1 and 200")
+
+
+# ---------------------------------------------------------------------------------------------------- searching
+
+
+def test_upload_search_ranks_the_same_photo_first(client):
+    response = post_image(client, jpeg_bytes("coffee"), k="5")
+    assert response.status_code == 200
+    body = response.get_json()
+    results = body["results"]
+    assert [r["rank"] for r in results] == [1, 2, 3, 4, 5]
+    assert results[0]["path"] == "coffee/original.jpg" and results[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert results[1]["path"] == "coffee/vue é.jpg"
+    assert all(a["score"] >= b["score"] for a, b in zip(results, results[1:]))
+    first = results[0]
+    assert first["image_url"] == f"/image/{first['id']}?v={body['version']}"
+    assert first["thumb_url"] == f"/thumb/{first['id']}?v={body['version']}"
+    assert body["query"] == {"type": "upload", "bytes": len(jpeg_bytes("coffee"))}
+    assert body["k"] == 5 and body["total"] == 8 and body["has_more"] is True
+    assert body["took_ms"] > 0 and body["timing"]["encode_ms"] > 0
+    assert_security_headers(response)
+
+
+def test_k_default_offset_and_load_more(client):
+    data = jpeg_bytes("rocket")
+    everything = post_image(client, data).get_json()  # default k = 10 > 8 images
+    assert len(everything["results"]) == 8 and everything["has_more"] is False
+    page = post_image(client, data, k="3", offset="3").get_json()
+    assert [r["rank"] for r in page["results"]] == [4, 5, 6] and page["has_more"] is True
+    assert [r["id"] for r in page["results"]] == [r["id"] for r in everything["results"][3:6]]
+    # k may also come in the query string
+    assert len(client.post("/api/search?k=2", data={"image": (io.BytesIO(data), "q.jpg")}).get_json()["results"]) == 2
+
+
+def test_search_by_database_id(client, engine):
+    row = engine.database.paths.index("chelsea/vue é.jpg")
+    body = client.get(f"/api/search?id={row}&k=3").get_json()
+    assert body["query"]["type"] == "database" and body["query"]["id"] == row and body["query"]["path"] == "chelsea/vue é.jpg"
+    assert body["results"][0]["id"] == row and body["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert body["results"][1]["path"] == "chelsea/original.jpg"
+    assert client.get(f"/api/search?id={row}&v={body['version']}").status_code == 200
+    assert_json_error(client.get(f"/api/search?id={row}&v=oldversion"), 409, "updated")
+
+
+@pytest.mark.parametrize("k", ["abc", "0", "-3", "201", "1.5", "1e3", "10 0", "９"])
+def test_bad_k_is_400(client, k):
+    assert_json_error(client.get(f"/api/search?id=0&k={k}"), 400, "k must be")
+    assert_json_error(post_image(client, jpeg_bytes("coffee"), k=k), 400, "k must be")
+
+
+def test_bad_offset_and_ids(client):
+    assert_json_error(client.get("/api/search?id=0&offset=-1"), 400, "offset must be")
+    assert_json_error(client.get("/api/search?id=abc"), 400, "id must be")
+    assert_json_error(client.get("/api/search?id=-1"), 400, "id must be")
+    assert_json_error(client.get("/api/search?id=8"), 404, "no database image with id 8")
+    assert_json_error(client.get("/api/search?id=99999999"), 404, "no database image")
+    assert_json_error(client.get("/api/search"), 400, "POST an image")
+
+
+def bomb_png(width=20000, height=20000) -> bytes:
+    """A tiny PNG that claims 400 megapixels."""
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    "data, status, fragment",
+    [
+        (b"%PDF-1.4 this is not an image at all", 415, "not an image"),
+        (b"GIF89a" + b"\0" * 3, 415, "cannot use this file as an image"),
+        (None, 415, "corrupt or truncated"),  # a JPEG cut in half
+        (b"", 400, "empty"),
+        ("bomb", 413, "too many pixels"),
+    ],
+    ids=["not-an-image", "garbage-gif", "truncated-jpeg", "empty", "decompression-bomb"],
+)
+def test_unusable_uploads_get_readable_errors(client, data, status, fragment):
+    if data is None:
+        full = jpeg_bytes("coffee")
+        data = full[: len(full) // 2]
+    elif data == "bomb":
+        data = bomb_png()
+    # the name and declared type do not matter: the content decides
+    response = client.post(
+        "/api/search", data={"image": (io.BytesIO(data), "photo.jpg", "image/jpeg")}, content_type="multipart/form-data"
+    )
+    assert_json_error(response, status, fragment)
+
+
+def test_type_is_decided_by_content_not_name(client):
+    response = post_image(client, jpeg_bytes("coffee"), filename="notes.txt")
+    assert response.status_code == 200 and response.get_json()["results"][0]["path"] == "coffee/original.jpg"
+
+
+def test_missing_field_and_too_large_upload(client):
+    assert_json_error(client.post("/api/search", data={"k": "3"}), 400, "missing file field 'image'")
+    assert_json_error(client.post("/api/search", data={"file": (io.BytesIO(b"x"), "a.jpg")}), 400, "'image'")
+    too_big = b"\xff\xd8" + b"\0" * (20 * 1024 * 1024)
+    assert_json_error(post_image(client, too_big), 413, "too large", "20 MB")
+
+
+def test_limit_is_configurable_and_uploads_stay_in_memory(engine, monkeypatch):
+    import werkzeug.formparser
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("an upload was spooled to a temporary file")
+
+    monkeypatch.setattr(werkzeug.formparser, "SpooledTemporaryFile", no_disk)  # werkzeug's default for uploads
+    monkeypatch.setattr("tempfile.SpooledTemporaryFile", no_disk)
+    monkeypatch.setattr("tempfile.TemporaryFile", no_disk)
+    monkeypatch.setattr("tempfile.NamedTemporaryFile", no_disk)
+    client = create_app(engine=engine, config={"MAX_CONTENT_LENGTH": 3 * 1024 * 1024}).test_client()
+    noise = np.random.default_rng(0).integers(0, 255, (600, 600, 3), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(noise).save(png, format="PNG")
+    assert 600_000 < len(png.getvalue()) < 3 * 1024 * 1024  # over werkzeug's 500 kB spooling threshold
+    assert post_image(client, png.getvalue(), k="1").status_code == 200
+    assert_json_error(post_image(client, b"\0" * (3 * 1024 * 1024 + 1)), 413, "3 MB")
+
+
+def test_other_methods_and_routes_are_json_errors(client):
+    assert_json_error(client.delete("/api/search"), 405)
+    assert_json_error(client.get("/nope"), 404, "not found")
+    assert_json_error(client.post("/api/info"), 405)
+
+
+# ---------------------------------------------------------------------------------------------------- no index
+
+
+def test_server_without_an_index_answers_503_and_says_so(tmp_path):
+    app = create_app(tmp_path / "missing.h5", config={"TESTING": True})
+    client = app.test_client()
+    for response in (
+        post_image(client, jpeg_bytes("coffee")),
+        client.get("/api/search?id=0"),
+        client.get("/api/info"),
+        client.get("/api/sample"),
+        client.get("/image/0"),
+        client.get("/thumb/0"),
+    ):
+        assert_json_error(response, 503, NO_INDEX_MESSAGE)
+    health = client.get("/healthz")
+    assert health.status_code == 503 and health.get_json()["index_loaded"] is False
+    page = client.get("/")
+    assert page.status_code == 200 and "No index loaded: build one with index.py" in page.get_data(as_text=True)
+    # bad parameters are still reported as such
+    assert_json_error(client.get("/api/search?id=0&k=0"), 400, "k must be")
+    assert create_app(config={"TESTING": True}).test_client().get("/api/info").status_code == 503
+
+
+def test_unreadable_index_raises_at_creation(tmp_path):
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(b"not an HDF5 file")
+    with pytest.raises(IndexFileError, match="not a readable HDF5"):
+        create_app(broken)
+
+
+# ---------------------------------------------------------------------------------------------------- images
+
+
+def test_images_and_thumbnails_by_id_with_caching(app, client, engine, indexed):
+    row = engine.database.paths.index("rocket/original.jpg")
+    version = client.get("/api/info").get_json()["version"]
+    image = client.get(f"/image/{row}?v={version}")
+    assert image.status_code == 200 and image.mimetype == "image/jpeg"
+    assert image.data == (indexed[0] / "rocket" / "original.jpg").read_bytes()
+    assert image.headers["ETag"] and "max-age=" in image.headers["Cache-Control"]
+    assert_security_headers(image)
+    assert client.get(f"/image/{row}?v={version}", headers={"If-None-Match": image.headers["ETag"]}).status_code == 304
+    assert client.get(f"/image/{row}").headers["Cache-Control"] == "no-cache"  # unversioned URL: revalidate
+
+    cache = app.extensions["retrieval.thumbs"]
+    cache.clear()
+    thumb = client.get(f"/thumb/{row}?v={version}")
+    assert thumb.status_code == 200 and thumb.mimetype == "image/jpeg" and len(cache) == 1
+    picture = Image.open(io.BytesIO(thumb.data))
+    assert max(picture.size) <= app.config["THUMB_SIZE"] and len(thumb.data) < len(image.data)
+    again = client.get(f"/thumb/{row}?v={version}")
+    assert again.data == thumb.data and len(cache) == 1 and again.headers["ETag"] == thumb.headers["ETag"]
+    assert client.get(f"/thumb/{row}", headers={"If-None-Match": thumb.headers["ETag"]}).status_code == 304
+    assert_json_error(client.get("/image/8"), 404, "no database image with id 8")
+    assert_json_error(client.get("/thumb/123456"), 404, "no database image")
+
+
+def test_thumbnail_cache_is_bounded(engine):
+    app = create_app(engine=engine, config={"THUMB_CACHE_ITEMS": 3})
+    client = app.test_client()
+    for row in range(6):
+        assert client.get(f"/thumb/{row}").status_code == 200
+    assert len(app.extensions["retrieval.thumbs"]) == 3
+
+
+TRAVERSALS = [
+    "/image/../../etc/passwd",
+    "/thumb/../../etc/passwd",
+    "/image/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    "/thumb/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    "/image/..%2f..%2f..%2fetc%2fpasswd",
+    "/image//etc/passwd",
+    "/thumb//etc/passwd",
+    "/image/%2Fetc%2Fpasswd",
+    "/image/0/../../../etc/passwd",
+    "/image/0%2f..%2f..%2fetc%2fpasswd",
+    "/image/-1",
+    "/thumb/-1",
+    "/image/1.0",
+    "/image/0x1",
+    "/image/coffee/original.jpg",
+    "/thumb/coffee%2foriginal.jpg",
+    "/image/%00",
+    "/static/../server.py",
+    "/static/%2e%2e/server.py",
+    "/static/..%2fserver.py",
+    "/static//etc/passwd",
+    "/static/%2fetc%2fpasswd",
+    "/etc/passwd",
+    "//etc/passwd",
+]
+
+
+@pytest.mark.parametrize("path", TRAVERSALS)
+def test_path_traversal_is_404_and_leaks_nothing(client, path):
+    response = client.get(path)
+    assert response.status_code == 404, path
+    body = response.get_data()
+    assert b"root:" not in body and b"import argparse" not in body and b"\xff\xd8" not in body[:2]
+    assert_security_headers(response)
+
+
+@pytest.mark.parametrize("query", ["../../etc/passwd", "%2e%2e%2fetc%2fpasswd", "/etc/passwd", "coffee/original.jpg", "0;1"])
+def test_search_ids_that_are_paths_are_rejected(client, query):
+    response = client.get(f"/api/search?id={query}")
+    assert_json_error(response, 400, "id must be")
+    assert b"root:" not in response.get_data()
+
+
+def test_index_paths_that_leave_the_image_folder_are_never_served(tmp_path, engine):
+    """Defence in depth: even a crafted index whose paths climb out of the image folder cannot serve those files."""
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(DEMO_DATABASE / "coffee" / "original.jpg", tmp_path / "outside.jpg")
+    database = FeatureDatabase(
+        encoder=engine.database.encoder,
+        vectors=engine.database.vectors[:2],
+        paths=["../outside.jpg", str(tmp_path / "outside.jpg")],
+        file_sizes=np.zeros(2, np.int64),
+        file_mtimes_ns=np.zeros(2, np.int64),
+        image_root=str(root),
+    )
+    client = create_app(engine=RetrievalEngine(database, engine.extractor)).test_client()
+    for route in ("image", "thumb"):
+        for row in (0, 1):
+            assert client.get(f"/{route}/{row}").status_code == 404
+
+
+# ---------------------------------------------------------------------------------------------------- concurrency
+
+
+def test_concurrent_searches_match_sequential_ones(app, engine):
+    queries = [("upload", jpeg_bytes(group, name)) for group in GROUPS for name in ("original.jpg", "view-02.jpg")]
+    queries += [("id", row) for row in range(len(engine))]
+
+    def ask(query):
+        kind, value = query
+        client = app.test_client()
+        response = post_image(client, value, k="8") if kind == "upload" else client.get(f"/api/search?id={value}&k=8")
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return [(r["id"], r["score"]) for r in response.get_json()["results"]]
+
+    sequential = [ask(query) for query in queries]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        concurrent = list(pool.map(ask, queries * 2))
+    for expected, got in zip(sequential * 2, concurrent):
+        assert [i for i, _ in got] == [i for i, _ in expected]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- live reload
+
+
+def replace_atomically(target: Path, database: FeatureDatabase) -> None:
+    staging = target.parent / "staging" / target.name
+    write_database(staging, database)
+    os.replace(staging, target)
+
+
+def subset(database: FeatureDatabase, rows) -> FeatureDatabase:
+    rows = list(rows)
+    return FeatureDatabase(
+        encoder=database.encoder,
+        vectors=database.vectors[rows],
+        paths=[database.paths[i] for i in rows],
+        file_sizes=database.file_sizes[rows],
+        file_mtimes_ns=database.file_mtimes_ns[rows],
+        image_root=database.image_root,
+        created_at=database.created_at,
+        updated_at="2030-01-01T00:00:00+00:00",
+    )
+
+
+def test_replaced_index_is_picked_up_without_restart(tmp_path, indexed, engine, caplog):
+    live_path = tmp_path / "live.h5"
+    shutil.copy(indexed[1], live_path)
+    app = create_app(live_path, engine=engine, config={"INDEX_CHECK_INTERVAL": 0})
+    client = app.test_client()
+    before = client.get("/api/info").get_json()
+    assert before["size"] == 8
+
+    replace_atomically(live_path, subset(engine.database, range(0, 8, 2)))
+    after = client.get("/api/info").get_json()
+    assert after["size"] == 4 and after["updated"] == "2030-01-01T00:00:00+00:00" and after["version"] != before["version"]
+    current, _ = app.extensions["retrieval"].current()
+    assert current.extractor is engine.extractor  # same encoder: the model is reused, not rebuilt
+    assert current.image_root == engine.image_root
+    hits = post_image(client, jpeg_bytes("coffee"), k="10").get_json()["results"]
+    assert len(hits) == 4 and hits[0]["path"] == "coffee/original.jpg"
+    assert client.get("/thumb/3").status_code == 200 and client.get("/thumb/4").status_code == 404
+    # an id shown by the old version is refused rather than silently naming another image
+    assert_json_error(client.get(f"/api/search?id=0&v={before['version']}"), 409)
+
+    # a broken new version: logged, and the previous one keeps being served
+    staging = tmp_path / "garbage.h5"
+    staging.write_bytes(b"\x89HDF\r\n\x1a\n but truncated")
+    with caplog.at_level(logging.ERROR, logger="retrieval.web"):
+        os.replace(staging, live_path)
+        assert client.get("/api/info").get_json()["size"] == 4
+    assert "could not load new version" in caplog.text
+    assert post_image(client, jpeg_bytes("rocket"), k="1").get_json()["results"][0]["path"] == "rocket/original.jpg"
+
+    # and a good file after it is taken again
+    replace_atomically(live_path, subset(engine.database, range(8)))
+    assert client.get("/api/info").get_json()["size"] == 8
+    assert app.extensions["retrieval"].reloads == 2
+
+
+def test_reload_is_checked_at_most_once_per_interval(tmp_path, indexed, engine):
+    live_path = tmp_path / "live.h5"
+    shutil.copy(indexed[1], live_path)
+    client = create_app(live_path, engine=engine, config={"INDEX_CHECK_INTERVAL": 3600}).test_client()
+    assert client.get("/api/info").get_json()["size"] == 8
+    replace_atomically(live_path, subset(engine.database, range(3)))
+    assert client.get("/api/info").get_json()["size"] == 8  # not checked again within the interval
+
+
+def test_index_that_appears_later_or_changes_encoder_builds_a_matching_extractor(tmp_path, indexed, engine, monkeypatch):
+    built = []
+
+    def fake_for_database(encoder, weights_file=None):
+        built.append(encoder.pooling)
+        return engine.extractor  # stands in for a newly built model (building one costs seconds)
+
+    monkeypatch.setattr("retrieval.web.Extractor.for_database", fake_for_database)
+    live_path = tmp_path / "later.h5"
+    client = create_app(live_path, config={"INDEX_CHECK_INTERVAL": 0}).test_client()
+    assert client.get("/api/info").status_code == 503
+    shutil.copy(indexed[1], live_path)
+    assert client.get("/api/info").get_json()["size"] == 8 and built == ["max"]
+    assert client.get("/api/search?id=1&k=1").status_code == 200
+
+    import dataclasses
+
+    other = subset(engine.database, range(5))
+    other.encoder = dataclasses.replace(other.encoder, pooling="avg")
+    replace_atomically(live_path, other)
+    info = client.get("/api/info").get_json()
+    assert info["pooling"] == "avg" and info["size"] == 5 and built == ["max", "avg"]
+
+
+# ---------------------------------------------------------------------------------------------------- server.py
+
+
+def run_server(*args, timeout=60):
+    return subprocess.run(
+        [sys.executable, str(REPO / "server.py"), *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+@pytest.mark.parametrize(
+    "make_args, fragment",
+    [
+        (lambda tmp: ["--index", tmp / "corrupt.h5"], "not a readable HDF5 feature database"),
+        (lambda tmp: ["--index", tmp / "missing.h5", "--require-index"], "no such index file"),
+        (lambda tmp: ["--index", tmp, "--port", "0"], "is a folder"),
+        (lambda tmp: ["--index", tmp / "missing.h5", "--debug", "--host", "0.0.0.0"], "loopback"),
+    ],
+    ids=["corrupt", "missing-required", "folder", "debug-exposed"],
+)
+def test_server_script_refuses_to_start_with_one_line(tmp_path, make_args, fragment):
+    (tmp_path / "corrupt.h5").write_bytes(b"garbage")
+    result = run_server(*make_args(tmp_path))
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_server_module_does_nothing_at_import():
+    code = "import sys; sys.argv = ['x', '--bogus']; import server; print('tensorflow' in sys.modules, 'flask' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0 and result.stdout.split() == ["False", "False"], result.stderr
