@@ -87,8 +87,12 @@ def main(argv=None) -> int:
         from waitress import create_server
 
         # waitress refuses bodies well over the Flask limit before buffering them; Flask answers 413 below it
-        server = create_server(app, host=args.host, port=args.port, threads=args.threads,
-                               max_request_body_size=max_upload + 1024 * 1024, ident="retrieval")
+        try:
+            server = create_server(app, host=args.host, port=args.port, threads=args.threads,
+                                   max_request_body_size=max_upload + 1024 * 1024, ident="retrieval")
+        except (OSError, ValueError) as exc:  # port in use, address not available, unknown host name
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise RetrievalError(f"cannot listen on {args.host}:{args.port}: {reason}") from None
         listening = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]
         urls = " ".join(f"http://{f'[{h}]' if ':' in h else h}:{p}/" for h, p in listening)
         print(f"serving on {urls} (waitress, {args.threads} threads; Ctrl-C stops)", file=sys.stderr, flush=True)

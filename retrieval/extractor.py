@@ -16,7 +16,7 @@ from PIL import Image
 
 from . import backbones, pooling
 from .errors import ImageError
-from .images import load_for_backbone, resize_square
+from .images import MIN_SIDE, RESIZE_RULES, load_for_backbone, resize_for_backbone
 from .store import EncoderConfig
 
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -36,12 +36,15 @@ def cpu_has_bf16() -> bool:
     return False
 
 
-def resolve_precision(precision: str) -> str:
-    """``auto`` -> ``bfloat16`` on CPUs with bf16 units or when a GPU is visible, else ``float32``."""
+def resolve_precision(precision: str, backbone: str = "vgg16") -> str:
+    """``auto`` -> ``bfloat16`` for backbones that gain from it (``BackboneSpec.bf16_pays``) on CPUs with bf16 units
+    or when a GPU is visible, else ``float32``."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
+    if not backbones.BACKBONES[backbone].bf16_pays:
+        return "float32"
     if cpu_has_bf16():
         return "bfloat16"
     backbones.quiet_tensorflow()
@@ -50,11 +53,34 @@ def resolve_precision(precision: str) -> str:
     return "bfloat16" if tf.config.list_physical_devices("GPU") else "float32"
 
 
-def new_encoder_config(weights: backbones.Weights, pooling_name: str, precision: str = "float32") -> EncoderConfig:
-    """The encoder settings for fresh databases: the backbone's layer and input size, the chosen pooling."""
+DEFAULT_SCALES = (1.0,)
+
+
+def new_encoder_config(
+    weights: backbones.Weights,
+    pooling_name: str = "max",
+    precision: str = "float32",
+    *,
+    pooling_params: dict | None = None,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    resize_rule: str = "squash-bicubic",
+    input_size: int | None = None,
+) -> EncoderConfig:
+    """The encoder settings for a fresh database. Raises ValueError for unknown or out-of-range choices.
+
+    ``scales``: multi-scale extraction, factors of the input size in (0, 1] (e.g. 1, 0.707, 0.5); each scale is
+    pooled and L2-normalised, then they are summed (MOP-style) and normalised again.
+    """
     spec = backbones.BACKBONES[weights.backbone]
-    if pooling_name not in pooling.POOLINGS:
-        raise ValueError(f"unknown pooling {pooling_name!r}; choose from {', '.join(pooling.POOLINGS)}")
+    params = pooling.resolve_pooling_params(pooling_name, pooling_params)
+    scales = [float(scale) for scale in scales]
+    if not scales or any(not 0.1 <= scale <= 1.0 for scale in scales) or len(set(scales)) != len(scales):
+        raise ValueError(f"scales must be distinct factors in [0.1, 1], got {scales}")
+    if resize_rule not in RESIZE_RULES:
+        raise ValueError(f"unknown resize rule {resize_rule!r}; choose from {', '.join(RESIZE_RULES)}")
+    size = int(input_size or spec.input_size)
+    if not 32 <= size <= 2048:
+        raise ValueError(f"input size must be between 32 and 2048 pixels, got {size}")
     return EncoderConfig(
         backbone=weights.backbone,
         weights_name=weights.name,
@@ -62,9 +88,11 @@ def new_encoder_config(weights: backbones.Weights, pooling_name: str, precision:
         weights_path=str(weights.path),
         layer=spec.layer,
         pooling=pooling_name,
-        input_size=spec.input_size,
-        resize_rule="squash-bicubic",
-        precision=resolve_precision(precision),
+        pooling_params=params,
+        scales=scales,
+        input_size=size,
+        resize_rule=resize_rule,
+        precision=resolve_precision(precision, weights.backbone),
         dim=spec.channels,
     )
 
@@ -78,8 +106,21 @@ class EncodedItem:
     error: ImageError | None
 
 
+def _rescale(image: np.ndarray, scale: float) -> np.ndarray:
+    """uint8 (H, W, 3) resized by ``scale`` (bicubic), each side at least MIN_SIDE pixels."""
+    if scale == 1.0:
+        return image
+    height, width = image.shape[:2]
+    target = (max(MIN_SIDE, round(width * scale)), max(MIN_SIDE, round(height * scale)))
+    return np.asarray(Image.fromarray(image).resize(target, Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
 class Extractor:
-    """Backbone + pooling + L2 normalisation for one ``EncoderConfig``; build once, call many times (thread-safe)."""
+    """Backbone + pooling + L2 normalisation for one ``EncoderConfig``; build once, call many times (thread-safe).
+
+    The forward pass is one ``tf.function`` traced at construction with a dynamic batch and spatial shape, so
+    batches of any size (and aspect-preserving inputs) reuse it; it is warmed up before the first real call.
+    """
 
     def __init__(self, encoder: EncoderConfig, weights: backbones.Weights):
         if weights.hash != encoder.weights_hash:
@@ -90,15 +131,15 @@ class Extractor:
         self.encoder = encoder
         self.spec = backbones.BACKBONES[encoder.backbone]
         self.model = backbones.build_feature_model(weights, encoder.precision)
-        size = encoder.input_size
         model = self.model
 
-        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)], reduce_retracing=True)
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
         def forward(batch):
             return tf.cast(model(batch, training=False), tf.float32)
 
         self._forward = forward
-        forward(np.zeros((1, size, size, 3), np.float32))  # trace and warm up once, here, not on the first request
+        size = encoder.input_size
+        forward(np.zeros((1, size, size, 3), np.float32))  # trace and warm up here, not on the first request
 
     @classmethod
     def for_database(cls, encoder: EncoderConfig, weights_file: str | os.PathLike | None = None) -> "Extractor":
@@ -113,29 +154,44 @@ class Extractor:
         return self.encoder.dim
 
     def feature_maps(self, images: np.ndarray) -> np.ndarray:
-        """uint8 RGB (N, S, S, 3) -> float32 conv maps (N, h, w, C)."""
-        batch = self.spec.preprocess(images)
-        return self._forward(batch).numpy()
+        """uint8 RGB (N, H, W, 3) -> float32 conv maps (N, h, w, C)."""
+        return self._forward(self.spec.preprocess(images)).numpy()
 
-    def encode_arrays(self, images: np.ndarray) -> np.ndarray:
-        """uint8 RGB (N, S, S, 3), S = input size -> L2-normalised float32 (N, D)."""
-        images = np.asarray(images)
-        size = self.encoder.input_size
-        if images.ndim != 4 or images.shape[1:] != (size, size, 3):
-            raise ValueError(f"expected images of shape (N, {size}, {size}, 3), got {images.shape}")
-        if len(images) == 0:
+    def _pooled(self, images: list[np.ndarray]) -> np.ndarray:
+        """Pool a list of uint8 (H, W, 3) arrays, batching those of equal shape. -> float32 (N, C), not normalised."""
+        out = np.empty((len(images), self.dim), np.float32)
+        groups: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(image.shape, []).append(i)
+        for rows in groups.values():
+            maps = self.feature_maps(np.stack([images[i] for i in rows]))
+            out[rows] = pooling.pool(self.encoder.pooling, maps, **self.encoder.pooling_params)
+        return out
+
+    def encode_arrays(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """uint8 RGB arrays, already resized by the database's rule -> L2-normalised float32 (N, D).
+
+        Accepts a stacked (N, H, W, 3) array or a list of (H, W, 3) arrays of possibly different shapes.
+        """
+        images = list(images)
+        for image in images:
+            if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+                raise ValueError(f"expected RGB images of shape (H, W, 3), got {image.shape}")
+        if not images:
             return np.empty((0, self.dim), np.float32)
-        return pooling.l2_normalize(pooling.pool(self.encoder.pooling, self.feature_maps(images)))
+        per_scale = [self._pooled([_rescale(image, scale) for image in images]) for scale in self.encoder.scales]
+        combined = per_scale[0] if len(per_scale) == 1 else pooling.combine_scales(per_scale)
+        return pooling.l2_normalize(combined)
 
     def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
         """RGB PIL images of any size -> L2-normalised float32 (N, D), resized by the database's rule."""
         size, rule = self.encoder.input_size, self.encoder.resize_rule
-        return self.encode_arrays(np.stack([resize_square(image.convert("RGB"), size, rule) for image in images]))
+        return self.encode_arrays([resize_for_backbone(image.convert("RGB"), size, rule) for image in images])
 
     def encode_source(self, source: str | os.PathLike | bytes) -> np.ndarray:
         """One image file or its bytes -> float32 (D,). Raises ImageError for anything that is not a usable image."""
         array = load_for_backbone(source, self.encoder.input_size, self.encoder.resize_rule)
-        return self.encode_arrays(array[None])[0]
+        return self.encode_arrays([array])[0]
 
     def encode_files(
         self, paths: Iterable[str | os.PathLike], batch_size: int = DEFAULT_BATCH_SIZE, workers: int = 2
@@ -156,19 +212,18 @@ class Extractor:
                 return None, exc
 
         paths = list(paths)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-            # map() submits everything at once; keep only a bounded window of decoded images in flight
-            window = batch_size * 3
-            pending = [pool.submit(load, p) for p in paths[:window]]
+        window = batch_size * 3  # decoded images in flight: bounded memory, enough to keep the model busy
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool_:
+            pending = [pool_.submit(load, p) for p in paths[:window]]
             submitted = len(pending)
             for start in range(0, len(paths), batch_size):
                 results = [future.result() for future in pending[:batch_size]]
                 pending = pending[batch_size:]
                 while submitted < len(paths) and len(pending) < window:
-                    pending.append(pool.submit(load, paths[submitted]))
+                    pending.append(pool_.submit(load, paths[submitted]))
                     submitted += 1
                 good = [i for i, (array, _) in enumerate(results) if array is not None]
-                vectors = self.encode_arrays(np.stack([results[i][0] for i in good])) if good else None
+                vectors = self.encode_arrays([results[i][0] for i in good]) if good else None
                 items = [EncodedItem(start + i, None, error) for i, (_, error) in enumerate(results)]
                 for row, i in enumerate(good):
                     items[i].vector = vectors[row]

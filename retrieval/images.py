@@ -21,13 +21,15 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 MAX_PIXELS = 80_000_000  # width * height accepted before decoding; larger is treated as a decompression bomb
 MAX_FILE_BYTES = 200 * 1024 * 1024
 
-RESIZE_RULES = ("squash-bicubic", "squash-nearest")
-"""How an image becomes the backbone's square input.
+RESIZE_RULES = ("squash-bicubic", "aspect-bicubic", "squash-nearest")
+"""How an image becomes the backbone's input, for an input size S.
 
-``squash-bicubic`` (default): resize to size x size with a bicubic filter, ignoring the aspect ratio (the classic
-recipe, done properly). ``squash-nearest``: what the reference demo did (Keras ``load_img`` with nearest neighbour);
-used only to encode queries against databases written by that demo.
+``squash-bicubic`` (default): S x S with a bicubic filter, ignoring the aspect ratio (the classic recipe, done
+properly). ``aspect-bicubic``: the longest side becomes S and the aspect ratio is kept (inputs of varying shape).
+``squash-nearest``: what the reference demo did (Keras ``load_img`` with nearest neighbour); used only to encode queries
+against databases written by that demo.
 """
+MIN_SIDE = 32  # the shortest side an aspect-preserving resize may produce (one cell of a stride-32 backbone)
 
 
 def is_image_name(name: str | os.PathLike) -> bool:
@@ -133,10 +135,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_square(image: Image.Image, size: int, rule: str = "squash-bicubic") -> np.ndarray:
-    """RGB image -> uint8 array (size, size, 3) following one of ``RESIZE_RULES``."""
+def resize_for_backbone(image: Image.Image, size: int, rule: str = "squash-bicubic") -> np.ndarray:
+    """RGB image -> uint8 array (H, W, 3) following one of ``RESIZE_RULES`` (S x S, or longest side S)."""
     if rule == "squash-bicubic":
         resized = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    elif rule == "aspect-bicubic":
+        scale = size / max(image.size)
+        target = tuple(max(MIN_SIDE, round(side * scale)) for side in image.size)
+        resized = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
     elif rule == "squash-nearest":
         resized = image.resize((size, size), Image.Resampling.NEAREST)
     else:
@@ -145,6 +151,6 @@ def resize_square(image: Image.Image, size: int, rule: str = "squash-bicubic") -
 
 
 def load_for_backbone(source: str | os.PathLike | bytes, size: int, rule: str = "squash-bicubic") -> np.ndarray:
-    """Decode and resize in one step: file or bytes -> uint8 array (size, size, 3)."""
-    draft = size if rule == "squash-bicubic" else None
-    return resize_square(open_image(source, draft_size=draft), size, rule)
+    """Decode and resize in one step: file or bytes -> uint8 array (H, W, 3)."""
+    draft = None if rule == "squash-nearest" else size
+    return resize_for_backbone(open_image(source, draft_size=draft), size, rule)

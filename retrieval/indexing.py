@@ -15,11 +15,14 @@ from typing import Callable
 
 import numpy as np
 
-from . import backbones
+from . import backbones, pooling
+from .engine import search_matrix
 from .errors import IndexFileError, RetrievalError
-from .extractor import DEFAULT_BATCH_SIZE, Extractor, new_encoder_config
+from .extractor import DEFAULT_BATCH_SIZE, DEFAULT_SCALES, Extractor, new_encoder_config
 from .images import IMAGE_EXTENSIONS, list_image_files
-from .store import Checkpoint, EncoderConfig, FeatureDatabase, now_iso, read_database, write_database
+from .store import VECTOR_DTYPES, Checkpoint, EncoderConfig, FeatureDatabase, now_iso, read_database, write_database
+from .vector_index import HnswIndex, hnsw_path, remove_stale_hnsw, wants_ann
+from .whitening import learn_pca_whitening
 
 CHECKPOINT_EVERY = 256  # images between checkpoint chunks
 
@@ -37,6 +40,7 @@ class IndexReport:
     seconds: float = 0.0
     encoder: EncoderConfig | None = None
     written: bool = False
+    ann: str = "exact"  # the search the database gets: exact, or hnsw (a graph file beside it)
 
     def summary(self) -> str:
         rate = f", {self.extracted / self.seconds:.1f} img/s" if self.extracted and self.seconds > 0 else ""
@@ -66,37 +70,121 @@ def scan_folder(root: Path) -> tuple[dict[str, FileStat], list[tuple[str, str]]]
     return stats, skipped
 
 
-def _requested_differs(existing: EncoderConfig, backbone: str, weights_file, pooling_name: str | None) -> str | None:
-    """A sentence when explicit options ask for something other than what the existing database holds."""
-    if backbone != "auto" and backbone != existing.backbone:
-        return f"backbone {existing.backbone}"
-    if pooling_name is not None and pooling_name != existing.pooling:
-        return f"pooling {existing.pooling}"
-    if weights_file is not None and backbones.file_md5(weights_file) != existing.weights_hash:
-        return f"other weights ({existing.weights_name})"
-    return None
+@dataclass(frozen=True)
+class EncoderRequest:
+    """What the user asked for on the command line; None means "the existing database's, or the default"."""
+
+    backbone: str = "auto"
+    weights_file: str | os.PathLike | None = None
+    pooling: str | None = None
+    pooling_params: dict | None = None
+    scales: tuple[float, ...] | None = None
+    resize_rule: str | None = None
+    input_size: int | None = None
+    precision: str | None = None
+
+    def conflicts_with(self, existing: EncoderConfig) -> str | None:
+        """A phrase naming what the existing database was built with, when this request asks for something else."""
+        if self.backbone != "auto" and self.backbone != existing.backbone:
+            return f"backbone {existing.backbone}"
+        if self.pooling is not None and self.pooling != existing.pooling:
+            return f"pooling {existing.pooling}"
+        if self.pooling_params:
+            try:
+                wanted = pooling.resolve_pooling_params(self.pooling or existing.pooling, self.pooling_params)
+            except ValueError as exc:
+                raise RetrievalError(str(exc)) from None
+            if wanted != existing.pooling_params:
+                return f"pooling parameters {existing.pooling_params}"
+        if self.scales is not None and [float(s) for s in self.scales] != list(existing.scales):
+            return f"scales {existing.scales}"
+        if self.resize_rule is not None and self.resize_rule != existing.resize_rule:
+            return f"resize rule {existing.resize_rule}"
+        if self.input_size is not None and self.input_size != existing.input_size:
+            return f"input size {existing.input_size}"
+        if self.precision not in (None, "auto") and self.precision != existing.precision:
+            return f"precision {existing.precision}"
+        if self.weights_file is not None and backbones.file_md5(self.weights_file) != existing.weights_hash:
+            return f"other weights ({existing.weights_name})"
+        return None
+
+    def new_config(self, notice: Callable[[str], None]) -> tuple[EncoderConfig, backbones.Weights]:
+        weights = backbones.choose_weights(self.backbone, self.weights_file, notice)
+        try:
+            encoder = new_encoder_config(
+                weights,
+                self.pooling or "max",
+                self.precision or "auto",
+                pooling_params=self.pooling_params,
+                scales=self.scales or DEFAULT_SCALES,
+                resize_rule=self.resize_rule or "squash-bicubic",
+                input_size=self.input_size,
+            )
+        except ValueError as exc:
+            raise RetrievalError(str(exc)) from None
+        return encoder, weights
+
+
+@dataclass(frozen=True)
+class WhiteningRequest:
+    """``learn``: PCA-whitening learned on the database itself (re-learned at every update); ``source``: learned once
+    on the vectors of another index file built with the same encoder; ``dim``: keep that many dimensions."""
+
+    learn: bool = False
+    source: str | os.PathLike | None = None
+    dim: int | None = None
+
+
+def _whitening_for(request: WhiteningRequest, existing: FeatureDatabase | None, encoder: EncoderConfig, vectors: np.ndarray):
+    """(whitening, source) for the database being written, or (None, "")."""
+    previous = existing.whitening if existing is not None else None
+    previous_source = existing.whitening_source if existing is not None else ""
+    if request.source is not None:
+        other = read_database(request.source)
+        if other.encoder.identity() != encoder.identity():
+            raise RetrievalError(
+                f"{request.source}: built with other encoder settings; whitening must be learned on the same kind of descriptors"
+            )
+        training, source = other.vectors, str(Path(request.source).resolve())
+    elif request.learn or previous_source == "database":
+        training, source = vectors, "database"
+    elif previous is not None:
+        return previous, previous_source  # learned once on another index: kept as it is
+    else:
+        return None, ""
+    dim = request.dim
+    if dim is None and previous is not None and previous.dim < min(previous.input_dim, previous.samples - 1):
+        dim = previous.dim  # an update keeps an earlier dimension reduction
+    try:
+        return learn_pca_whitening(np.asarray(training, np.float32), dim), source
+    except ValueError as exc:
+        raise RetrievalError(f"cannot learn whitening: {exc}") from None
 
 
 def build_index(
     image_root: str | os.PathLike,
     index_path: str | os.PathLike,
     *,
-    backbone: str = "auto",
-    weights_file: str | os.PathLike | None = None,
-    pooling_name: str | None = None,
-    precision: str = "float32",
+    whitening: WhiteningRequest = WhiteningRequest(),
+    storage: str | None = None,
+    ann: str = "auto",
     rebuild: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
     checkpoint_every: int = CHECKPOINT_EVERY,
     progress: bool = True,
     notice: Callable[[str], None] = print,
+    **encoder_options,
 ) -> IndexReport:
     """Index every image under ``image_root`` into ``index_path``; see the module docstring. Returns a report.
 
-    ``pooling_name`` None means the existing database's pooling, or ``max`` for a new one. Raises RetrievalError for a
-    missing or empty folder, an unusable existing index, or options that contradict the existing index.
+    ``encoder_options`` are ``EncoderRequest`` fields (backbone, weights_file, pooling, pooling_params, scales,
+    resize_rule, input_size, precision); those left None take the existing database's settings (or the defaults for a new one); fields that
+    contradict an existing database raise IndexFileError unless ``rebuild``. ``storage`` float32 | float16 (None: keep
+    the existing, else float32). ``ann``: auto | off | hnsw, see ``vector_index``. Raises RetrievalError for a missing
+    or empty folder or an unusable existing index.
     """
     started = time.perf_counter()
+    request = EncoderRequest(**encoder_options)
     root = Path(image_root)
     if not root.exists():
         raise RetrievalError(f"{root}: no such folder")
@@ -105,6 +193,9 @@ def build_index(
     index_path = Path(index_path)
     if index_path.is_dir():
         raise IndexFileError(f"{index_path}: is a folder; give the path of the index file to write")
+    if storage not in (None, *VECTOR_DTYPES):
+        raise RetrievalError(f"unknown storage {storage!r}; choose from {', '.join(VECTOR_DTYPES)}")
+    wants_ann(ann, 0)  # validates the choice before any work
     stats, skipped = scan_folder(root)
     if not stats:
         raise RetrievalError(f"{root}: no image files found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -117,18 +208,18 @@ def build_index(
                 f"{index_path}: written by the reference demo (no file stats to update incrementally); "
                 "rerun with --rebuild to replace it"
             )
-        differs = _requested_differs(existing.encoder, backbone, weights_file, pooling_name)
+        differs = request.conflicts_with(existing.encoder)
         if differs:
             raise IndexFileError(f"{index_path}: was built with {differs}; rerun with --rebuild to change it")
 
     if existing is not None:
         encoder = existing.encoder
         weights = backbones.weights_for_database(
-            encoder.backbone, encoder.weights_name, encoder.weights_hash, encoder.weights_path, weights_file
+            encoder.backbone, encoder.weights_name, encoder.weights_hash, encoder.weights_path, request.weights_file
         )
     else:
-        weights = backbones.choose_weights(backbone, weights_file, notice)
-        encoder = new_encoder_config(weights, pooling_name or "max", precision)
+        encoder, weights = request.new_config(notice)
+    vector_dtype = storage or (str(existing.vectors.dtype) if existing is not None else "float32")
 
     report = IndexReport(encoder=encoder)
     kept: dict[str, tuple[FileStat, np.ndarray]] = {}
@@ -157,21 +248,41 @@ def build_index(
         raise RetrievalError(f"{root}: none of the {len(stats)} image files could be read; nothing written")
     report.skipped.extend(skipped)
     report.skipped.sort()
-    changed = existing is None or bool(todo) or report.removed > 0 or str(root.resolve()) != existing.image_root
+    changed = (
+        existing is None
+        or bool(todo)
+        or report.removed > 0
+        or str(root.resolve()) != existing.image_root
+        or vector_dtype != str(existing.vectors.dtype)
+        or whitening.learn
+        or whitening.source is not None
+    )
+    graph_wanted = wants_ann(ann, len(kept))
     if changed:
         order = sorted(kept)
+        vectors = np.stack([kept[rel][1] for rel in order]).astype(np.float32)
+        learned, source = _whitening_for(whitening, existing, encoder, vectors)
         database = FeatureDatabase(
             encoder=encoder,
-            vectors=np.stack([kept[rel][1] for rel in order]).astype(np.float32),
+            vectors=vectors.astype(vector_dtype),
             paths=order,
             file_sizes=np.array([kept[rel][0].size for rel in order], dtype=np.int64),
             file_mtimes_ns=np.array([kept[rel][0].mtime_ns for rel in order], dtype=np.int64),
             image_root=str(root.resolve()),
             created_at=existing.created_at if existing is not None else now_iso(),
             updated_at=now_iso(),
+            whitening=learned,
+            whitening_source=source,
         )
         write_database(index_path, database)
         report.written = True
+    else:
+        database = existing
+    graph = hnsw_path(index_path, database.database_id)
+    if graph_wanted and not graph.exists():
+        HnswIndex.build(search_matrix(database)).save(graph)
+    remove_stale_hnsw(index_path, keep=graph if graph_wanted else None)
+    report.ann = "hnsw" if graph_wanted else "exact"
     checkpoint.discard()
     report.total = len(kept)
     report.seconds = time.perf_counter() - started

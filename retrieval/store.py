@@ -6,8 +6,11 @@ Layout of a database file (format ``cbir-feature-database``, version ``FORMAT_VE
     /paths            UTF-8 str (N,)   paths relative to the image folder, POSIX separators, sorted
     /file_sizes       int64 (N,)       bytes, when the file was indexed
     /file_mtimes_ns   int64 (N,)       modification time in ns, when the file was indexed
+    /whitening        optional group: PCA-whitening learned at indexing (mean, projection, eigenvalues + attributes),
+                      applied by readers to database and query vectors alike
     attributes        format, format_version, encoder (JSON of ``EncoderConfig``), image_root, created_at,
-                      updated_at, software (JSON of library versions)
+                      updated_at, database_id (new random id at every write), vector_dtype (float32 | float16),
+                      software (JSON of library versions)
 
 Files written by the reference demo (``dataset_1`` features, ``dataset_2`` names) are read too, as VGG16 ImageNet
 max pooling with the nearest-neighbour squash resize that demo used. Writes are atomic: a temporary file in the same
@@ -25,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +36,11 @@ import h5py
 import numpy as np
 
 from .errors import IndexFileError
+from .whitening import Whitening, whitening_from_arrays, whitening_to_arrays
 
 FORMAT_NAME = "cbir-feature-database"
 FORMAT_VERSION = 1
+VECTOR_DTYPES = ("float32", "float16")
 VGG16_IMAGENET_MD5 = "6d6bbae143d832006294945121d1f1fc"
 
 
@@ -51,7 +57,8 @@ class EncoderConfig:
     resize_rule: str  # a name from retrieval.images.RESIZE_RULES
     precision: str  # "float32" | "bfloat16"
     dim: int  # descriptor dimension
-    pooling_params: dict = field(default_factory=dict)
+    pooling_params: dict = field(default_factory=dict)  # e.g. {"p": 3.0} for GeM
+    scales: list = field(default_factory=lambda: [1.0])  # multi-scale extraction: factors of input_size
     weights_path: str = ""  # where the weights were read from when indexing (a hint for readers, not identity)
 
     def to_json(self) -> str:
@@ -86,6 +93,9 @@ class FeatureDatabase:
     created_at: str = ""
     updated_at: str = ""
     legacy: bool = False  # read from a reference-demo file: no file stats, cannot be updated incrementally
+    whitening: Whitening | None = None
+    whitening_source: str = ""  # "database" (re-learned at every update) or the index file it was learned from
+    database_id: str = ""  # changes at every write: derived files (an ANN index) record which version they match
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -136,7 +146,10 @@ def _read_current(h5: h5py.File, path: Path) -> FeatureDatabase:
             f"{path}: database format version {version} is newer than this program understands ({FORMAT_VERSION})"
         )
     encoder = EncoderConfig.from_json(h5.attrs["encoder"])
-    vectors = np.asarray(h5["vectors"][...], dtype=np.float32)
+    stored = h5["vectors"]
+    if stored.dtype not in (np.float32, np.float16):
+        raise IndexFileError(f"{path}: vectors are {stored.dtype}, expected float32 or float16")
+    vectors = stored[...]  # read once into the one matrix held in memory (float16 stays float16)
     paths = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in h5["paths"][...]]
     sizes = np.asarray(h5["file_sizes"][...], dtype=np.int64)
     mtimes = np.asarray(h5["file_mtimes_ns"][...], dtype=np.int64)
@@ -144,6 +157,12 @@ def _read_current(h5: h5py.File, path: Path) -> FeatureDatabase:
         raise IndexFileError(f"{path}: vectors have shape {vectors.shape}, expected (N, {encoder.dim})")
     if not (len(paths) == len(sizes) == len(mtimes) == vectors.shape[0]):
         raise IndexFileError(f"{path}: datasets disagree on the number of images")
+    whitening = None
+    if "whitening" in h5:
+        group = h5["whitening"]
+        whitening = whitening_from_arrays({name: group[name][...] for name in group}, dict(group.attrs))
+        if whitening.input_dim != encoder.dim:
+            raise IndexFileError(f"{path}: whitening expects {whitening.input_dim}-d vectors, database has {encoder.dim}")
     return FeatureDatabase(
         encoder=encoder,
         vectors=vectors,
@@ -153,6 +172,9 @@ def _read_current(h5: h5py.File, path: Path) -> FeatureDatabase:
         image_root=str(h5.attrs.get("image_root", "")),
         created_at=str(h5.attrs.get("created_at", "")),
         updated_at=str(h5.attrs.get("updated_at", "")),
+        whitening=whitening,
+        whitening_source=str(h5["whitening"].attrs.get("source", "")) if whitening is not None else "",
+        database_id=str(h5.attrs.get("database_id", "")),
     )
 
 
@@ -186,14 +208,19 @@ def _read_legacy(h5: h5py.File, path: Path) -> FeatureDatabase:
     )
 
 
-def write_database(path: str | os.PathLike, database: FeatureDatabase) -> None:
-    """Write atomically: the file at ``path`` is either the old one or the complete new one, at every instant."""
+def write_database(path: str | os.PathLike, database: FeatureDatabase) -> str:
+    """Write atomically: the file at ``path`` is either the old one or the complete new one, at every instant.
+
+    Every write gets a new random ``database_id`` (returned, and set on ``database``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    vectors = np.ascontiguousarray(database.vectors, dtype=np.float32)
+    dtype = np.float16 if np.asarray(database.vectors).dtype == np.float16 else np.float32
+    vectors = np.ascontiguousarray(database.vectors, dtype=dtype)
     count = len(database.paths)
     if vectors.shape != (count, database.encoder.dim):
         raise ValueError(f"vectors {vectors.shape} do not match {count} paths of dimension {database.encoder.dim}")
+    database_id = uuid.uuid4().hex
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
@@ -205,14 +232,23 @@ def write_database(path: str | os.PathLike, database: FeatureDatabase) -> None:
             h5.attrs["created_at"] = database.created_at or now_iso()
             h5.attrs["updated_at"] = database.updated_at or now_iso()
             h5.attrs["software"] = json.dumps(software_versions(), sort_keys=True)
+            h5.attrs["database_id"] = database_id
+            h5.attrs["vector_dtype"] = np.dtype(dtype).name
             # readable summary attributes for h5dump / other tools; the JSON above is what readers use
             for name, value in dataclasses.asdict(database.encoder).items():
-                if name != "pooling_params":
+                if name not in ("pooling_params", "scales"):
                     h5.attrs[f"encoder_{name}"] = value
             h5.create_dataset("vectors", data=vectors, chunks=True if count else None)
             h5.create_dataset("paths", data=list(database.paths), dtype=h5py.string_dtype("utf-8"), shape=(count,))
             h5.create_dataset("file_sizes", data=np.asarray(database.file_sizes, dtype=np.int64), shape=(count,))
             h5.create_dataset("file_mtimes_ns", data=np.asarray(database.file_mtimes_ns, dtype=np.int64), shape=(count,))
+            if database.whitening is not None:
+                arrays, attributes = whitening_to_arrays(database.whitening)
+                group = h5.create_group("whitening")
+                for name, array in arrays.items():
+                    group.create_dataset(name, data=array)
+                group.attrs.update(attributes)
+                group.attrs["source"] = database.whitening_source
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.chmod(temporary, 0o644)
@@ -220,6 +256,8 @@ def write_database(path: str | os.PathLike, database: FeatureDatabase) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    database.database_id = database_id
+    return database_id
 
 
 class Checkpoint:

@@ -20,9 +20,11 @@ Errors are JSON ``{"error": "..."}`` with a 4xx/5xx status. Uploads are limited 
 memory, and judged by decoding their content (``retrieval.images.open_image``), never by their name or declared type.
 
 Live reload: at most once per ``INDEX_CHECK_INTERVAL`` seconds a request stats the index file; when its
-(inode, mtime, size) changed (``index.py`` replaces it atomically with ``os.replace``), the new file is read whole and
-swapped in under a lock; the extractor is reused when the encoder is unchanged. A failed reload is logged and the
-previous version keeps being served. A missing index file is not an error here: searches answer 503 until it appears.
+(inode, mtime, size) changed (``index.py`` replaces it atomically with ``os.replace``), that request reads the new file
+whole (``RetrievalEngine.reopen``, which keeps the extractor when the encoder is unchanged) and swaps the engine in;
+one reload runs at a time (a lock) and other requests keep using the previous engine meanwhile. A failed reload is
+logged and the previous version keeps being served. A missing index file is not an error here: searches answer 503
+until it appears.
 """
 
 from __future__ import annotations
@@ -45,9 +47,7 @@ from werkzeug.exceptions import HTTPException
 
 from .engine import RetrievalEngine
 from .errors import ImageError
-from .extractor import Extractor
 from .images import open_image
-from .store import read_database
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NO_INDEX_MESSAGE = "no index loaded: build one with index.py"
@@ -118,7 +118,7 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
 
 def _version_tag(signature, engine: RetrievalEngine) -> str:
     database = engine.database
-    text = f"{signature}|{len(database)}|{database.created_at}|{database.updated_at}|{id(database) if signature is None else ''}"
+    text = f"{signature}|{database.database_id}|{len(database)}|{database.updated_at}|{id(database) if signature is None else ''}"
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
 
 
@@ -154,7 +154,9 @@ class LiveIndex:
         else:
             signature = _signature(self.path) if (self.path is not None and engine is not None) else None
         self._signature = signature
-        self._state: tuple[RetrievalEngine | None, str] = (engine, _version_tag(signature, engine) if engine else "")
+        self._state: tuple[RetrievalEngine | None, str] = (
+            engine, _version_tag(signature, engine) if engine is not None else ""
+        )
 
     def current(self) -> tuple[RetrievalEngine | None, str]:
         if self.path is not None:
@@ -186,12 +188,8 @@ class LiveIndex:
         old = self._state[0]
         started = time.perf_counter()
         try:
-            database = read_database(self.path)  # read whole into memory: a later replace cannot affect it
-            if old is not None and database.encoder.identity() == old.database.encoder.identity():
-                extractor = old.extractor
-            else:
-                extractor = Extractor.for_database(database.encoder, self.weights_file)
-            engine = RetrievalEngine(database, extractor, self.image_root)
+            # read whole into memory (a later replace cannot affect it); the model is reused when the encoder is the same
+            engine = RetrievalEngine.reopen(self.path, old, weights_file=self.weights_file, image_root=self.image_root)
         except Exception as exc:  # a failed reload must never stop the server
             self._failed = signature
             log.error("could not load new version of %s (%s); still serving the previous one", self.path, exc)
@@ -201,10 +199,11 @@ class LiveIndex:
         self._state = (engine, _version_tag(signature, engine))
         if old is not None:
             self.reloads += 1
+        database = engine.database
         log.info(
             "loaded %s: %d images (%s, %s pooling) in %.2f s%s",
             self.path, len(database), database.encoder.backbone, database.encoder.pooling,
-            time.perf_counter() - started, " (model reused)" if old is not None and extractor is old.extractor else "",
+            time.perf_counter() - started, " (model reused)" if old is not None and engine.extractor is old.extractor else "",
         )
         for listener in list(self.listeners):
             listener()

@@ -50,8 +50,8 @@
     return `${bytes} bytes`;
   }
 
-  function showError(message) {
-    els.error.textContent = message;
+  function showError(message, ...extra) {
+    els.error.replaceChildren(capitalize(message), ...extra);
     els.error.hidden = false;
   }
 
@@ -111,7 +111,12 @@
       state.indexLoaded = false;
       if (err.status === 503) {
         els.heading.textContent = 'No index loaded';
-        showError(`${capitalize(err.message)}, for example: python index.py --database database --index index/demo.h5`);
+        els.grid.replaceChildren();
+        els.more.hidden = true;
+        els.status.textContent = '';
+        showError(`${err.message}, for example `, el('code', { text: 'python index.py --database database --index index/demo.h5' }),
+          '. This page starts by itself once the server has loaded it.');
+        waitForIndex();
       } else {
         showError(err.message);
       }
@@ -119,7 +124,33 @@
     }
   }
 
+  // the server picks up a new index file by itself; look again now and then, and start when it is there
+  let waiting = null;
+  function waitForIndex() {
+    if (waiting) return;
+    waiting = window.setInterval(async () => {
+      try {
+        const info = await api('/api/info');
+        window.clearInterval(waiting);
+        waiting = null;
+        renderInfo(info);
+        clearError();
+        loadSample();
+      } catch (err) { /* still no index */ }
+    }, 5000);
+  }
+
   // ------------------------------------------------------------------ the grid
+
+  // a path with line-break opportunities after each "/", so long names wrap at folder boundaries
+  function pathParts(path) {
+    const parts = [];
+    path.split('/').forEach((part, i, all) => {
+      parts.push(i < all.length - 1 ? `${part}/` : part);
+      if (i < all.length - 1) parts.push(document.createElement('wbr'));
+    });
+    return parts;
+  }
 
   function card(item, hit) {
     const label = hit
@@ -128,7 +159,7 @@
     const image = el('img', { src: item.thumb_url, alt: item.path, loading: 'lazy', decoding: 'async' });
     const button = el('button', { type: 'button', className: 'card-search', 'aria-label': label, 'data-id': item.id }, [image]);
     if (hit) button.append(el('span', { className: 'rank', 'aria-hidden': 'true', text: `#${hit.rank}` }));
-    const meta = el('div', { className: 'card-meta' }, [el('span', { className: 'path', title: item.path, text: item.path })]);
+    const meta = el('div', { className: 'card-meta' }, [el('span', { className: 'path', title: item.path }, pathParts(item.path))]);
     if (hit) {
       const score = Math.max(0, Math.min(1, hit.score));
       const bar = el('span', { className: 'score-bar', 'aria-hidden': 'true' }, [el('span')]);
@@ -244,6 +275,7 @@
       } else if (err.status === 503) {
         await loadInfo();
       } else {
+        if (query.kind === 'upload') clearQuery();  // the picture was not usable: do not keep showing it
         showError(err.message);
       }
     } finally {
@@ -332,11 +364,16 @@
     else resetToSample();
   });
 
-  function resetToSample() {
+  function clearQuery() {
     state.query = null;
     els.preview.hidden = true;
+    els.previewImage.removeAttribute('src');
     els.hint.hidden = false;
     els.choose.textContent = 'Choose an image…';
+  }
+
+  function resetToSample() {
+    clearQuery();
     loadSample();
   }
 

@@ -48,9 +48,37 @@ def browser():
         browser.close()
 
 
+def start_server(log_path: Path, *args) -> tuple[subprocess.Popen, str]:
+    """server.py (waitress) on a free port; returns the process and its base URL once it listens."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "server.py"), "--port", "0", *map(str, args)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        )
+    deadline = time.monotonic() + 90
+    while True:
+        text = log_path.read_text(errors="replace")
+        match = re.search(r"serving on (http://127\.0\.0\.1:\d+/)", text)
+        if match:
+            return process, match.group(1)
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(process)
+            pytest.fail(f"server.py did not start (exit {process.poll()}):\n{text}", pytrace=False)
+        time.sleep(0.1)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The real server.py on a free port around a 12-image index; yields (base URL, image folder)."""
+    """The real server.py around a 12-image index; yields (base URL, image folder)."""
     root = tmp_path_factory.mktemp("browser")
     folder = root / "images"
     for group in GROUPS:
@@ -59,32 +87,20 @@ def server(tmp_path_factory):
             shutil.copy(DEMO_DATABASE / group / view, folder / group / view)
     index = root / "index.h5"
     build_index(folder, index, backbone="efficientnet-lite0", progress=False)
-    log_path = root / "server.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO / "server.py"), "--index", str(index), "--port", "0", "--threads", "4"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-        )
+    process, url = start_server(root / "server.log", "--index", index, "--threads", "4")
     try:
-        deadline = time.monotonic() + 90
-        url = None
-        while url is None:
-            text = log_path.read_text(errors="replace")
-            match = re.search(r"serving on (http://127\.0\.0\.1:\d+/)", text)
-            if match:
-                url = match.group(1)
-            elif process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"server.py did not start (exit {process.poll()}):\n{text}", pytrace=False)
-            else:
-                time.sleep(0.1)
         yield url, folder
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
+
+
+def keep_screenshot(path: Path) -> None:
+    """Screenshots live in pytest's tmp dir; RETRIEVAL_SCREENSHOT_DIR=DIR also copies them there (CI artifacts)."""
+    print(f"screenshot: {path}")
+    target = os.environ.get("RETRIEVAL_SCREENSHOT_DIR")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(target) / path.name)
 
 
 def open_page(browser, url, **context_options):
@@ -153,7 +169,7 @@ def test_search_by_upload_then_by_clicking_a_result(browser, server, tmp_path):
         # every picture has alt text; no script or CSP errors happened
         assert page.evaluate("[...document.images].every((img) => img.alt.trim().length > 0)")
         assert problems == []
-        print(f"screenshot: {tmp_path / 'search.png'}")
+        keep_screenshot(tmp_path / "search.png")
     finally:
         context.close()
 
@@ -218,6 +234,53 @@ def test_phone_sized_screen(browser, server, tmp_path):
         grid_box = page.locator("#grid").bounding_box()
         assert grid_box["y"] >= query_box["y"] + query_box["height"]  # one column: results below the query
         page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
+        keep_screenshot(tmp_path / "phone.png")
         assert problems == []
     finally:
         context.close()
+
+
+def test_server_without_an_index_says_so(browser, tmp_path):
+    process, url = start_server(tmp_path / "server.log", "--index", tmp_path / "not-built-yet.h5")
+    try:
+        context, page, problems = open_page(browser, url)
+        try:
+            expect(page.locator("#error")).to_contain_text("No index loaded: build one with index.py")
+            expect(page.locator("#error code")).to_have_text("python index.py --database database --index index/demo.h5")
+            assert page.inner_text("#results-heading") == "No index loaded" and page.locator("#grid .card").count() == 0
+            assert all("503" in p for p in problems), problems  # only the failed /api/info call is logged
+        finally:
+            context.close()
+    finally:
+        stop(process)
+    assert "no such index file yet" in (tmp_path / "server.log").read_text()
+
+
+def test_real_server_limits_paths_and_headers(server):
+    """Through waitress itself (no test client): the upload limit, raw traversal paths, security headers."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    address = urlsplit(server[0])
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+
+    def ask(method, path, body=None, headers=None):
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response, response.read()
+
+    for path in ("/image/../../etc/passwd", "/image/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/thumb/..%2f..%2fetc%2fpasswd",
+                 "/static/../server.py", "/static/%2e%2e/server.py", "//etc/passwd", "/image//etc/passwd"):
+        response, body = ask("GET", path)
+        assert response.status == 404, path
+        assert b"root:" not in body and b"argparse" not in body
+    response, body = ask("GET", "/healthz")
+    assert response.status == 200 and response.getheader("X-Frame-Options") == "DENY"
+    assert "default-src 'self'" in response.getheader("Content-Security-Policy")
+    assert response.getheader("X-Content-Type-Options") == "nosniff" and response.getheader("Referrer-Policy")
+
+    boundary = "b0undary"
+    payload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.jpg\"\r\n\r\n").encode()
+    payload += b"\xff\xd8" + b"\0" * (20 * 1024 * 1024) + f"\r\n--{boundary}--\r\n".encode()
+    response, body = ask("POST", "/api/search", payload, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status == 413 and "too large" in body.decode()

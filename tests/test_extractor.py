@@ -42,8 +42,8 @@ def test_bad_files_become_skips_in_order(effnet_extractor, tmp_path):
 
 
 def test_shape_and_argument_checks(effnet_extractor):
-    with pytest.raises(ValueError, match="expected images of shape"):
-        effnet_extractor.encode_arrays(np.zeros((1, 100, 100, 3), np.uint8))
+    with pytest.raises(ValueError, match="expected RGB images"):
+        effnet_extractor.encode_arrays(np.zeros((1, 100, 100), np.uint8))
     with pytest.raises(ValueError, match="batch size"):
         next(effnet_extractor.encode_files([], batch_size=0))
     assert effnet_extractor.encode_arrays(np.zeros((0, 224, 224, 3), np.uint8)).shape == (0, 1280)

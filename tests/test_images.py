@@ -114,11 +114,13 @@ def test_animated_gif_gives_first_frame(tmp_path):
 
 def test_resize_rules():
     picture = Image.new("RGB", (300, 100), "green")
-    out = images.resize_square(picture, 224)
+    out = images.resize_for_backbone(picture, 224)
     assert out.shape == (224, 224, 3) and out.dtype == np.uint8
-    assert images.resize_square(picture, 32, "squash-nearest").shape == (32, 32, 3)
+    assert images.resize_for_backbone(picture, 32, "squash-nearest").shape == (32, 32, 3)
+    assert images.resize_for_backbone(picture, 224, "aspect-bicubic").shape == (75, 224, 3)
+    assert images.resize_for_backbone(Image.new("RGB", (2000, 10)), 224, "aspect-bicubic").shape == (32, 224, 3)
     with pytest.raises(ValueError, match="unknown resize rule"):
-        images.resize_square(picture, 32, "stretch")
+        images.resize_for_backbone(picture, 32, "stretch")
 
 
 def test_load_for_backbone_uses_jpeg_draft_but_keeps_quality(tmp_path):
@@ -126,6 +128,6 @@ def test_load_for_backbone_uses_jpeg_draft_but_keeps_quality(tmp_path):
     buffer = io.BytesIO()
     big.save(buffer, "JPEG", quality=95)
     fast = images.load_for_backbone(buffer.getvalue(), 224).astype(float)
-    exact = images.resize_square(big, 224).astype(float)
+    exact = images.resize_for_backbone(big, 224).astype(float)
     assert fast.shape == (224, 224, 3)
     assert np.abs(fast.mean() - exact.mean()) < 3

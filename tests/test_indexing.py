@@ -86,11 +86,11 @@ def test_existing_index_settings_are_kept_or_rebuilt_explicitly(image_folder, tm
     path = tmp_path / "i.h5"
     index(image_folder, path)
     with pytest.raises(IndexFileError, match="was built with pooling max; rerun with --rebuild"):
-        index(image_folder, path, pooling_name="avg")
+        index(image_folder, path, pooling="avg")
     with pytest.raises(IndexFileError, match="backbone efficientnet-lite0"):
         index(image_folder, path, backbone="vgg16")
     assert index(image_folder, path, backbone="auto").extracted == 0  # auto means: whatever the index has
-    rebuilt = index(image_folder, path, pooling_name="avg", rebuild=True)
+    rebuilt = index(image_folder, path, pooling="avg", rebuild=True)
     assert rebuilt.extracted == 6 and read_database(path).encoder.pooling == "avg"
 
 

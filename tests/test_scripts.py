@@ -133,7 +133,7 @@ def test_vgg16_seeded_weights_through_the_scripts(tmp_path, seeded_vgg16_weights
     index = tmp_path / "vgg.h5"
     result = run("index.py", "-database", folder, "-index", index, "--backbone", "vgg16", "--weights", seeded_vgg16_weights, "--quiet")
     assert result.returncode == 0, result.stderr
-    assert "[vgg16 max 512-d float32]" in result.stdout
+    assert "[vgg16 max 512-d " in result.stdout
     result = run("query_online.py", "--query", folder / "coins.jpg", "--index", index, "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["results"][0]["path"] == "coins.jpg"

@@ -479,7 +479,7 @@ def test_index_that_appears_later_or_changes_encoder_builds_a_matching_extractor
         built.append(encoder.pooling)
         return engine.extractor  # stands in for a newly built model (building one costs seconds)
 
-    monkeypatch.setattr("retrieval.web.Extractor.for_database", fake_for_database)
+    monkeypatch.setattr("retrieval.engine.Extractor.for_database", fake_for_database)
     live_path = tmp_path / "later.h5"
     client = create_app(live_path, config={"INDEX_CHECK_INTERVAL": 0}).test_client()
     assert client.get("/api/info").status_code == 503
