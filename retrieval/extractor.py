@@ -56,6 +56,21 @@ def resolve_precision(precision: str, backbone: str = "vgg16") -> str:
 DEFAULT_SCALES = (1.0,)
 
 
+def check_encoder_options(
+    pooling_name: str, pooling_params: dict | None, scales: Sequence[float], resize_rule: str, input_size: int | None
+) -> tuple[dict, list[float]]:
+    """Validate the backbone-independent encoder options -> (resolved pooling params, scales). Raises ValueError."""
+    params = pooling.resolve_pooling_params(pooling_name, pooling_params)
+    scales = [float(scale) for scale in scales]
+    if not scales or any(not 0.1 <= scale <= 1.0 for scale in scales) or len(set(scales)) != len(scales):
+        raise ValueError(f"scales must be distinct factors in [0.1, 1], got {scales}")
+    if resize_rule not in RESIZE_RULES:
+        raise ValueError(f"unknown resize rule {resize_rule!r}; choose from {', '.join(RESIZE_RULES)}")
+    if input_size is not None and not 32 <= input_size <= 2048:
+        raise ValueError(f"input size must be between 32 and 2048 pixels, got {input_size}")
+    return params, scales
+
+
 def new_encoder_config(
     weights: backbones.Weights,
     pooling_name: str = "max",
@@ -72,15 +87,8 @@ def new_encoder_config(
     pooled and L2-normalised, then they are summed (MOP-style) and normalised again.
     """
     spec = backbones.BACKBONES[weights.backbone]
-    params = pooling.resolve_pooling_params(pooling_name, pooling_params)
-    scales = [float(scale) for scale in scales]
-    if not scales or any(not 0.1 <= scale <= 1.0 for scale in scales) or len(set(scales)) != len(scales):
-        raise ValueError(f"scales must be distinct factors in [0.1, 1], got {scales}")
-    if resize_rule not in RESIZE_RULES:
-        raise ValueError(f"unknown resize rule {resize_rule!r}; choose from {', '.join(RESIZE_RULES)}")
+    params, scales = check_encoder_options(pooling_name, pooling_params, scales, resize_rule, input_size)
     size = int(input_size or spec.input_size)
-    if not 32 <= size <= 2048:
-        raise ValueError(f"input size must be between 32 and 2048 pixels, got {size}")
     return EncoderConfig(
         backbone=weights.backbone,
         weights_name=weights.name,

@@ -18,7 +18,7 @@ import numpy as np
 from . import backbones, pooling
 from .engine import search_matrix
 from .errors import IndexFileError, RetrievalError
-from .extractor import DEFAULT_BATCH_SIZE, DEFAULT_SCALES, Extractor, new_encoder_config
+from .extractor import DEFAULT_BATCH_SIZE, DEFAULT_SCALES, Extractor, check_encoder_options, new_encoder_config
 from .images import IMAGE_EXTENSIONS, list_image_files
 from .store import VECTOR_DTYPES, Checkpoint, EncoderConfig, FeatureDatabase, now_iso, read_database, write_database
 from .vector_index import HnswIndex, hnsw_path, remove_stale_hnsw, wants_ann
@@ -109,6 +109,13 @@ class EncoderRequest:
         return None
 
     def new_config(self, notice: Callable[[str], None]) -> tuple[EncoderConfig, backbones.Weights]:
+        try:  # options first, so a typo is reported before any weights are looked for
+            check_encoder_options(
+                self.pooling or "max", self.pooling_params, self.scales or DEFAULT_SCALES,
+                self.resize_rule or "squash-bicubic", self.input_size,
+            )
+        except ValueError as exc:
+            raise RetrievalError(str(exc)) from None
         weights = backbones.choose_weights(self.backbone, self.weights_file, notice)
         try:
             encoder = new_encoder_config(

@@ -45,9 +45,10 @@ from typing import Any, Mapping
 from flask import Blueprint, Flask, Request, Response, current_app, jsonify, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from .engine import RetrievalEngine
+from .engine import QueryExpansion, RetrievalEngine
 from .errors import ImageError
 from .images import open_image
+from .rerank import QUERY_EXPANSIONS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NO_INDEX_MESSAGE = "no index loaded: build one with index.py"
@@ -314,6 +315,22 @@ def _int_param(name: str, default: int | None, low: int, high: int) -> int:
     return value
 
 
+def _expansion_param() -> QueryExpansion:
+    """Query expansion from ``qe`` (none | avg | alpha), ``qe_top_n`` and ``qe_alpha``; 400 for bad values."""
+    method = (request.values.get("qe") or "none").strip()
+    if method not in QUERY_EXPANSIONS:
+        raise ApiError(400, f"qe must be one of {', '.join(QUERY_EXPANSIONS)}, got {method[:40]!r}")
+    top_n = _int_param("qe_top_n", 3, 1, 50)
+    raw_alpha = (request.values.get("qe_alpha") or "3").strip()
+    try:
+        alpha = float(raw_alpha)
+    except ValueError:
+        raise ApiError(400, f"qe_alpha must be a number, got {raw_alpha[:40]!r}") from None
+    if not 0 <= alpha <= 20:
+        raise ApiError(400, f"qe_alpha must be between 0 and 20, got {alpha}")
+    return QueryExpansion(method, top_n, alpha)
+
+
 def _item(engine: RetrievalEngine, version: str, row: int) -> dict:
     return {
         "id": row,
@@ -432,6 +449,7 @@ def api_search():
     config = current_app.config
     k = _int_param("k", config["DEFAULT_K"], 1, config["MAX_K"])
     offset = _int_param("offset", 0, 0, config["MAX_OFFSET"])
+    expansion = _expansion_param()
     engine, version = _engine()
     encode_ms = 0.0
     if request.method == "POST":
@@ -462,13 +480,14 @@ def api_search():
         vector = engine.database.vectors[row]
         query = {"type": "database", **_item(engine, version, row)}
     searched = time.perf_counter()
-    hits = engine.search_vector(vector, offset + k)[offset:]
+    hits = engine.search_vector(vector, offset + k, expansion)[offset:]
     search_ms = (time.perf_counter() - searched) * 1000
     results = [{**hit.as_dict(), **_item(engine, version, hit.id)} for hit in hits]
     return jsonify(
         query=query,
         k=k,
         offset=offset,
+        qe=expansion.method,
         results=results,
         total=len(engine),
         has_more=offset + len(results) < len(engine),

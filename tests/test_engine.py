@@ -54,3 +54,31 @@ def test_bad_query_bytes_raise_image_error(originals_engine):
     engine, _ = originals_engine
     with pytest.raises(ImageError, match="not an image"):
         engine.search_source(b"definitely not an image")
+
+
+def test_query_expansion_and_search_by_id(originals_engine):
+    from retrieval.engine import QueryExpansion
+
+    engine, _ = originals_engine
+    row = engine.database.paths.index("coffee.jpg")
+    plain = engine.search_id(row, 4)
+    expanded = engine.search_id(row, 4, QueryExpansion("alpha", top_n=2))
+    assert plain[0].id == row == expanded[0].id
+    assert [h.score for h in plain] != [h.score for h in expanded]
+    with pytest.raises(IndexError):
+        engine.search_id(len(engine), 1)
+    with pytest.raises(ValueError, match="unknown query expansion"):
+        QueryExpansion("magic")
+
+
+def test_whitened_database_whitens_queries_too(originals_engine):
+    from retrieval.engine import RetrievalEngine
+    from retrieval.whitening import learn_pca_whitening
+
+    engine, folder = originals_engine
+    database = engine.database
+    whitened = type(database)(**{**database.__dict__, "whitening": learn_pca_whitening(database.vectors, 8)})
+    other = RetrievalEngine(whitened, engine.extractor)
+    assert other.matrix.shape == (len(database), 8)
+    hits = other.search_source(folder / "rocket.jpg", k=2)
+    assert hits[0].path == "rocket.jpg" and hits[0].score == pytest.approx(1.0, abs=1e-4)

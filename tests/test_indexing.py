@@ -126,3 +126,84 @@ def test_vgg16_with_seeded_weights_writes_512_d_vectors(image_folder, tmp_path, 
     assert report.total == 6 and db.vectors.shape == (6, 512)
     assert db.encoder.backbone == "vgg16" and db.encoder.layer == "block5_conv3" and db.encoder.weights_name == "seeded_vgg16.weights.h5"
     np.testing.assert_allclose(np.linalg.norm(db.vectors, axis=1), 1, rtol=1e-5)
+
+
+def test_whitening_learned_on_the_database_is_stored_and_relearned_on_update(image_folder, tmp_path):
+    from retrieval.indexing import WhiteningRequest
+
+    path = tmp_path / "w.h5"
+    index(image_folder, path, whitening=WhiteningRequest(learn=True, dim=4))
+    db = read_database(path)
+    assert db.whitening is not None and db.whitening.dim == 4 and db.whitening.samples == 6 and db.whitening_source == "database"
+    assert db.vectors.shape == (6, 1280)  # raw vectors stay; readers whiten
+    shutil.copy(DEMO_DATABASE / "clock" / "original.jpg", image_folder / "clock.jpg")
+    index(image_folder, path)
+    again = read_database(path)
+    assert again.whitening.samples == 7 and again.whitening.dim == 4  # re-learned, dimension kept
+
+
+def test_whitening_from_another_index_must_match_its_encoder(image_folder, tmp_path):
+    from retrieval.indexing import WhiteningRequest
+
+    training = tmp_path / "training.h5"
+    index(image_folder, training)
+    path = tmp_path / "w.h5"
+    index(image_folder, path, whitening=WhiteningRequest(source=training))
+    db = read_database(path)
+    assert db.whitening is not None and db.whitening_source == str(training.resolve())
+    other = tmp_path / "avg.h5"
+    index(image_folder, other, pooling="avg")
+    with pytest.raises(RetrievalError, match="other encoder settings"):
+        index(image_folder, tmp_path / "x.h5", whitening=WhiteningRequest(source=other))
+
+
+def test_float16_storage_halves_the_matrix_and_keeps_the_ranking(image_folder, tmp_path):
+    from retrieval.engine import RetrievalEngine
+
+    index(image_folder, tmp_path / "f32.h5")
+    index(image_folder, tmp_path / "f16.h5", storage="float16")
+    f32, f16 = read_database(tmp_path / "f32.h5"), read_database(tmp_path / "f16.h5")
+    assert f16.vectors.dtype == np.float16 and f16.vectors.nbytes * 2 == f32.vectors.nbytes
+    for row in range(len(f32)):
+        exact = RetrievalEngine(f32, None).search_vector(f32.vectors[row], 6)
+        half = RetrievalEngine(f16, None).search_vector(f32.vectors[row], 6)
+        assert [h.id for h in exact] == [h.id for h in half]
+    assert index(image_folder, tmp_path / "f16.h5").written is False  # an update keeps float16
+
+
+def test_hnsw_graph_follows_the_database_version(image_folder, tmp_path):
+    from retrieval.engine import RetrievalEngine
+    from retrieval.vector_index import HnswIndex, hnsw_path
+
+    path = tmp_path / "i.h5"
+    assert index(image_folder, path, ann="hnsw").ann == "hnsw"
+    first = read_database(path)
+    assert hnsw_path(path, first.database_id).is_file()
+    engine = RetrievalEngine.open(path, with_extractor=False)
+    assert isinstance(engine.vector_index, HnswIndex)
+    assert engine.search_vector(first.vectors[2], 1)[0].id == 2
+    shutil.copy(DEMO_DATABASE / "clock" / "original.jpg", image_folder / "clock.jpg")
+    index(image_folder, path, ann="hnsw")
+    second = read_database(path)
+    graphs = sorted(p.name for p in tmp_path.glob("i.h5.*.hnsw"))
+    assert graphs == [hnsw_path(path, second.database_id).name]  # the stale graph is gone
+    index(image_folder, path, ann="off")
+    assert not list(tmp_path.glob("i.h5.*.hnsw"))
+    assert type(RetrievalEngine.open(path, with_extractor=False).vector_index).__name__ == "ExactIndex"
+
+
+def test_multi_scale_aspect_and_pooling_parameters_are_recorded(image_folder, tmp_path):
+    path = tmp_path / "ms.h5"
+    report = index(image_folder, path, pooling="gem", pooling_params={"p": 4}, scales=(1.0, 0.707), resize_rule="aspect-bicubic", input_size=256)
+    encoder = read_database(path).encoder
+    assert (encoder.pooling, encoder.pooling_params, encoder.scales, encoder.resize_rule, encoder.input_size) == (
+        "gem", {"p": 4.0}, [1.0, 0.707], "aspect-bicubic", 256)
+    assert report.extracted == 6
+    with pytest.raises(IndexFileError, match="scales"):
+        index(image_folder, path, scales=(1.0,))
+    with pytest.raises(IndexFileError, match="pooling parameters"):
+        index(image_folder, path, pooling_params={"p": 2})
+    with pytest.raises(RetrievalError, match="scales must be"):
+        index(image_folder, tmp_path / "bad.h5", scales=(2.0,))
+    with pytest.raises(RetrievalError, match="takes no parameter p"):
+        index(image_folder, tmp_path / "bad.h5", pooling="max", pooling_params={"p": 2})

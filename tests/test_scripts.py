@@ -169,3 +169,21 @@ def test_killed_run_keeps_the_old_index_and_the_rerun_resumes(tmp_path):
     assert result.returncode == 0, result.stderr
     assert ", 1 unchanged, " in result.stdout and "resumed" in result.stdout
     assert len(read_database(index)) == total and not partial.exists()
+
+
+def test_query_expansion_flag_and_bad_values(indexed):
+    folder, index, _ = indexed
+    result = run("query_online.py", "--query", folder / "rocket.jpg", "--index", index, "--qe", "alpha", "--qe-top-n", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["query_expansion"] == "alpha" and payload["results"][0]["path"] == "rocket.jpg"
+    assert_one_line_error(run("query_online.py", "--query", folder / "rocket.jpg", "--index", index, "--qe", "avg", "--qe-alpha", "-1"), "alpha must be")
+    assert run("query_online.py", "--query", folder / "rocket.jpg", "--index", index, "--qe", "best").returncode == 2
+
+
+def test_index_option_errors_are_one_line(tmp_path):
+    result = run("index.py", "--database", DEMO_DATABASE, "--index", tmp_path / "i.h5", "--pooling", "gem", "--pooling-param", "q=2")
+    assert_one_line_error(result, "takes no parameter q")
+    result = run("index.py", "--database", DEMO_DATABASE, "--index", tmp_path / "i.h5", "--scales", "1,abc")
+    assert result.returncode == 2 and "comma-separated" in result.stderr
+    assert not (tmp_path / "i.h5").exists()

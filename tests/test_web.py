@@ -168,6 +168,26 @@ def test_search_by_database_id(client, engine):
     assert_json_error(client.get(f"/api/search?id={row}&v=oldversion"), 409, "updated")
 
 
+def test_query_expansion_per_request(client, engine):
+    row = engine.database.paths.index("coffee/original.jpg")
+    plain = client.get(f"/api/search?id={row}&k=8").get_json()
+    expanded = client.get(f"/api/search?id={row}&k=8&qe=alpha&qe_top_n=2&qe_alpha=3").get_json()
+    assert plain["qe"] == "none" and expanded["qe"] == "alpha"
+    assert expanded["results"][0]["path"].startswith("coffee/")
+    assert [r["score"] for r in expanded["results"]] != [r["score"] for r in plain["results"]]
+    upload = post_image(client, jpeg_bytes("rocket"), qe="avg").get_json()
+    assert upload["qe"] == "avg" and upload["results"][0]["path"].startswith("rocket/")
+
+
+@pytest.mark.parametrize(
+    "query, message",
+    [("qe=best", "qe must be one of"), ("qe=avg&qe_top_n=0", "qe_top_n must be"), ("qe=alpha&qe_alpha=x", "qe_alpha must be a number"),
+     ("qe=alpha&qe_alpha=nan", "qe_alpha must be between"), ("qe=alpha&qe_alpha=99", "qe_alpha must be between")],
+)
+def test_bad_query_expansion_is_400(client, query, message):
+    assert_json_error(client.get(f"/api/search?id=0&{query}"), 400, message)
+
+
 @pytest.mark.parametrize("k", ["abc", "0", "-3", "201", "1.5", "1e3", "10 0", "９"])
 def test_bad_k_is_400(client, k):
     assert_json_error(client.get(f"/api/search?id=0&k={k}"), 400, "k must be")
