@@ -37,13 +37,14 @@ class IndexReport:
     resumed: int = 0  # taken from the checkpoint of an interrupted run
     removed: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run
+    extract_seconds: float = 0.0  # decoding + forward passes + pooling of the extracted images (model build excluded)
     encoder: EncoderConfig | None = None
     written: bool = False
     ann: str = "exact"  # the search the database gets: exact, or hnsw (a graph file beside it)
 
     def summary(self) -> str:
-        rate = f", {self.extracted / self.seconds:.1f} img/s" if self.extracted and self.seconds > 0 else ""
+        rate = f", {self.extracted / self.extract_seconds:.1f} img/s" if self.extracted and self.extract_seconds > 0 else ""
         parts = [f"indexed {self.total} images ({self.extracted} extracted, {self.reused} unchanged"]
         if self.resumed:
             parts.append(f", {self.resumed} resumed")
@@ -248,7 +249,9 @@ def build_index(
     todo = [rel for rel in stats if rel not in kept]
     if todo:
         extractor = Extractor(encoder, weights)
+        extract_started = time.perf_counter()
         _extract(extractor, root, todo, stats, kept, checkpoint, report, batch_size, checkpoint_every, progress)
+        report.extract_seconds = time.perf_counter() - extract_started
 
     if not kept:
         checkpoint.discard()
