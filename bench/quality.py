@@ -1,30 +1,34 @@
 #!/usr/bin/env python3
-"""Retrieval quality of every pooling, with and without whitening and query expansion, on two sets labelled by
-construction. Offline; real backbone weights.
+"""Retrieval quality of every pooling, with and without whitening and query expansion, on offline sets labelled by
+construction, with the real backbone weights. Chooses the best index-time settings for ``retrieval.presets``.
 
-    .venv/bin/python bench/quality.py            # full run (a few minutes on 2 cores)
-    .venv/bin/python bench/quality.py --quick    # smaller sets (about a minute)
+    .venv/bin/python bench/quality.py            # full run (4.5 to 6.5 minutes on a shared 2-core machine)
+    .venv/bin/python bench/quality.py --quick    # smaller sets (under 2 minutes)
 
-Sets
-* near-duplicate (UKBench-style): every scikit-image bundled photo (``testsets.BUNDLED_PHOTOS``) as one group of
-  ``original + 7`` seeded views (``testsets.make_view_groups``, seed 7; the demo database uses 2026). Relevant = the
-  other members of the group. N-S is the real UKBench protocol on the groups-of-4 subset (original + views 1-3).
-* categories: a balanced subset of the Fashion-MNIST test split (28x28 grey, squashed to 224x224 like any input).
-  Relevant = same class.
+Sets (see bench/README.md)
+* ``near-duplicate``: every scikit-image bundled photo (``testsets.BUNDLED_PHOTOS``) is a group of its original and 7
+  seeded views (``testsets.make_view_groups``, seed 7; the demo database uses 2026). Relevant: the rest of the group.
+* ``near-duplicate-hard``: the same photos cut into 2 x 2 tiles; every tile is a group of the tile and 5 seeded views
+  (``testsets.random_view``). Tiles of one photo share texture and colour, so they are hard negatives for each other;
+  the first set is nearly saturated and cannot separate the methods.
+* ``categories``: a balanced subset of the Fashion-MNIST test split (28x28 grey, squashed to 224 like any input).
+  Relevant: the same class.
 
 Protocol: every image is a query, removed from its own ranking (``retrieval.evaluation``); AP is non-interpolated.
+The near-duplicate sets also get the UKBench N-S score, on their groups-of-4 subset (first 4 members of every group,
+the query counted, 4 = perfect).
 
-Whitening ("disjoint"): PCA-whitening (``retrieval.whitening``, power 0.5, all ``min(D, N - 1)`` components) learned on
-a set of the same kind that shares no image with the evaluated one: for near-duplicates, views of the same photos made
-with another seed (8) *without* the originals (the scenes are shared, the images are not: mildly optimistic); for
-Fashion-MNIST, a balanced subset of the *train* split. ``index.py --whiten`` instead learns on the database itself;
-the preset rows measure exactly that ("self").
+Whitening ``PCAw``: ``retrieval.whitening`` as index.py uses it (power 0.5, all ``min(D, N - 1)`` components), learned
+on a disjoint set of the same kind (``index.py --whiten-from``): for the near-duplicate sets, views of the same photos
+or tiles made with another seed (8), originals dropped, so no image is shared (the scenes are); for Fashion-MNIST, a
+balanced subset of the *train* split. ``index.py --whiten`` learns on the database itself: the whitening study and the
+preset rows measure that ("self").
 
-Efficiency: the backbone runs once per image and scale; every pooling is computed from the same feature maps
-(``Extractor.feature_maps`` then ``pooling.pool``); multi-scale descriptors reuse the single-scale maps at scale 1.
-``ms/img`` = resize + rescale + forward (+ the pooling) per image, summed over the scales a row uses; measured on a
-shared machine, so expect noise. Output: one Markdown table per set (sorted by mAP), a decision table, and
-``bench/out/quality.md`` + ``bench/out/quality.json``.
+Efficiency: the backbone runs once per image, resize rule and scale; every pooling comes from the same feature maps
+(``Extractor.feature_maps`` then ``pooling.pool``), multi-scale reuses the scale-1 maps. ``ms/img`` = resize + rescale +
+forward + that pooling, per image, summed over the scales a row uses; the machine is shared, so expect noise.
+Output: one Markdown table per set (sorted by mAP), the decision and whitening tables, ``bench/out/quality.md`` and
+``bench/out/quality.json``.
 """
 
 from __future__ import annotations
@@ -35,16 +39,24 @@ import os
 import platform
 import sys
 import time
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
+# Before numpy loads: one BLAS thread. The matrices here are small, and on a shared 2-core machine a multi-threaded
+# OpenBLAS spins against the other load: measured 10 s instead of 0.25 s for one whitening, 4 s instead of 0.08 s
+# for one evaluation. TensorFlow has its own thread pool and keeps both cores for the forward passes.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from PIL import Image  # noqa: E402
 
 from retrieval import backbones, pooling, testsets  # noqa: E402
 from retrieval.evaluation import PreparedQuery, evaluate_queries, prepare_queries  # noqa: E402
@@ -52,31 +64,39 @@ from retrieval.extractor import Extractor, _rescale, new_encoder_config  # noqa:
 from retrieval.groundtruth import folders_from_paths  # noqa: E402
 from retrieval.images import resize_for_backbone  # noqa: E402
 from retrieval.presets import PRESETS  # noqa: E402
-from retrieval.whitening import Whitening, learn_pca_whitening  # noqa: E402
+from retrieval.whitening import Whitening, apply_whitening, learn_pca_whitening  # noqa: E402
 
 OUT_DIR = REPO / "bench" / "out"
 POOLING_NAMES = ("max", "avg", "sum", "gem", "rmac", "crow")
 MULTI_SCALES = (1.0, 0.707, 0.5)
 SINGLE_SCALE = (1.0,)
-EVAL_SEED = 7  # near-duplicate evaluation views (the demo database uses 2026)
-WHITEN_SEED = 8  # near-duplicate whitening views: another seed, originals dropped
+SQUASH, ASPECT = "squash-bicubic", "aspect-bicubic"
+EVAL_SEED = 7  # evaluated views (the demo database uses 2026)
+WHITEN_SEED = 8  # whitening views: another seed, originals dropped
 FASHION_SEED = 0
+MAX_SIDE = 512  # longest side of originals, tiles and views (as make_view_groups)
+TILE_GRID = 2
 QE_ALPHA = 3.0
 BATCH = 32
-SELF_WHITEN_DIMS = (None, 256, 128, 64)  # for the chosen config: index.py --whiten [--whiten-dim D]
-FASHION_TOLERANCE = 0.01  # the chosen config may lose at most this much category mAP against the default
+STUDY_DIMS = (None, 256, 64)  # whitening study: all components, --whiten-dim 256, --whiten-dim 64
+STUDY_POWERS = (0.5, 0.0)  # 0.5 = what index.py does; 0 = PCA rotation + centring only (not offered by index.py)
+BOOTSTRAP = 2000  # resamples for the confidence interval of the chosen settings' gain
+CATEGORY_TOLERANCE = 0.01  # the chosen settings may lose at most this much category mAP against the default
+EASY_TOLERANCE = 0.005  # ... and this much mAP on the (saturated) near-duplicate set
 
 
 @dataclass(frozen=True)
 class Sizes:
-    views_per_group: int  # evaluated group: the original + views
-    whiten_views: int  # per photo, for the whitening set (its original is dropped)
+    views_per_group: int  # near-duplicate: original + views
+    whiten_views: int  # near-duplicate: views per photo for whitening (originals dropped)
+    tile_views: int  # hard: tile + views
+    tile_whiten_views: int  # hard: views per tile for whitening
     fashion_per_class: int  # test split, evaluated
     fashion_whiten_per_class: int  # train split, whitening
 
 
-FULL = Sizes(views_per_group=8, whiten_views=64, fashion_per_class=100, fashion_whiten_per_class=200)
-QUICK = Sizes(views_per_group=8, whiten_views=16, fashion_per_class=30, fashion_whiten_per_class=60)
+FULL = Sizes(8, 32, 6, 8, 100, 150)
+QUICK = Sizes(6, 8, 4, 2, 20, 40)
 
 
 @dataclass(frozen=True)
@@ -97,15 +117,15 @@ class Variant:
 
 @dataclass(frozen=True)
 class Config:
-    """Everything index-time: pooling, scales, resize rule (input size is the backbone's)."""
+    """The index-time settings measured here: pooling, scales, resize rule (input size: the backbone's)."""
 
     variant: Variant
     scales: tuple[float, ...] = SINGLE_SCALE
-    rule: str = "squash-bicubic"
+    rule: str = SQUASH
 
     @property
     def label(self) -> str:
-        return f"{self.variant.label} | {scales_label(self.scales)} | {self.rule.split('-')[0]}"
+        return f"{self.variant.label}, scales {scales_label(self.scales)}, {short(self.rule)}"
 
 
 DEFAULT = Config(Variant.of("max"))
@@ -115,19 +135,23 @@ def scales_label(scales) -> str:
     return ", ".join(f"{s:g}" for s in scales)
 
 
+def short(rule: str) -> str:
+    return rule.split("-")[0]
+
+
 # --------------------------------------------------------------------------- extraction
 
 
 @dataclass
 class Extraction:
-    """Raw (un-normalised) pooled vectors of one image list per (rule, scale, variant), and where the time went."""
+    """Raw (not normalised) pooled vectors of one image list per (rule, scale, variant), and where the time went."""
 
     count: int
-    raw: dict = field(default_factory=dict)  # (rule, scale) -> {Variant: (N, C)}
+    raw: dict = field(default_factory=dict)  # (rule, scale) -> {Variant: float32 (N, C)}
     seconds: dict = field(default_factory=lambda: defaultdict(float))
 
     def descriptors(self, config: Config) -> np.ndarray:
-        """Exactly what ``Extractor.encode_arrays`` returns for ``config``: (N, C) unit rows."""
+        """What ``Extractor.encode_arrays`` returns for ``config``: float32 (N, C) unit rows."""
         per_scale = [self.raw[(config.rule, s)][config.variant] for s in config.scales]
         combined = per_scale[0] if len(per_scale) == 1 else pooling.combine_scales(per_scale)
         return pooling.l2_normalize(combined)
@@ -145,7 +169,7 @@ class Extraction:
 
 
 def extract(extractor: Extractor, images, rules, scales, variants, size: int) -> Extraction:
-    """Run the backbone once per image, rule and scale (batches of equal shape); pool every variant from the maps."""
+    """One forward pass per image, rule and scale (batches of equal shape); every variant pooled from those maps."""
     result = Extraction(count=len(images))
     sec = result.seconds
     for rule in rules:
@@ -179,23 +203,26 @@ def extract(extractor: Extractor, images, rules, scales, variants, size: int) ->
 
 @dataclass
 class BenchSet:
-    key: str  # "near-duplicate" | "categories"
+    key: str
     title: str
     images: list  # PIL RGB, evaluated
     labels: list[str]
     whiten_images: list  # PIL RGB, disjoint set of the same kind
+    whiten_note: str
     rules: tuple[str, ...]
     k: int  # P@k
     qe_top_n: int
-    whiten_note: str
-    ns_rows: list[int] | None = None  # groups-of-4 subset for the UKBench N-S score
+    group_size: int | None = None  # near-duplicate sets: members per group, in order (N-S on the first 4)
+    clusters: list[str] | None = None  # bootstrap unit of every query (the photo); None: every query its own
     queries: list[PreparedQuery] = field(default_factory=list)
+    ns_rows: list[int] | None = None
     ns_queries: list[PreparedQuery] = field(default_factory=list)
 
     def __post_init__(self):
         self.queries = labelled_queries(self.labels)
-        if self.ns_rows is not None:
-            self.ns_queries = labelled_queries([self.labels[i] for i in self.ns_rows])
+        if self.group_size is not None:
+            self.ns_rows = [row for row in range(len(self.labels)) if row % self.group_size < 4]
+            self.ns_queries = labelled_queries([self.labels[row] for row in self.ns_rows])
 
 
 def labelled_queries(labels: list[str]) -> list[PreparedQuery]:
@@ -204,13 +231,26 @@ def labelled_queries(labels: list[str]) -> list[PreparedQuery]:
     return prepare_queries(folders_from_paths(paths), paths, np.zeros((len(paths), 1), np.float32)).queries
 
 
+def fit(image: Image.Image, max_side: int = MAX_SIDE) -> Image.Image:
+    """RGB, downscaled (LANCZOS, aspect kept) so the longest side is at most ``max_side`` (as make_view_groups)."""
+    image = image.convert("RGB")
+    if max(image.size) <= max_side:
+        return image
+    ratio = max_side / max(image.size)
+    return image.resize((max(1, round(image.width * ratio)), max(1, round(image.height * ratio))), Image.Resampling.LANCZOS)
+
+
+def flatten(groups, skip_first: bool = False):
+    images = [image for _, members in groups for image in members[1 if skip_first else 0 :]]
+    labels = [name for name, members in groups for _ in members[1 if skip_first else 0 :]]
+    return images, labels
+
+
 def near_duplicate_set(sizes: Sizes) -> BenchSet:
-    groups = testsets.make_view_groups(testsets.BUNDLED_PHOTOS, sizes.views_per_group, seed=EVAL_SEED)
-    images = [image for _, members in groups for image in members]
-    labels = [name for name, members in groups for _ in members]
-    ns_rows = [g * sizes.views_per_group + i for g in range(len(groups)) for i in range(4)]
-    training = testsets.make_view_groups(testsets.BUNDLED_PHOTOS, sizes.whiten_views + 1, seed=WHITEN_SEED)
-    whiten_images = [image for _, members in training for image in members[1:]]  # originals dropped
+    groups = testsets.make_view_groups(testsets.BUNDLED_PHOTOS, sizes.views_per_group, seed=EVAL_SEED, max_side=MAX_SIDE)
+    training = testsets.make_view_groups(testsets.BUNDLED_PHOTOS, sizes.whiten_views + 1, seed=WHITEN_SEED, max_side=MAX_SIDE)
+    images, labels = flatten(groups)
+    whiten_images, _ = flatten(training, skip_first=True)
     return BenchSet(
         key="near-duplicate",
         title=f"Near-duplicate: {len(groups)} scikit-image photos x {sizes.views_per_group} (original + seeded views, "
@@ -218,18 +258,55 @@ def near_duplicate_set(sizes: Sizes) -> BenchSet:
         images=images,
         labels=labels,
         whiten_images=whiten_images,
-        rules=("squash-bicubic", "aspect-bicubic"),
+        whiten_note=f"{len(whiten_images)} other views of the same photos (seed {WHITEN_SEED}, originals dropped)",
+        rules=(SQUASH, ASPECT),
         k=4,
         qe_top_n=3,
-        whiten_note=f"learned on {len(whiten_images)} other views of the same photos (seed {WHITEN_SEED}, originals "
-        "dropped): no shared image, shared scenes",
-        ns_rows=ns_rows,
+        group_size=sizes.views_per_group,
+        clusters=labels,
+    )
+
+
+def tile_groups(seed: int, members: int, keep_tile: bool) -> list[tuple[str, list[Image.Image]]]:
+    """Every bundled photo cut into TILE_GRID x TILE_GRID tiles; each tile a group of [tile +] seeded views of it."""
+    groups = []
+    for name in testsets.BUNDLED_PHOTOS:
+        photo = testsets.load_bundled_photo(name)
+        width, height = photo.size
+        for row in range(TILE_GRID):
+            for col in range(TILE_GRID):
+                box = (col * width // TILE_GRID, row * height // TILE_GRID,
+                       (col + 1) * width // TILE_GRID, (row + 1) * height // TILE_GRID)
+                tile = fit(photo.crop(box))
+                label = f"{name}-{row}{col}"
+                rng = np.random.default_rng([seed, zlib.crc32(label.encode("utf-8"))])
+                views = [fit(testsets.random_view(tile, rng)) for _ in range(members - (1 if keep_tile else 0))]
+                groups.append((label, [tile, *views] if keep_tile else views))
+    return groups
+
+
+def hard_near_duplicate_set(sizes: Sizes) -> BenchSet:
+    groups = tile_groups(EVAL_SEED, sizes.tile_views, keep_tile=True)
+    training = tile_groups(WHITEN_SEED, sizes.tile_whiten_views, keep_tile=False)
+    images, labels = flatten(groups)
+    whiten_images, _ = flatten(training)
+    return BenchSet(
+        key="near-duplicate-hard",
+        title=f"Near-duplicate, hard: {len(testsets.BUNDLED_PHOTOS)} photos x {TILE_GRID}x{TILE_GRID} tiles = "
+        f"{len(groups)} groups x {sizes.tile_views} (tile + seeded views, seed {EVAL_SEED}) = {len(images)} images",
+        images=images,
+        labels=labels,
+        whiten_images=whiten_images,
+        whiten_note=f"{len(whiten_images)} other views of the same tiles (seed {WHITEN_SEED}, tiles dropped)",
+        rules=(SQUASH, ASPECT),
+        k=4,
+        qe_top_n=3,
+        group_size=sizes.tile_views,
+        clusters=[label.rsplit("-", 1)[0] for label in labels],
     )
 
 
 def categories_set(sizes: Sizes) -> BenchSet:
-    from PIL import Image
-
     def to_pil(arrays):
         return [Image.fromarray(a, mode="L").convert("RGB") for a in arrays]
 
@@ -242,26 +319,46 @@ def categories_set(sizes: Sizes) -> BenchSet:
         images=to_pil(images),
         labels=[f"class{int(label)}" for label in labels],
         whiten_images=to_pil(train),
-        rules=("squash-bicubic",),  # square images: aspect-bicubic gives the same input
+        whiten_note=f"{len(train)} Fashion-MNIST train-split images ({sizes.fashion_whiten_per_class} per class)",
+        rules=(SQUASH,),  # square images: aspect-bicubic gives exactly the squash input
         k=10,
         qe_top_n=10,
-        whiten_note=f"learned on {len(train)} Fashion-MNIST train-split images ({sizes.fashion_whiten_per_class} per class)",
     )
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(bench: BenchSet, vectors: np.ndarray, qe: str, whitening: Whitening | None) -> dict[str, float]:
+def evaluate(bench: BenchSet, vectors: np.ndarray, qe: str, whitening: Whitening | None) -> tuple[dict, np.ndarray]:
+    """(metrics, per-query AP). Whitening is applied to all rows once here, which is what ``evaluate_queries`` does
+    row by row to database and queries alike (same numbers, without one projection per query)."""
+    if whitening is not None:
+        vectors = apply_whitening(vectors, whitening)
     queries = [replace(q, vector=vectors[q.own_row]) for q in bench.queries]
-    kwargs = {"qe": qe, "qe_top_n": bench.qe_top_n, "qe_alpha": QE_ALPHA, "whitening": whitening}
+    kwargs = {"qe": qe, "qe_top_n": bench.qe_top_n, "qe_alpha": QE_ALPHA}
     result = evaluate_queries(vectors, queries, ks=(bench.k,), **kwargs)
     out = {"mAP": result.mean_average_precision, f"P@{bench.k}": result.mean_precision_at(bench.k)}
     if bench.ns_rows is not None:
         subset = vectors[bench.ns_rows]
         ns_queries = [replace(q, vector=subset[q.own_row]) for q in bench.ns_queries]
         out["N-S"] = evaluate_queries(subset, ns_queries, ks=(4,), ns_score=True, **kwargs).ns_score
-    return out
+    return out, np.array([score.average_precision for score in result.queries])
+
+
+def gain_interval(bench: BenchSet, ap_new: np.ndarray, ap_old: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of mean(ap_new - ap_old), resampling photos (near-duplicates: their views and tiles
+    are not independent) or queries (categories)."""
+    diff = ap_new - ap_old
+    units = bench.clusters if bench.clusters is not None else list(range(len(diff)))
+    rows = [q.own_row for q in bench.queries]
+    index = {unit: i for i, unit in enumerate(dict.fromkeys(units))}
+    sums, counts = np.zeros(len(index)), np.zeros(len(index))
+    for d, row in zip(diff, rows):
+        sums[index[units[row]]] += d
+        counts[index[units[row]]] += 1
+    draws = np.random.default_rng(seed).integers(0, len(index), size=(BOOTSTRAP, len(index)))
+    means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def qe_label(qe: str, bench: BenchSet) -> str:
@@ -272,28 +369,8 @@ def configs_for(bench: BenchSet, variants) -> list[Config]:
     return [Config(v, scales, rule) for rule in bench.rules for scales in (SINGLE_SCALE, MULTI_SCALES) for v in variants]
 
 
-def run_set(bench: BenchSet, extractor: Extractor, backbone: str, variants, size: int, log) -> dict:
-    started = time.perf_counter()
-    scales = sorted({s for c in configs_for(bench, variants) for s in c.scales}, reverse=True)
-    evaluated = extract(extractor, bench.images, bench.rules, scales, variants, size)
-    training = extract(extractor, bench.whiten_images, bench.rules, scales, variants, size)
-    log(f"  {bench.key}: features of {len(bench.images)} + {len(bench.whiten_images)} images in "
-        f"{time.perf_counter() - started:.0f} s")
-    rows = []
-    whitenings = {}
-    for config in configs_for(bench, variants):
-        vectors = evaluated.descriptors(config)
-        whitenings[config] = learn_pca_whitening(training.descriptors(config))
-        for whiten in ("none", "disjoint"):
-            whitening = whitenings[config] if whiten == "disjoint" else None
-            for qe in ("none", "avg", "alpha"):
-                rows.append(row_of(bench, backbone, config, whiten, qe, whitening, vectors, evaluated))
-    log(f"  {bench.key}: {len(rows)} rows in {time.perf_counter() - started:.0f} s")
-    return {"rows": rows, "evaluated": evaluated, "training": training}
-
-
 def row_of(bench, backbone, config, whiten, qe, whitening, vectors, extraction) -> dict:
-    timing = extraction.ms_per_image(config)
+    metrics, aps = evaluate(bench, vectors, qe, whitening)
     return {
         "set": bench.key,
         "backbone": backbone,
@@ -305,110 +382,140 @@ def row_of(bench, backbone, config, whiten, qe, whitening, vectors, extraction) 
         "whitening": whiten,
         "qe": qe,
         "qe_label": qe_label(qe, bench),
-        "dim": whitening.dim if whitening is not None else vectors.shape[1],
-        "metrics": evaluate(bench, vectors, qe, whitening),
-        "ms_per_image": timing,
+        "dim": whitening.dim if whitening is not None else int(vectors.shape[1]),
+        "metrics": metrics,
+        "ms_per_image": extraction.ms_per_image(config),
+        "ap": aps,  # per query, for the confidence interval; not written to JSON
     }
+
+
+def run_set(bench: BenchSet, extractor: Extractor, backbone: str, variants, size: int, log) -> dict:
+    started = time.perf_counter()
+    scales = sorted({s for c in configs_for(bench, variants) for s in c.scales}, reverse=True)
+    evaluated = extract(extractor, bench.images, bench.rules, scales, variants, size)
+    training = extract(extractor, bench.whiten_images, bench.rules, scales, variants, size)
+    features_s = time.perf_counter() - started
+    log(f"  {bench.key}: features of {len(bench.images)} + {len(bench.whiten_images)} images in {features_s:.0f} s")
+    rows = []
+    for config in configs_for(bench, variants):
+        vectors = evaluated.descriptors(config)
+        learned = learn_pca_whitening(training.descriptors(config))
+        for whiten, whitening in (("none", None), ("PCAw", learned)):
+            for qe in ("none", "avg", "alpha"):
+                rows.append(row_of(bench, backbone, config, whiten, qe, whitening, vectors, evaluated))
+    seconds = time.perf_counter() - started
+    log(f"  {bench.key}: {len(rows)} rows in {seconds:.0f} s")
+    return {"rows": rows, "evaluated": evaluated, "training": training, "seconds": seconds, "features_seconds": features_s}
+
+
+def study_whitening(bench, backbone, config, run) -> list[dict]:
+    """The chosen settings with whitening learned on the disjoint set or on the evaluated set itself, by dim and power."""
+    evaluated, training = run["evaluated"], run["training"]
+    vectors = evaluated.descriptors(config)
+    rows = [row_of(bench, backbone, config, "none", "none", None, vectors, evaluated)]
+    for source, learn_on in (("disjoint", training.descriptors(config)), ("self", vectors)):
+        limit = min(learn_on.shape[1], learn_on.shape[0] - 1)
+        for power in STUDY_POWERS:
+            for dim in STUDY_DIMS:
+                if dim is not None and dim >= limit:
+                    continue
+                whitening = learn_pca_whitening(learn_on, dim, power=power)
+                label = f"{source}, power {power:g}, d={whitening.dim}" + (" (all)" if dim is None else "")
+                rows.append(row_of(bench, backbone, config, label, "none", whitening, vectors, evaluated))
+    return rows
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+def default_row(rows):
+    return lookup(rows, DEFAULT, "none")
+
+
+def lookup(rows, config: Config, whiten: str, qe: str = "none"):
+    return next((r for r in rows if r["config"] == config and r["whitening"] == whiten and r["qe"] == qe), None)
+
+
+def for_set(bench: BenchSet, config: Config) -> Config:
+    """A square set has no aspect rows: the aspect-preserving resize of a square image is the squash input."""
+    return config if config.rule in bench.rules else replace(config, rule=SQUASH)
+
+
+def decide(sets, runs) -> tuple[list[dict], dict]:
+    """Index-time candidates (no QE) with every set's mAP, and the chosen one.
+
+    Rule: the best ``near-duplicate-hard`` mAP among candidates that lose at most CATEGORY_TOLERANCE category mAP and
+    EASY_TOLERANCE near-duplicate mAP against the default (max, scale 1, squash, no whitening).
+    """
+    key_rows = {bench.key: runs[bench.key]["rows"] for bench in sets}
+    hard = next(bench for bench in sets if bench.key == "near-duplicate-hard")
+    candidates = []
+    for r in key_rows[hard.key]:
+        if r["qe"] != "none":
+            continue
+        entry = {"config": r["config"], "whitening": r["whitening"], "ms": r["ms_per_image"]["total"], "map": {}, "delta": {}}
+        for bench in sets:
+            row = lookup(key_rows[bench.key], for_set(bench, r["config"]), r["whitening"])
+            entry["map"][bench.key] = row["metrics"]["mAP"]
+            entry["delta"][bench.key] = row["metrics"]["mAP"] - default_row(key_rows[bench.key])["metrics"]["mAP"]
+        candidates.append(entry)
+    candidates.sort(key=lambda c: -c["map"][hard.key])
+    allowed = [
+        c for c in candidates
+        if c["delta"]["categories"] >= -CATEGORY_TOLERANCE and c["delta"]["near-duplicate"] >= -EASY_TOLERANCE
+    ]
+    return candidates, allowed[0]
 
 
 # --------------------------------------------------------------------------- reporting
 
 
-def fmt_row(row: dict, bench: BenchSet, rank: int, default_map: float) -> str:
-    m = row["metrics"]
-    config = row["config"]
-    is_default = config == DEFAULT and row["whitening"] == "none" and row["qe"] == "none"
-    label = f"**{config.variant.label}** (default)" if is_default else config.variant.label
-    cells = [
-        str(rank),
-        label,
-        scales_label(config.scales),
-        config.rule.split("-")[0],
-        row["whitening"],
-        row["qe_label"],
-        str(row["dim"]),
-        f"{m['mAP']:.4f}",
-        f"{m['mAP'] - default_map:+.4f}",
-        f"{m[f'P@{bench.k}']:.4f}",
-    ]
+def metric_cells(bench: BenchSet, metrics: dict, base: float) -> list[str]:
+    cells = [f"{metrics['mAP']:.4f}", f"{metrics['mAP'] - base:+.4f}", f"{metrics[f'P@{bench.k}']:.4f}"]
     if bench.ns_rows is not None:
-        cells.append(f"{m['N-S']:.3f}")
-    cells.append(f"{row['ms_per_image']['total']:.1f}")
-    return "| " + " | ".join(cells) + " |"
+        cells.append(f"{metrics['N-S']:.3f}")
+    return cells
+
+
+def metric_header(bench: BenchSet) -> list[str]:
+    return ["mAP", "Δ mAP", f"P@{bench.k}"] + (["N-S (/4)"] if bench.ns_rows is not None else [])
+
+
+def markdown(header: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(out + ["| " + " | ".join(cells) + " |" for cells in lines])
 
 
 def set_table(bench: BenchSet, rows: list[dict]) -> str:
-    default_map = default_row(rows)["metrics"]["mAP"]
-    header = ["#", "pooling", "scales", "resize", "whitening", "QE", "dim", "mAP", "Δ mAP", f"P@{bench.k}"]
-    if bench.ns_rows is not None:
-        header.append("N-S (/4)")
-    header.append("ms/img")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    ordered = sorted(rows, key=lambda r: -r["metrics"]["mAP"])
-    lines += [fmt_row(row, bench, i, default_map) for i, row in enumerate(ordered, 1)]
-    return "\n".join(lines)
+    base = default_row(rows)["metrics"]["mAP"]
+    lines = []
+    for rank, row in enumerate(sorted(rows, key=lambda r: -r["metrics"]["mAP"]), 1):
+        config = row["config"]
+        is_default = config == DEFAULT and row["whitening"] == "none" and row["qe"] == "none"
+        label = f"**{config.variant.label} (default)**" if is_default else config.variant.label
+        lines.append([str(rank), label, scales_label(config.scales), short(config.rule), row["whitening"], row["qe_label"],
+                      str(row["dim"]), *metric_cells(bench, row["metrics"], base), f"{row['ms_per_image']['total']:.1f}"])
+    header = ["#", "pooling", "scales", "resize", "whitening", "QE", "dim", *metric_header(bench), "ms/img"]
+    return markdown(header, lines)
 
 
-def default_row(rows):
-    return next(r for r in rows if r["config"] == DEFAULT and r["whitening"] == "none" and r["qe"] == "none")
-
-
-def lookup(rows, config: Config, whiten: str, qe: str = "none"):
-    for r in rows:
-        if r["config"] == config and r["whitening"] == whiten and r["qe"] == qe:
-            return r
-    return None
-
-
-def as_square(config: Config) -> Config:
-    """The categories set is square: an aspect-preserving resize gives the squash input, so reuse its numbers."""
-    return replace(config, rule="squash-bicubic")
-
-
-def decision(near_rows, cat_rows) -> tuple[list[dict], dict]:
-    """Index-time candidates (no QE): near-duplicate and category mAP side by side, and the chosen one.
-
-    Rule: the best near-duplicate mAP among candidates whose category mAP is at most FASHION_TOLERANCE below the
-    default's (whitening here is the disjoint one; see the self-learned check for what the product does)."""
-    base_near = default_row(near_rows)["metrics"]["mAP"]
-    base_cat = default_row(cat_rows)["metrics"]["mAP"]
-    candidates = []
-    for r in near_rows:
-        if r["qe"] != "none":
-            continue
-        cat = lookup(cat_rows, as_square(r["config"]), r["whitening"])
-        candidates.append({
-            "config": r["config"],
-            "whitening": r["whitening"],
-            "near": r["metrics"]["mAP"],
-            "cat": cat["metrics"]["mAP"],
-            "d_near": r["metrics"]["mAP"] - base_near,
-            "d_cat": cat["metrics"]["mAP"] - base_cat,
-            "ms": r["ms_per_image"]["total"],
-        })
-    candidates.sort(key=lambda c: -(c["d_near"] + c["d_cat"]))
-    allowed = [c for c in candidates if c["d_cat"] >= -FASHION_TOLERANCE]
-    chosen = max(allowed, key=lambda c: c["near"])
-    return candidates, chosen
-
-
-def decision_table(candidates, chosen, limit: int) -> str:
-    lines = [
-        "| # | pooling | scales | resize | whitening | near-dup mAP | Δ | categories mAP | Δ | mean Δ | ms/img (near-dup) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+def decision_table(sets, candidates, chosen, limit: int) -> str:
     shown = candidates[:limit]
-    if chosen not in shown:
-        shown.append(chosen)
-    for i, c in enumerate(shown, 1):
+    for extra in (chosen, next(c for c in candidates if c["config"] == DEFAULT and c["whitening"] == "none")):
+        if extra not in shown:
+            shown.append(extra)
+    lines = []
+    for rank, c in enumerate(shown, 1):
         config = c["config"]
         mark = " ← chosen" if c is chosen else (" (default)" if config == DEFAULT and c["whitening"] == "none" else "")
-        lines.append(
-            f"| {i} | {config.variant.label}{mark} | {scales_label(config.scales)} | {config.rule.split('-')[0]} | "
-            f"{c['whitening']} | {c['near']:.4f} | {c['d_near']:+.4f} | {c['cat']:.4f} | {c['d_cat']:+.4f} | "
-            f"{(c['d_near'] + c['d_cat']) / 2:+.4f} | {c['ms']:.1f} |"
-        )
-    return "\n".join(lines)
+        cells = [str(rank), f"{config.variant.label}{mark}", scales_label(config.scales), short(config.rule), c["whitening"]]
+        for bench in sets:
+            cells += [f"{c['map'][bench.key]:.4f}", f"{c['delta'][bench.key]:+.4f}"]
+        lines.append(cells + [f"{c['ms']:.1f}"])
+    header = ["#", "pooling", "scales", "resize", "whitening"]
+    for bench in sets:
+        header += [f"{bench.key} mAP", "Δ"]
+    return markdown(header + ["ms/img"], lines)
 
 
 def preset_config(spec: dict, size: int) -> Config | None:
@@ -418,32 +525,34 @@ def preset_config(spec: dict, size: int) -> Config | None:
     return Config(
         Variant.of(encoder.get("pooling", "max"), encoder.get("pooling_params")),
         tuple(float(s) for s in encoder.get("scales", SINGLE_SCALE)),
-        encoder.get("resize_rule", "squash-bicubic"),
+        encoder.get("resize_rule", SQUASH),
     )
 
 
-def self_whitened(bench, config, extraction, dim, backbone) -> dict:
-    """Whitening learned on the evaluated set itself, as ``index.py --whiten [--whiten-dim D]`` does."""
-    vectors = extraction.descriptors(config)
-    limit = min(vectors.shape[1], vectors.shape[0] - 1)
-    whitening = learn_pca_whitening(vectors, None if dim is None or dim > limit else dim)
-    label = "self" if dim is None else f"self d={whitening.dim}"
-    return row_of(bench, backbone, config, label, "none", whitening, vectors, extraction)
+def preset_rows(bench, backbone, presets, run) -> list[tuple[str, dict]]:
+    """Every preset as ``index.py --preset NAME`` builds it: a whitening preset learns it on the database itself."""
+    out = []
+    for name, config in presets.items():
+        if config is None:
+            continue
+        config = for_set(bench, config)
+        vectors = run["evaluated"].descriptors(config)
+        whitening = learn_pca_whitening(vectors) if PRESETS[name]["whiten"] else None
+        label = "self (index.py --whiten)" if whitening is not None else "none"
+        out.append((name, row_of(bench, backbone, config, label, "none", whitening, vectors, run["evaluated"])))
+    return out
 
 
 def product_check(weights, config: Config, bench: BenchSet, extraction: Extraction, size: int, count: int = 6) -> float:
-    """Encode a few images with a real Extractor built for ``config``; the smallest cosine to the benchmark's vectors."""
-    encoder = new_encoder_config(
-        weights, config.variant.name, "float32", pooling_params=dict(config.variant.params),
-        scales=config.scales, resize_rule=config.rule, input_size=size,
-    )
+    """Encode a few images with a real Extractor built for ``config``: the smallest cosine to the benchmark's vectors."""
+    encoder = new_encoder_config(weights, config.variant.name, "float32", pooling_params=dict(config.variant.params),
+                                 scales=config.scales, resize_rule=config.rule, input_size=size)
     product = Extractor(encoder, weights).encode_pil(bench.images[:count])
-    ours = extraction.descriptors(config)[:count]
-    return float(np.min(np.sum(product * ours, axis=1)))
+    return float(np.min(np.sum(product * extraction.descriptors(config)[:count], axis=1)))
 
 
 def jsonable(row: dict) -> dict:
-    out = {k: v for k, v in row.items() if k != "config"}
+    out = {k: v for k, v in row.items() if k not in ("config", "ap")}
     out["metrics"] = {k: round(v, 6) for k, v in row["metrics"].items()}
     out["ms_per_image"] = {k: round(v, 3) for k, v in row["ms_per_image"].items()}
     return out
@@ -453,11 +562,11 @@ def jsonable(row: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Retrieval quality of poolings x whitening x query expansion on two "
-                                                 "offline labelled sets (near-duplicates, Fashion-MNIST categories).")
-    parser.add_argument("--quick", action="store_true", help="smaller sets (about a minute)")
-    parser.add_argument("--out", type=Path, default=OUT_DIR, help=f"folder for quality.md and quality.json (default: {OUT_DIR.relative_to(REPO)})")
-    parser.add_argument("--decision-rows", type=int, default=15, help="rows of the decision table (default: 15)")
+    parser = argparse.ArgumentParser(description="Retrieval quality of poolings x whitening x query expansion on offline "
+                                                 "labelled sets (near-duplicates, Fashion-MNIST categories).")
+    parser.add_argument("--quick", action="store_true", help="smaller sets (under 2 minutes)")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder for quality.md and quality.json (default: bench/out)")
+    parser.add_argument("--decision-rows", type=int, default=12, help="rows of the decision table (default: 12)")
     args = parser.parse_args(argv)
     os.environ.setdefault(backbones.OFFLINE_ENV, "1")
     started = time.perf_counter()
@@ -473,27 +582,30 @@ def main(argv=None) -> int:
 
     say(f"# Retrieval quality ({'quick' if args.quick else 'full'} run)")
     say()
-    say(f"Machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, Python {platform.python_version()}, "
-        f"numpy {np.__version__}. Every image is a query, excluded from its own ranking; AP non-interpolated.")
+    say(f"{os.cpu_count()} CPUs ({platform.machine()}), Python {platform.python_version()}, numpy {np.__version__}. "
+        "Every image is a query, excluded from its own ranking; AP non-interpolated; Δ mAP against the default "
+        "(max pooling, scale 1, squash, no whitening, no QE). PCAw: power 0.5, all components, learned on a disjoint "
+        "set (below). avg and sum give the same unit vectors wherever every map has one size (squash).")
     weights_by_backbone = {"efficientnet-lite0": backbones.efficientnet_lite0_weights()}
     vgg16 = backbones.vgg16_imagenet_weights(allow_download=False)
     if vgg16 is not None:
         weights_by_backbone["vgg16"] = vgg16
     else:
+        say()
         say(f"VGG16 rows skipped: its ImageNet weights file ({backbones.VGG16_IMAGENET_FILE}) is not in "
-            f"{backbones.keras_models_dir()} and this benchmark never downloads.")
+            f"{backbones.keras_models_dir()}, and this benchmark never downloads.")
     say()
 
     variants = [Variant.of(name) for name in POOLING_NAMES]
     presets = {name: preset_config(spec, 224) for name, spec in PRESETS.items()}
     for name, config in presets.items():
         if config is None:
-            say(f"preset {name}: not measured (input size other than 224)")
+            say(f"preset {name}: not measured (its input size is not 224)")
         elif config.variant not in variants:
             variants.append(config.variant)
 
     t = time.perf_counter()
-    sets = [near_duplicate_set(sizes), categories_set(sizes)]
+    sets = [near_duplicate_set(sizes), hard_near_duplicate_set(sizes), categories_set(sizes)]
     log(f"sets built in {time.perf_counter() - t:.0f} s")
 
     results: dict = {"mode": "quick" if args.quick else "full", "sizes": sizes.__dict__, "sets": {}, "backbones": {}}
@@ -502,97 +614,109 @@ def main(argv=None) -> int:
         encoder = new_encoder_config(weights, "max", "float32")
         extractor = Extractor(encoder, weights)
         size = encoder.input_size
-        per_set = {bench.key: run_set(bench, extractor, backbone, variants, size, log) for bench in sets}
-        near, cat = sets
-        near_rows, cat_rows = per_set[near.key]["rows"], per_set[cat.key]["rows"]
+        runs = {bench.key: run_set(bench, extractor, backbone, variants, size, log) for bench in sets}
 
         for bench in sets:
-            rows = per_set[bench.key]["rows"]
-            base = default_row(rows)["metrics"]["mAP"]
+            rows = runs[bench.key]["rows"]
             say(f"## {bench.title} — {backbone}")
             say()
-            say(f"Whitening 'disjoint': {bench.whiten_note}. QE: AQE / αQE over the top {bench.qe_top_n} "
-                f"(the query's own row never counts). Δ mAP is against the default (max, 1, squash, no whitening, "
-                f"no QE: {base:.4f})." + (" N-S: UKBench score on the groups-of-4 subset (original + views 1-3 of every "
-                                          "photo), the query counted, 4 = perfect." if bench.ns_rows else "")
-                + " avg and sum give the same unit vectors wherever all maps have one size (squash).")
+            say(f"PCAw learned on {bench.whiten_note}. QE over the top {bench.qe_top_n} (never the query's own row). "
+                f"Default mAP {default_row(rows)['metrics']['mAP']:.4f}."
+                + (" N-S: UKBench score on the first 4 members of every group." if bench.ns_rows else ""))
             say()
             say(set_table(bench, rows))
             say()
 
-        candidates, chosen = decision(near_rows, cat_rows)
-        say(f"## Decision — {backbone}: index-time settings (no QE), both sets")
-        say()
-        say(f"Sorted by the mean mAP gain over the default. Whitening 'disjoint' as above. The categories set is square, "
-            f"so its 'aspect' numbers are the 'squash' ones. Chosen: the best near-duplicate mAP whose category mAP is "
-            f"at most {FASHION_TOLERANCE} below the default's.")
-        say()
-        say(decision_table(candidates, chosen, args.decision_rows))
-        say()
-
-        # what the product does with the chosen settings and with every preset: whitening learned on the database
-        checks = []
+        candidates, chosen = decide(sets, runs)
         chosen_config = chosen["config"]
+        say(f"## Decision — {backbone}: index-time settings (no QE)")
+        say()
+        say(f"Sorted by near-duplicate-hard mAP. Chosen: the best near-duplicate-hard mAP that loses at most "
+            f"{CATEGORY_TOLERANCE} category mAP and {EASY_TOLERANCE} near-duplicate mAP against the default. The "
+            "categories set is square, so its 'aspect' numbers are the 'squash' ones. ms/img on near-duplicate-hard.")
+        say()
+        say(decision_table(sets, candidates, chosen, args.decision_rows))
+        say()
+        say(f"Chosen ({chosen_config.label}, whitening {chosen['whitening']}) against the default, per set; the interval "
+            "is a 95% bootstrap of the mAP gain (near-duplicate sets resample whole photos):")
+        say()
+        margins, margin_lines = {}, []
         for bench in sets:
-            config = chosen_config if bench.key == near.key else as_square(chosen_config)
-            extraction = per_set[bench.key]["evaluated"]
-            for dim in SELF_WHITEN_DIMS:
-                checks.append((f"chosen ({chosen_config.label})", bench, self_whitened(bench, config, extraction, dim, backbone)))
-            for name, pconfig in presets.items():
-                if pconfig is None:
-                    continue
-                pconfig = pconfig if bench.key == near.key else as_square(pconfig)
-                whiten = PRESETS[name]["whiten"]
-                if whiten:
-                    row = self_whitened(bench, pconfig, extraction, None, backbone)
-                else:
-                    row = lookup(per_set[bench.key]["rows"], pconfig, "none")
-                checks.append((f"preset {name}", bench, row))
-        say(f"## Whitening learned on the evaluated set itself (index.py --whiten [--whiten-dim D]) — {backbone}")
-        say()
-        say("'self' keeps min(D, N - 1) components, as index.py --whiten does by default. Presets are measured as "
-            "index.py builds them (a preset with whitening learns it on the database).")
-        say()
-        say("| set | what | pooling | scales | resize | whitening | dim | mAP | Δ vs default | P@k | N-S |")
-        say("|---|---|---|---|---|---|---|---|---|---|---|")
-        for what, bench, row in checks:
-            base = default_row(per_set[bench.key]["rows"])["metrics"]["mAP"]
-            m = row["metrics"]
-            c = row["config"]
-            say(f"| {bench.key} | {what.split(' (')[0]} | {c.variant.label} | {scales_label(c.scales)} | "
-                f"{c.rule.split('-')[0]} | {row['whitening']} | {row['dim']} | {m['mAP']:.4f} | "
-                f"{m['mAP'] - base:+.4f} | {m[f'P@{bench.k}']:.4f} | {m.get('N-S', float('nan')):.3f} |")
+            rows = runs[bench.key]["rows"]
+            old, new = default_row(rows), lookup(rows, for_set(bench, chosen_config), chosen["whitening"])
+            low, high = gain_interval(bench, new["ap"], old["ap"])
+            pk = f"P@{bench.k}"
+            margins[bench.key] = {"default": old["metrics"], "chosen": new["metrics"], "map_gain_ci95": [low, high],
+                                  "ms_per_image": [old["ms_per_image"]["total"], new["ms_per_image"]["total"]]}
+            margin_lines.append([
+                bench.key, f"{old['metrics']['mAP']:.4f}", f"{new['metrics']['mAP']:.4f}",
+                f"{new['metrics']['mAP'] - old['metrics']['mAP']:+.4f}", f"[{low:+.4f}, {high:+.4f}]",
+                f"{old['metrics'][pk]:.4f} → {new['metrics'][pk]:.4f} ({pk})",
+                f"{old['metrics']['N-S']:.3f} → {new['metrics']['N-S']:.3f}" if "N-S" in old["metrics"] else "-",
+                f"{old['ms_per_image']['total']:.1f} → {new['ms_per_image']['total']:.1f}",
+            ])
+        say(markdown(["set", "default mAP", "chosen mAP", "Δ mAP", "95% interval", "P@k", "N-S", "ms/img"], margin_lines))
         say()
 
-        log("product check: a real Extractor for the chosen settings encodes like the benchmark")
-        agreement = {}
+        say(f"## Whitening study — {backbone}: the chosen settings ({chosen_config.label})")
+        say()
+        say("'disjoint': learned on the disjoint set of each table above (index.py --whiten-from); 'self': learned on the "
+            "evaluated set itself (index.py --whiten; d=... is --whiten-dim). Power 0.5 is what index.py does; "
+            "power 0 (PCA rotation and centring only) is not offered by index.py.")
+        say()
+        study = {}
         for bench in sets:
-            config = chosen_config if bench.key == near.key else as_square(chosen_config)
-            agreement[bench.key] = product_check(weights, config, bench, per_set[bench.key]["evaluated"], size)
-        say("Product check: a real Extractor built for the chosen settings gives the benchmark's vectors "
-            f"(smallest cosine over 6 images: {', '.join(f'{k} {v:.6f}' for k, v in agreement.items())}).")
+            study[bench.key] = study_whitening(bench, backbone, for_set(bench, chosen_config), runs[bench.key])
+            base = default_row(runs[bench.key]["rows"])["metrics"]["mAP"]
+            say(f"{bench.key}:")
+            say()
+            say(markdown(["whitening", "dim", *metric_header(bench)],
+                         [[r["whitening"], str(r["dim"]), *metric_cells(bench, r["metrics"], base)] for r in study[bench.key]]))
+            say()
+
+        say(f"## Presets as index.py builds them — {backbone}")
+        say()
+        preset_lines = []
+        preset_results = []
+        for bench in sets:
+            base = default_row(runs[bench.key]["rows"])["metrics"]["mAP"]
+            for name, row in preset_rows(bench, backbone, presets, runs[bench.key]):
+                m = row["metrics"]
+                preset_lines.append([name, bench.key, row["config"].label, row["whitening"], str(row["dim"]),
+                                     f"{m['mAP']:.4f}", f"{m['mAP'] - base:+.4f}", f"{m[f'P@{bench.k}']:.4f} (P@{bench.k})",
+                                     f"{m['N-S']:.3f}" if "N-S" in m else "-", f"{row['ms_per_image']['total']:.1f}"])
+                preset_results.append({"preset": name, **jsonable(row)})
+        say(markdown(["preset", "set", "settings", "whitening", "dim", "mAP", "Δ mAP", "P@k", "N-S", "ms/img"], preset_lines))
+        say()
+
+        agreement = {bench.key: product_check(weights, for_set(bench, chosen_config), bench, runs[bench.key]["evaluated"], size)
+                     for bench in sets}
+        say("Product check: a real Extractor built with new_encoder_config for the chosen settings gives the benchmark's "
+            f"vectors (smallest cosine over 6 images: {', '.join(f'{k} {v:.6f}' for k, v in agreement.items())}).")
         say()
 
         results["backbones"][backbone] = {
             "weights": {"name": weights.name, "md5": weights.hash},
-            "chosen": {"config": chosen_config.label, "whitening": chosen["whitening"],
-                       "near_map": chosen["near"], "categories_map": chosen["cat"],
-                       "d_near": chosen["d_near"], "d_categories": chosen["d_cat"]},
-            "self_whitening_checks": [{"what": w, "set": b.key, **jsonable(r)} for w, b, r in checks],
+            "chosen": {"settings": chosen_config.label, "pooling": chosen_config.variant.name,
+                       "pooling_params": dict(chosen_config.variant.params), "scales": list(chosen_config.scales),
+                       "resize_rule": chosen_config.rule, "whitening": chosen["whitening"],
+                       "map": chosen["map"], "delta_vs_default": chosen["delta"], "against_default": margins},
+            "whitening_study": {key: [jsonable(r) for r in rows] for key, rows in study.items()},
+            "presets": preset_results,
             "product_check_min_cosine": agreement,
+            "seconds_per_set": {key: round(run["seconds"], 1) for key, run in runs.items()},
         }
         for bench in sets:
-            entry = results["sets"].setdefault(bench.key, {"title": bench.title, "whitening": bench.whiten_note,
-                                                          "qe_top_n": bench.qe_top_n, "qe_alpha": QE_ALPHA,
-                                                          "images": len(bench.images),
-                                                          "whitening_images": len(bench.whiten_images), "rows": []})
-            entry["rows"] += [jsonable(r) for r in per_set[bench.key]["rows"]]
+            entry = results["sets"].setdefault(bench.key, {
+                "title": bench.title, "whitening_learned_on": bench.whiten_note, "qe_top_n": bench.qe_top_n,
+                "qe_alpha": QE_ALPHA, "images": len(bench.images), "whitening_images": len(bench.whiten_images), "rows": []})
+            entry["rows"] += [jsonable(r) for r in runs[bench.key]["rows"]]
 
     elapsed = time.perf_counter() - started
     say(f"Total run time: {elapsed:.0f} s.")
     results["seconds"] = round(elapsed, 1)
     if vgg16 is None:
-        results["skipped"] = {"vgg16": "ImageNet weights file not present; no download"}
+        results["skipped"] = {"vgg16": "ImageNet weights file not present; this benchmark never downloads"}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.md").write_text("\n".join(report) + "\n", encoding="utf-8")
     (args.out / "quality.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
