@@ -60,7 +60,7 @@ from PIL import Image  # noqa: E402
 
 from retrieval import backbones, pooling, testsets  # noqa: E402
 from retrieval.evaluation import PreparedQuery, evaluate_queries, prepare_queries  # noqa: E402
-from retrieval.extractor import Extractor, _rescale, new_encoder_config  # noqa: E402  (_rescale: exactly the product's)
+from retrieval.extractor import Extractor, rescale_image, new_encoder_config  # noqa: E402
 from retrieval.groundtruth import folders_from_paths  # noqa: E402
 from retrieval.images import resize_for_backbone  # noqa: E402
 from retrieval.presets import PRESETS  # noqa: E402
@@ -178,7 +178,7 @@ def extract(extractor: Extractor, images, rules, scales, variants, size: int) ->
         sec[("resize", rule)] += time.perf_counter() - start
         for scale in scales:
             start = time.perf_counter()
-            arrays = [_rescale(array, scale) for array in base]
+            arrays = [rescale_image(array, scale) for array in base]
             sec[("rescale", rule, scale)] += time.perf_counter() - start
             out = {v: np.empty((len(images), extractor.dim), np.float32) for v in variants}
             by_shape: dict[tuple, list[int]] = defaultdict(list)

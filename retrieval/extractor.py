@@ -114,7 +114,7 @@ class EncodedItem:
     error: ImageError | None
 
 
-def _rescale(image: np.ndarray, scale: float) -> np.ndarray:
+def rescale_image(image: np.ndarray, scale: float) -> np.ndarray:
     """uint8 (H, W, 3) resized by ``scale`` (bicubic), each side at least MIN_SIDE pixels."""
     if scale == 1.0:
         return image
@@ -187,7 +187,7 @@ class Extractor:
                 raise ValueError(f"expected RGB images of shape (H, W, 3), got {image.shape}")
         if not images:
             return np.empty((0, self.dim), np.float32)
-        per_scale = [self._pooled([_rescale(image, scale) for image in images]) for scale in self.encoder.scales]
+        per_scale = [self._pooled([rescale_image(image, scale) for image in images]) for scale in self.encoder.scales]
         combined = per_scale[0] if len(per_scale) == 1 else pooling.combine_scales(per_scale)
         return pooling.l2_normalize(combined)
 
