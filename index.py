@@ -2,6 +2,9 @@
 """Build or update the HDF5 feature database of every image under a folder.
 
     python index.py --database database --index index/demo.h5
+    python index.py --database photos --index photos.h5 --backend faiss           # HNSW/IVF index file beside it
+    python index.py --database photos --index photos.h5 --backend milvus --milvus-uri http://milvus:19530
+    python index.py --database /shared/photos --index photos.h5 --ray auto        # extraction on a Ray cluster
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     from retrieval.pooling import POOLING_DEFAULTS, POOLINGS
     from retrieval.presets import PRESETS, preset_help
     from retrieval.store import VECTOR_DTYPES
-    from retrieval.vector_index import ANN_CHOICES, ANN_THRESHOLD
+    from retrieval.milvus_backend import INDEX_TYPES as MILVUS_INDEX_TYPES
+    from retrieval.vector_index import ANN_CHOICES, ANN_THRESHOLD, BACKENDS, FAISS_IVF_THRESHOLD, FAISS_KINDS
 
     parser = argparse.ArgumentParser(
         description="Index every image under a folder into an HDF5 feature database (incremental; atomic writes)."
@@ -63,16 +67,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     whitening = parser.add_argument_group("whitening (applied to database and queries alike)")
     whitening.add_argument("--whiten", action="store_true", help="learn PCA-whitening on this database (re-learned at updates)")
     whitening.add_argument("--whiten-from", metavar="OTHER.h5", help="learn PCA-whitening on another index built with the same settings")
-    whitening.add_argument("--whiten-dim", type=positive_int, metavar="D", help="keep D dimensions after whitening")
+    whitening.add_argument("--whiten-dim", type=positive_int, metavar="D",
+                           help="keep D dimensions (default: as many as the images support, at most one per 4 images)")
+    whitening.add_argument("--whiten-power", type=float, metavar="P",
+                           help="0.5: full whitening (default); 0: centring + PCA rotation only; in between: softened")
     store = parser.add_argument_group("storage and search")
     store.add_argument("--storage", choices=VECTOR_DTYPES, default=None, help="vector storage type (default: float32, or the existing index's)")
     store.add_argument("--ann", choices=ANN_CHOICES, default="auto",
-                       help=f"HNSW graph for fast approximate search: auto = from {ANN_THRESHOLD:,} images (default: auto)")
+                       help=f"memory backend: HNSW graph for fast approximate search: auto = from {ANN_THRESHOLD:,} images (default: auto)")
+    store.add_argument("--backend", choices=BACKENDS, default=None,
+                       help="search backend: memory = the HDF5 vectors in RAM, faiss = an HNSW/IVF index file beside it, "
+                            "milvus = a Milvus collection (default: memory, or the existing index's)")
+    store.add_argument("--faiss-index", choices=FAISS_KINDS, default=None,
+                       help=f"faiss backend: index kind; auto = HNSW, IVF-Flat from {FAISS_IVF_THRESHOLD:,} images (default: auto)")
+    store.add_argument("--milvus-uri", metavar="URI",
+                       help="milvus backend: http://host:19530 for a Milvus server, or a local path ending in .db for "
+                            "the embedded Milvus Lite (default: FILE.h5.milvus.db)")
+    store.add_argument("--milvus-collection", metavar="NAME", help="milvus backend: collection name (default: cbir_<index name>)")
+    store.add_argument("--milvus-index", choices=MILVUS_INDEX_TYPES, default=None,
+                       help="milvus backend: index type (default: HNSW)")
     run = parser.add_argument_group("run")
     run.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE})")
     run.add_argument("--checkpoint-every", type=positive_int, default=CHECKPOINT_EVERY, metavar="N",
                      help=f"save finished descriptors every N images so a killed run resumes (default: {CHECKPOINT_EVERY})")
     run.add_argument("--rebuild", action="store_true", help="ignore the existing index and extract everything again")
+    run.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="extract as a Ray Data job: without ADDRESS on a local Ray instance started for the run; "
+                          "auto, HOST:PORT or ray://HOST:10001 for a cluster (images at the same paths on every node)")
+    run.add_argument("--ray-actors", type=positive_int, metavar="N",
+                     help="Ray model actors (default: one per GPU, else one per 4 CPUs of the cluster)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -97,7 +120,9 @@ def main(argv=None) -> int:
     }
     encoder_options.update({name: value for name, value in explicit.items() if value is not None})
     encoder_options.setdefault("backbone", "auto")
-    whitening = WhiteningRequest(learn=args.whiten or preset["whiten"], source=args.whiten_from, dim=args.whiten_dim)
+    whitening = WhiteningRequest(
+        learn=args.whiten or preset["whiten"], source=args.whiten_from, dim=args.whiten_dim, power=args.whiten_power
+    )
 
     def job() -> int:
         report = build_index(
@@ -106,6 +131,13 @@ def main(argv=None) -> int:
             whitening=whitening,
             storage=args.storage,
             ann=args.ann,
+            backend=args.backend,
+            faiss_index=args.faiss_index,
+            milvus_uri=args.milvus_uri,
+            milvus_collection=args.milvus_collection,
+            milvus_index=args.milvus_index,
+            ray=args.ray,
+            ray_actors=args.ray_actors,
             rebuild=args.rebuild,
             batch_size=args.batch_size,
             checkpoint_every=args.checkpoint_every,
@@ -118,7 +150,8 @@ def main(argv=None) -> int:
         encoder = report.encoder
         extras = "".join(f" {part}" for part in (
             f"scales {','.join(f'{s:g}' for s in encoder.scales)}" if encoder.scales != [1.0] else "",
-            "hnsw" if report.ann == "hnsw" else "",
+            report.ann if report.ann != "exact" else "",
+            "ray" if report.extraction == "ray" else "",
         ) if part)
         print(f"{report.summary()} -> {args.index} [{encoder.backbone} {encoder.pooling} {encoder.dim}-d {encoder.precision}{extras}]")
         return 0

@@ -60,6 +60,16 @@ def search_matrix(database: FeatureDatabase) -> np.ndarray:
     return apply_whitening(database.vectors, database.whitening)
 
 
+def _open_search(index_path, database: FeatureDatabase, backend: str | None, milvus_uri: str | None):
+    """(search structure, searched matrix) of a database read from ``index_path``."""
+    matrix = search_matrix(database)
+    vector_index = open_vector_index(
+        index_path, database.database_id, matrix, database.search_backend, database.paths,
+        backend=backend, milvus_uri=milvus_uri,
+    )
+    return vector_index, matrix
+
+
 class RetrievalEngine:
     """A database in memory and a matching extractor. ``image_root`` overrides the folder recorded in the file."""
 
@@ -86,12 +96,18 @@ class RetrievalEngine:
         weights_file: str | os.PathLike | None = None,
         image_root: str | os.PathLike | None = None,
         with_extractor: bool = True,
+        backend: str | None = None,
+        milvus_uri: str | None = None,
     ) -> "RetrievalEngine":
-        """Read the database and build its extractor (skip that with ``with_extractor=False`` for vector-only use)."""
+        """Read the database and build its extractor (skip that with ``with_extractor=False`` for vector-only use).
+
+        Searches go through the backend recorded in the database (memory, faiss or milvus, see ``vector_index``);
+        ``backend`` serves it with another one (``memory`` always works: the vectors are in the file), ``milvus_uri``
+        reaches the recorded collection at another address. Raises RetrievalError when the backend is unavailable.
+        """
         database = read_database(index_path)
+        vector_index, matrix = _open_search(index_path, database, backend, milvus_uri)
         extractor = Extractor.for_database(database.encoder, weights_file) if with_extractor else None
-        matrix = search_matrix(database)
-        vector_index = open_vector_index(index_path, database.database_id, matrix)
         return cls(database, extractor, image_root, vector_index, matrix)
 
     @classmethod
@@ -102,6 +118,8 @@ class RetrievalEngine:
         *,
         weights_file: str | os.PathLike | None = None,
         image_root: str | os.PathLike | None = None,
+        backend: str | None = None,
+        milvus_uri: str | None = None,
     ) -> "RetrievalEngine":
         """A new version of the index at ``index_path``, for a server that reloads it without restarting.
 
@@ -117,9 +135,10 @@ class RetrievalEngine:
         ):
             extractor = previous.extractor
         else:
+            extractor = None
+        vector_index, matrix = _open_search(index_path, database, backend, milvus_uri)
+        if extractor is None:
             extractor = Extractor.for_database(database.encoder, weights_file)
-        matrix = search_matrix(database)
-        vector_index = open_vector_index(index_path, database.database_id, matrix)
         return cls(database, extractor, image_root, vector_index, matrix)
 
     def __len__(self) -> int:

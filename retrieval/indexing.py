@@ -2,6 +2,11 @@
 
 Incremental by default: a file whose relative path, size and modification time match the existing database keeps
 its descriptor; new or changed files are extracted; files gone from the folder are dropped. ``rebuild`` starts over.
+
+One code path for every run: only the "extract what is to do" step differs between one process (``Extractor``) and
+a Ray cluster (``retrieval.distributed``); scanning, reuse, checkpoints and writing are the same. The search backend
+(memory, faiss, milvus: ``retrieval.vector_index``) is brought up to date for the new version before the database
+file that names it is committed.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,8 +26,17 @@ from .engine import search_matrix
 from .errors import IndexFileError, RetrievalError
 from .extractor import DEFAULT_BATCH_SIZE, DEFAULT_SCALES, Extractor, check_encoder_options, new_encoder_config
 from .images import IMAGE_EXTENSIONS, list_image_files
-from .store import VECTOR_DTYPES, Checkpoint, EncoderConfig, FeatureDatabase, now_iso, read_database, write_database
-from .vector_index import HnswIndex, hnsw_path, remove_stale_hnsw, wants_ann
+from .store import (
+    VECTOR_DTYPES,
+    Checkpoint,
+    EncoderConfig,
+    FeatureDatabase,
+    new_database_id,
+    now_iso,
+    read_database,
+    write_database,
+)
+from .vector_index import BackendRequest, finish_backend, normalized_record, prepare_backend
 from .whitening import learn_pca_whitening
 
 CHECKPOINT_EVERY = 256  # images between checkpoint chunks
@@ -41,7 +56,10 @@ class IndexReport:
     extract_seconds: float = 0.0  # decoding + forward passes + pooling of the extracted images (model build excluded)
     encoder: EncoderConfig | None = None
     written: bool = False
-    ann: str = "exact"  # the search the database gets: exact, or hnsw (a graph file beside it)
+    ann: str = "exact"  # the search the database gets: exact, hnsw (memory + graph), faiss-hnsw, faiss-ivf, milvus-HNSW, ...
+    backend: str = "memory"  # memory | faiss | milvus
+    backend_detail: str = ""  # what was done to the backend's structure (built, updated, upserted, ...)
+    extraction: str = "local"  # local | ray (with ray, extract_seconds includes starting Ray and building the models)
 
     def summary(self) -> str:
         rate = f", {self.extracted / self.extract_seconds:.1f} img/s" if self.extracted and self.extract_seconds > 0 else ""
@@ -133,18 +151,25 @@ class EncoderRequest:
         return encoder, weights
 
 
+IMAGES_PER_WHITENED_DIM = 4
+"""PCA-whitening keeps at most N / 4 dimensions for N training images. With as many dimensions as images it makes all
+training vectors equidistant (every pair at cosine -1/(N-1)): search results would be meaningless."""
+
+
 @dataclass(frozen=True)
 class WhiteningRequest:
     """``learn``: PCA-whitening learned on the database itself (re-learned at every update); ``source``: learned once
-    on the vectors of another index file built with the same encoder; ``dim``: keep that many dimensions."""
+    on the vectors of another index file built with the same encoder; ``dim``: keep that many dimensions (default:
+    as many as the training set supports, at most N / 4); ``power``: 0.5 full whitening, 0 centring + PCA rotation."""
 
     learn: bool = False
     source: str | os.PathLike | None = None
     dim: int | None = None
+    power: float | None = None
 
 
 def _whitening_for(request: WhiteningRequest, existing: FeatureDatabase | None, encoder: EncoderConfig, vectors: np.ndarray):
-    """(whitening, source) for the database being written, or (None, "")."""
+    """(whitening, source, requested dim) for the database being written, or (None, "", 0)."""
     previous = existing.whitening if existing is not None else None
     previous_source = existing.whitening_source if existing is not None else ""
     if request.source is not None:
@@ -153,18 +178,25 @@ def _whitening_for(request: WhiteningRequest, existing: FeatureDatabase | None, 
             raise RetrievalError(
                 f"{request.source}: built with other encoder settings; whitening must be learned on the same kind of descriptors"
             )
-        training, source = other.vectors, str(Path(request.source).resolve())
+        training, source = np.asarray(other.vectors, np.float32), str(Path(request.source).resolve())
     elif request.learn or previous_source == "database":
         training, source = vectors, "database"
     elif previous is not None:
-        return previous, previous_source  # learned once on another index: kept as it is
+        return previous, previous_source, existing.whitening_requested_dim  # learned once elsewhere: kept as it is
     else:
-        return None, ""
-    dim = request.dim
-    if dim is None and previous is not None and previous.dim < min(previous.input_dim, previous.samples - 1):
-        dim = previous.dim  # an update keeps an earlier dimension reduction
+        return None, "", 0
+    requested = request.dim or (existing.whitening_requested_dim if previous is not None else 0)
+    power = request.power if request.power is not None else (previous.power if previous is not None else 0.5)
+    supported = min(encoder.dim, len(training) // IMAGES_PER_WHITENED_DIM)
+    if supported < 1:
+        raise RetrievalError(f"cannot learn whitening from {len(training)} images: it needs at least {IMAGES_PER_WHITENED_DIM}")
+    if requested > supported:
+        raise RetrievalError(
+            f"cannot learn {requested}-d whitening from {len(training)} images: it needs {IMAGES_PER_WHITENED_DIM} images per "
+            f"dimension; use --whiten-dim {supported} or less, or --whiten-from a larger index"
+        )
     try:
-        return learn_pca_whitening(np.asarray(training, np.float32), dim), source
+        return learn_pca_whitening(training, requested or supported, power=power), source, requested
     except ValueError as exc:
         raise RetrievalError(f"cannot learn whitening: {exc}") from None
 
@@ -176,6 +208,13 @@ def build_index(
     whitening: WhiteningRequest = WhiteningRequest(),
     storage: str | None = None,
     ann: str = "auto",
+    backend: str | None = None,
+    faiss_index: str | None = None,
+    milvus_uri: str | None = None,
+    milvus_collection: str | None = None,
+    milvus_index: str | None = None,
+    ray: str | None = None,
+    ray_actors: int | None = None,
     rebuild: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
     checkpoint_every: int = CHECKPOINT_EVERY,
@@ -190,6 +229,12 @@ def build_index(
     contradict an existing database raise IndexFileError unless ``rebuild``. ``storage`` float32 | float16 (None: keep
     the existing, else float32). ``ann``: auto | off | hnsw, see ``vector_index``. Raises RetrievalError for a missing
     or empty folder or an unusable existing index.
+
+    ``backend`` memory | faiss | milvus (None: the existing database's, else memory), with ``faiss_index`` auto |
+    hnsw | ivf, ``milvus_uri`` (default ``<index>.milvus.db``, Milvus Lite), ``milvus_collection``, ``milvus_index``
+    HNSW | IVF_FLAT; see ``vector_index`` and ``milvus_backend``. ``ray``: extract on Ray (``"local"`` starts a local
+    instance, else a cluster address, see ``distributed``) with ``ray_actors`` model actors (default: one per GPU, or
+    one per 4 CPUs).
     """
     started = time.perf_counter()
     request = EncoderRequest(**encoder_options)
@@ -203,7 +248,12 @@ def build_index(
         raise IndexFileError(f"{index_path}: is a folder; give the path of the index file to write")
     if storage not in (None, *VECTOR_DTYPES):
         raise RetrievalError(f"unknown storage {storage!r}; choose from {', '.join(VECTOR_DTYPES)}")
-    wants_ann(ann, 0)  # validates the choice before any work
+    backend_request = BackendRequest(backend, ann, faiss_index, milvus_uri, milvus_collection, milvus_index)
+    backend_request.check()  # validates the choices before any work
+    if ray is not None:
+        from .distributed import check_address
+
+        check_address(ray)  # an unreachable cluster fails now, in seconds
     stats, skipped = scan_folder(root)
     if not stats:
         raise RetrievalError(f"{root}: no image files found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -228,6 +278,12 @@ def build_index(
     else:
         encoder, weights = request.new_config(notice)
     vector_dtype = storage or (str(existing.vectors.dtype) if existing is not None else "float32")
+    record = backend_request.resolve(index_path, existing.search_backend if existing is not None else None)
+    previous_record = normalized_record(existing.search_backend) if existing is not None else None
+    if record["backend"] == "milvus":
+        from .milvus_backend import check_reachable
+
+        check_reachable(index_path, record)  # a wrong URI fails now, not after the extraction
 
     report = IndexReport(encoder=encoder)
     kept: dict[str, tuple[FileStat, np.ndarray]] = {}
@@ -238,6 +294,7 @@ def build_index(
                 kept[rel] = (stat, existing.vectors[i])
         report.reused = len(kept)
         report.removed = sum(1 for rel in existing.paths if rel not in stats)
+    unchanged = set(kept)  # descriptors taken over bit for bit from the existing database
 
     checkpoint = Checkpoint(index_path, encoder, str(root.resolve()))
     for rel, (size, mtime, vector) in checkpoint.load().items():
@@ -248,9 +305,20 @@ def build_index(
 
     todo = [rel for rel in stats if rel not in kept]
     if todo:
-        extractor = Extractor(encoder, weights)
+        if ray is None:
+            files = [root / rel for rel in todo]
+            extractor = Extractor(encoder, weights)
+            batches = extractor.encode_files(files, batch_size=batch_size)
+        else:
+            from .distributed import encode_files_ray
+
+            files = [root.resolve() / rel for rel in todo]  # workers on other nodes read these names
+            batches = encode_files_ray(
+                files, encoder, address=ray, weights_file=request.weights_file, batch_size=batch_size, actors=ray_actors
+            )
+            report.extraction = "ray"
         extract_started = time.perf_counter()
-        _extract(extractor, root, todo, stats, kept, checkpoint, report, batch_size, checkpoint_every, progress)
+        _extract(batches, files, todo, stats, kept, checkpoint, report, checkpoint_every, progress)
         report.extract_seconds = time.perf_counter() - extract_started
 
     if not kept:
@@ -266,12 +334,13 @@ def build_index(
         or vector_dtype != str(existing.vectors.dtype)
         or whitening.learn
         or whitening.source is not None
+        or record != previous_record
+        or not existing.database_id
     )
-    graph_wanted = wants_ann(ann, len(kept))
     if changed:
         order = sorted(kept)
         vectors = np.stack([kept[rel][1] for rel in order]).astype(np.float32)
-        learned, source = _whitening_for(whitening, existing, encoder, vectors)
+        learned, source, requested_dim = _whitening_for(whitening, existing, encoder, vectors)
         database = FeatureDatabase(
             encoder=encoder,
             vectors=vectors.astype(vector_dtype),
@@ -283,41 +352,56 @@ def build_index(
             updated_at=now_iso(),
             whitening=learned,
             whitening_source=source,
+            whitening_requested_dim=requested_dim,
+            search_backend=record,
         )
-        write_database(index_path, database)
-        report.written = True
+        database_id = new_database_id()
     else:
         database = existing
-    graph = hnsw_path(index_path, database.database_id)
-    if graph_wanted and not graph.exists():
-        HnswIndex.build(search_matrix(database)).save(graph)
-    remove_stale_hnsw(index_path, keep=graph if graph_wanted else None)
-    report.ann = "hnsw" if graph_wanted else "exact"
+        database_id = existing.database_id
+    matrix = search_matrix(database)
+    # the backend's structure for the new version first, then the commit of the file that names that version
+    update = prepare_backend(
+        record, index_path, database, database_id, matrix,
+        previous=existing, unchanged=unchanged, ann=ann, rebuild=rebuild, notice=notice,
+    )
+    if changed:
+        write_database(index_path, database, database_id=database_id)
+        report.written = True
+    finish_backend(record, index_path, database_id, matrix, ann)
+    if previous_record is not None and previous_record["backend"] == "milvus" and (
+        (record.get("uri"), record.get("collection")) != (previous_record.get("uri"), previous_record.get("collection"))
+    ):
+        notice(f"Milvus collection {previous_record.get('collection')} at {previous_record.get('uri')} is no longer "
+               "used by this database; drop it if nothing else needs it")
+    report.ann, report.backend, report.backend_detail = update.search, record["backend"], update.detail
     checkpoint.discard()
     report.total = len(kept)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _extract(extractor, root, todo, stats, kept, checkpoint, report, batch_size, checkpoint_every, progress):
-    """Run the extractor over ``todo``, filling ``kept`` and the checkpoint, recording skips in ``report``."""
+def _extract(batches, files, todo, stats, kept, checkpoint, report, checkpoint_every, progress):
+    """Consume ``batches`` of ``EncodedItem`` (positions index ``todo``, whose files are ``files``; any order), filling
+    ``kept`` and the checkpoint, recording skips in ``report``. The same for one process and for a Ray job."""
     from tqdm import tqdm
 
     pending: list[str] = []
     bar = tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True, leave=False)
     try:
-        for items in extractor.encode_files([root / rel for rel in todo], batch_size=batch_size):
-            for item in items:
-                rel = todo[item.position]
-                if item.error is not None:
-                    report.skipped.append((rel, str(item.error).removeprefix(f"{root / rel}: ")))
-                    continue
-                kept[rel] = (stats[rel], item.vector)
-                pending.append(rel)
-                report.extracted += 1
-            bar.update(len(items))
-            if len(pending) >= checkpoint_every:
-                _flush(checkpoint, pending, kept)
+        with closing(batches):
+            for items in batches:
+                for item in items:
+                    rel = todo[item.position]
+                    if item.error is not None:
+                        report.skipped.append((rel, str(item.error).removeprefix(f"{files[item.position]}: ")))
+                        continue
+                    kept[rel] = (stats[rel], item.vector)
+                    pending.append(rel)
+                    report.extracted += 1
+                bar.update(len(items))
+                if len(pending) >= checkpoint_every:
+                    _flush(checkpoint, pending, kept)
     finally:
         bar.close()
         _flush(checkpoint, pending, kept)  # also on Ctrl-C: what was finished is kept for the next run

@@ -10,7 +10,8 @@ Layout of a database file (format ``cbir-feature-database``, version ``FORMAT_VE
                       applied by readers to database and query vectors alike
     attributes        format, format_version, encoder (JSON of ``EncoderConfig``), image_root, created_at,
                       updated_at, database_id (new random id at every write), vector_dtype (float32 | float16),
-                      software (JSON of library versions)
+                      software (JSON of library versions), search_backend (optional JSON: how the database is
+                      searched, e.g. {"backend": "milvus", "uri": ..., "collection": ...}; absent = in memory)
 
 Files written by the reference demo (``dataset_1`` features, ``dataset_2`` names) are read too, as VGG16 ImageNet
 max pooling with the nearest-neighbour squash resize that demo used. Writes are atomic: a temporary file in the same
@@ -95,10 +96,16 @@ class FeatureDatabase:
     legacy: bool = False  # read from a reference-demo file: no file stats, cannot be updated incrementally
     whitening: Whitening | None = None
     whitening_source: str = ""  # "database" (re-learned at every update) or the index file it was learned from
+    whitening_requested_dim: int = 0  # --whiten-dim asked for when it was learned (0: automatic), kept across updates
     database_id: str = ""  # changes at every write: derived files (an ANN index) record which version they match
+    search_backend: dict = field(default_factory=dict)  # how it is searched (see retrieval.vector_index); {} = memory
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+def new_database_id() -> str:
+    return uuid.uuid4().hex
 
 
 def now_iso() -> str:
@@ -174,8 +181,22 @@ def _read_current(h5: h5py.File, path: Path) -> FeatureDatabase:
         updated_at=str(h5.attrs.get("updated_at", "")),
         whitening=whitening,
         whitening_source=str(h5["whitening"].attrs.get("source", "")) if whitening is not None else "",
+        whitening_requested_dim=int(h5["whitening"].attrs.get("requested_dim", 0)) if whitening is not None else 0,
         database_id=str(h5.attrs.get("database_id", "")),
+        search_backend=_read_json_attribute(h5, "search_backend", path),
     )
+
+
+def _read_json_attribute(h5: h5py.File, name: str, path: Path) -> dict:
+    if name not in h5.attrs:
+        return {}
+    try:
+        value = json.loads(h5.attrs[name])
+    except (TypeError, ValueError):
+        value = None
+    if not isinstance(value, dict):
+        raise IndexFileError(f"{path}: attribute {name} is not a JSON object")
+    return value
 
 
 def _read_legacy(h5: h5py.File, path: Path) -> FeatureDatabase:
@@ -208,10 +229,11 @@ def _read_legacy(h5: h5py.File, path: Path) -> FeatureDatabase:
     )
 
 
-def write_database(path: str | os.PathLike, database: FeatureDatabase) -> str:
+def write_database(path: str | os.PathLike, database: FeatureDatabase, *, database_id: str | None = None) -> str:
     """Write atomically: the file at ``path`` is either the old one or the complete new one, at every instant.
 
-    Every write gets a new random ``database_id`` (returned, and set on ``database``).
+    Every write gets a new random ``database_id`` (returned, and set on ``database``); ``database_id`` gives one chosen
+    beforehand (index.py builds derived search structures for a version before committing the file that names it).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +242,7 @@ def write_database(path: str | os.PathLike, database: FeatureDatabase) -> str:
     count = len(database.paths)
     if vectors.shape != (count, database.encoder.dim):
         raise ValueError(f"vectors {vectors.shape} do not match {count} paths of dimension {database.encoder.dim}")
-    database_id = uuid.uuid4().hex
+    database_id = database_id or new_database_id()
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
@@ -234,6 +256,8 @@ def write_database(path: str | os.PathLike, database: FeatureDatabase) -> str:
             h5.attrs["software"] = json.dumps(software_versions(), sort_keys=True)
             h5.attrs["database_id"] = database_id
             h5.attrs["vector_dtype"] = np.dtype(dtype).name
+            if database.search_backend:
+                h5.attrs["search_backend"] = json.dumps(database.search_backend, sort_keys=True)
             # readable summary attributes for h5dump / other tools; the JSON above is what readers use
             for name, value in dataclasses.asdict(database.encoder).items():
                 if name not in ("pooling_params", "scales"):
@@ -249,6 +273,7 @@ def write_database(path: str | os.PathLike, database: FeatureDatabase) -> str:
                     group.create_dataset(name, data=array)
                 group.attrs.update(attributes)
                 group.attrs["source"] = database.whitening_source
+                group.attrs["requested_dim"] = database.whitening_requested_dim
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.chmod(temporary, 0o644)

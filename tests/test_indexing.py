@@ -128,18 +128,41 @@ def test_vgg16_with_seeded_weights_writes_512_d_vectors(image_folder, tmp_path, 
     np.testing.assert_allclose(np.linalg.norm(db.vectors, axis=1), 1, rtol=1e-5)
 
 
-def test_whitening_learned_on_the_database_is_stored_and_relearned_on_update(image_folder, tmp_path):
+def test_whitening_learned_on_the_database_is_stored_and_relearned_on_update(tmp_path):
     from retrieval.indexing import WhiteningRequest
 
+    folder = tmp_path / "demo"
+    shutil.copytree(DEMO_DATABASE, folder)
     path = tmp_path / "w.h5"
-    index(image_folder, path, whitening=WhiteningRequest(learn=True, dim=4))
+    index(folder, path, whitening=WhiteningRequest(learn=True))
     db = read_database(path)
-    assert db.whitening is not None and db.whitening.dim == 4 and db.whitening.samples == 6 and db.whitening_source == "database"
-    assert db.vectors.shape == (6, 1280)  # raw vectors stay; readers whiten
-    shutil.copy(DEMO_DATABASE / "clock" / "original.jpg", image_folder / "clock.jpg")
-    index(image_folder, path)
+    assert db.whitening is not None and db.whitening_source == "database" and db.whitening.samples == 49
+    assert db.whitening.dim == 49 // 4 and db.whitening.power == 0.5  # at most one dimension per 4 images
+    assert db.vectors.shape == (49, 1280)  # raw vectors stay; readers whiten
+    for extra in range(3):
+        shutil.copy(DEMO_DATABASE / "clock" / "original.jpg", folder / f"clock-{extra}.jpg")
+    index(folder, path)
     again = read_database(path)
-    assert again.whitening.samples == 7 and again.whitening.dim == 4  # re-learned, dimension kept
+    assert again.whitening.samples == 52 and again.whitening.dim == 13  # re-learned on the grown database
+
+    index(folder, path, rebuild=True, whitening=WhiteningRequest(learn=True, dim=5, power=0.0))
+    (folder / "clock-0.jpg").unlink()
+    index(folder, path)
+    kept = read_database(path)
+    assert (kept.whitening.dim, kept.whitening.power, kept.whitening_requested_dim) == (5, 0.0, 5)  # choices kept
+
+
+def test_whitening_refuses_more_dimensions_than_the_images_support(image_folder, tmp_path):
+    from retrieval.indexing import WhiteningRequest
+
+    with pytest.raises(RetrievalError, match="needs 4 images per dimension; use --whiten-dim 1 or less"):
+        index(image_folder, tmp_path / "w.h5", whitening=WhiteningRequest(learn=True, dim=3))
+    (image_folder / "coffee.jpg").unlink()
+    (image_folder / "rocket.jpg").unlink()
+    (image_folder / "astronaut.jpg").unlink()
+    with pytest.raises(RetrievalError, match="from 3 images: it needs at least 4"):
+        index(image_folder, tmp_path / "w.h5", whitening=WhiteningRequest(learn=True))
+    assert not (tmp_path / "w.h5").exists()
 
 
 def test_whitening_from_another_index_must_match_its_encoder(image_folder, tmp_path):

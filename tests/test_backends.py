@@ -1,0 +1,244 @@
+"""Search backends: memory (exact), faiss (HNSW, IVF) and Milvus (embedded Milvus Lite), built by build_index and
+opened through RetrievalEngine.open like the terminal query, the server and the evaluator do. All offline."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import DEMO_DATABASE, REPO
+from retrieval.engine import RetrievalEngine
+from retrieval.errors import IndexFileError, RetrievalError
+from retrieval.indexing import build_index
+from retrieval.search import top_k
+from retrieval.store import read_database
+from retrieval.vector_index import ExactIndex, FaissIndex, faiss_paths
+
+pytest.importorskip("faiss")
+pytest.importorskip("pymilvus")
+pytest.importorskip("milvus_lite")
+
+K = 10
+
+
+def build(folder, path, **options):
+    options.setdefault("progress", False)
+    options.setdefault("notice", lambda line: None)
+    return build_index(folder, path, backbone="efficientnet-lite0", **options)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """24 demo photos (12 originals, 12 views) indexed once in memory; other backends are built from this file."""
+    root = tmp_path_factory.mktemp("backends")
+    folder = root / "images"
+    for group in sorted(p for p in DEMO_DATABASE.iterdir() if p.is_dir()):
+        (folder / group.name).mkdir(parents=True)
+        for name in ("original.jpg", "view-01.jpg"):
+            shutil.copy2(group / name, folder / group.name / name)
+    build(folder, root / "memory.h5")
+    return folder, root
+
+
+def derived(corpus, name, **options):
+    """A copy of the in-memory index switched to another backend: no image is extracted again."""
+    folder, root = corpus
+    path = root / f"{name}.h5"
+    if not path.exists():
+        shutil.copy(root / "memory.h5", path)
+        report = build(folder, path, **options)
+        assert report.extracted == 0 and report.written
+    return path
+
+
+def recall_against_exact(path) -> tuple[float, float]:
+    """(recall@10, largest score difference) of the backend recorded in ``path`` against exact search, every image
+    querying with its own vector."""
+    engine = RetrievalEngine.open(path, with_extractor=False)
+    try:
+        found, worst = [], 0.0
+        for row in range(len(engine)):
+            exact_rows, exact_scores = top_k(engine.matrix, engine.matrix[row], K)
+            hits = engine.search_vector(engine.database.vectors[row], K)
+            found.append(len({h.id for h in hits} & set(exact_rows.tolist())) / len(exact_rows))
+            worst = max(worst, float(np.max(np.abs(np.array([h.score for h in hits]) - exact_scores))))
+        return float(np.mean(found)), worst
+    finally:
+        close(engine)
+
+
+def close(engine):
+    if hasattr(engine.vector_index, "close"):
+        engine.vector_index.close()  # Milvus Lite serves one process at a time: let go of it
+
+
+@pytest.mark.parametrize(
+    "name, options, kind",
+    [
+        ("memory", {}, "exact"),
+        ("faiss_hnsw", {"backend": "faiss", "faiss_index": "hnsw"}, "faiss-hnsw"),
+        ("faiss_ivf", {"backend": "faiss", "faiss_index": "ivf"}, "faiss-ivf"),
+        ("milvus_hnsw", {"backend": "milvus"}, "milvus-HNSW"),
+        ("milvus_ivf", {"backend": "milvus", "milvus_index": "IVF_FLAT"}, "milvus-IVF_FLAT"),
+    ],
+)
+def test_every_backend_agrees_with_exact_search(corpus, name, options, kind):
+    path = derived(corpus, name, **options) if name != "memory" else corpus[1] / "memory.h5"
+    engine = RetrievalEngine.open(path, with_extractor=False)
+    assert getattr(engine.vector_index, "kind", "") == kind
+    close(engine)
+    recall, worst = recall_against_exact(path)
+    print(f"{name}: recall@{K} {recall:.3f} against exact search, largest score difference {worst:.2e}")
+    assert recall == 1.0 and worst < 1e-4
+
+
+def test_the_backend_is_recorded_in_the_database(corpus):
+    folder, root = corpus
+    memory = read_database(root / "memory.h5")
+    assert memory.search_backend == {"backend": "memory"}
+    assert read_database(derived(corpus, "faiss_hnsw", backend="faiss", faiss_index="hnsw")).search_backend == {
+        "backend": "faiss", "index": "hnsw"}
+    path = derived(corpus, "milvus_hnsw", backend="milvus")
+    record = read_database(path).search_backend
+    assert record["backend"] == "milvus" and record["uri"] == "milvus_hnsw.h5.milvus.db"  # beside it, relative
+    assert record["collection"] == "cbir_milvus_hnsw" and record["index_type"] == "HNSW" and record["metric_type"] == "IP"
+    assert (root / "milvus_hnsw.h5.milvus.db").is_dir()
+    with h5py.File(path, "r") as h5:  # plain JSON for other tools, and the vectors stay in the file
+        assert json.loads(h5.attrs["search_backend"])["collection"] == "cbir_milvus_hnsw"
+        assert h5["vectors"].shape == (24, 1280)
+    # an update without --backend keeps the recorded one and touches nothing
+    report = build(folder, path)
+    assert not report.written and report.backend == "milvus" and report.backend_detail.startswith("unchanged")
+
+
+def change_folder(folder):
+    """Remove one image, change one (new content, same path), add one."""
+    (folder / "rocket" / "view-01.jpg").unlink()
+    shutil.copy(DEMO_DATABASE / "coins" / "view-02.jpg", folder / "coins" / "view-01.jpg")
+    shutil.copy(DEMO_DATABASE / "clock" / "view-02.jpg", folder / "clock" / "view-02.jpg")
+
+
+def test_incremental_updates_keep_faiss_and_milvus_in_step(corpus, tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(corpus[0], folder)
+    faiss_path, milvus_path = tmp_path / "f.h5", tmp_path / "m.h5"
+    build(folder, faiss_path, backend="faiss", faiss_index="hnsw")
+    shutil.copy(faiss_path, milvus_path)
+    build(folder, milvus_path, backend="milvus")
+    first = read_database(faiss_path)
+    change_folder(folder)
+
+    report = build(folder, faiss_path)
+    assert (report.extracted, report.removed) == (2, 1) and report.backend_detail.startswith("updated: 2 added")
+    database = read_database(faiss_path)
+    graph = FaissIndex.load(faiss_path, database.database_id)
+    assert graph.index.ntotal == 26 and graph.dead == 2  # HNSW cannot remove: the ids of the old vectors are masked
+    assert sorted(p.name for p in tmp_path.glob("f.h5.*")) == sorted(p.name for p in faiss_paths(faiss_path, database.database_id))
+    assert FaissIndex.load(faiss_path, first.database_id) is None  # the previous version's files are gone
+
+    report = build(folder, milvus_path)
+    assert report.backend_detail.startswith("updated: 2 upserted, 1 deleted")
+    for path in (faiss_path, milvus_path):
+        recall, worst = recall_against_exact(path)
+        assert recall == 1.0 and worst < 1e-4, path
+        engine = RetrievalEngine.open(path, with_extractor=False)
+        changed = engine.database.paths.index("coins/view-01.jpg")
+        hits = engine.search_vector(engine.database.vectors[changed], len(engine))
+        assert hits[0].id == changed and hits[0].score > 0.9999  # its new vector, not the replaced one
+        assert len(hits) == len(engine) == 24 and "rocket/view-01.jpg" not in {h.path for h in hits}
+        close(engine)
+
+
+def test_milvus_collection_out_of_step_is_reconciled(corpus, tmp_path):
+    from pymilvus import MilvusClient
+
+    folder = corpus[0]
+    path = tmp_path / "m.h5"
+    shutil.copy(corpus[1] / "memory.h5", path)
+    build(folder, path, backend="milvus", milvus_collection="photos")
+    client = MilvusClient(str(tmp_path / "m.h5.milvus.db"))
+    client.delete("photos", ids=["coffee/original.jpg"])
+    client.upsert("photos", data=[{"path": "ghost.jpg", "vector": np.full(1280, 0.028, np.float32),
+                                   "file_size": 1, "file_mtime_ns": 1}])
+    client.alter_collection_properties("photos", properties={"cbir.database_id": "lost"})
+    client.close()
+    report = build(folder, path)
+    assert report.backend_detail.startswith("reconciled: 1 upserted, 1 deleted")
+    recall, _ = recall_against_exact(path)
+    assert recall == 1.0
+
+
+def test_switching_backends_and_serving_with_another(corpus, tmp_path):
+    folder = corpus[0]
+    path = tmp_path / "s.h5"
+    shutil.copy(corpus[1] / "memory.h5", path)
+    build(folder, path, backend="faiss")
+    database = read_database(path)
+    assert all(p.exists() for p in faiss_paths(path, database.database_id))
+    # a faiss database whose index file is missing: a clear error, and the vectors still serve it in memory
+    faiss_paths(path, database.database_id)[0].unlink()
+    with pytest.raises(IndexFileError, match="no faiss index"):
+        RetrievalEngine.open(path, with_extractor=False)
+    assert isinstance(RetrievalEngine.open(path, with_extractor=False, backend="memory").vector_index, ExactIndex)
+    report = build(folder, path)  # the next run rebuilds it
+    assert report.backend_detail == "built hnsw" and report.extracted == 0
+    build(folder, path, backend="memory")
+    assert not list(tmp_path.glob("s.h5.*")) and read_database(path).search_backend == {"backend": "memory"}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"backend": "nope"}, "unknown backend 'nope'"),
+        ({"backend": "faiss", "faiss_index": "pq"}, "unknown faiss index"),
+        ({"backend": "milvus", "milvus_index": "IVF_PQ"}, "not supported here"),
+        ({"backend": "milvus", "milvus_uri": "somewhere"}, "local path ending in .db"),
+        ({"backend": "milvus", "milvus_collection": "9 lives"}, "collection name"),
+        ({"backend": "faiss", "ann": "hnsw"}, "--ann applies to the memory backend"),
+        ({"backend": "memory", "milvus_uri": "x.db"}, "apply to --backend milvus"),
+        ({"backend": "milvus", "milvus_uri": "http://127.0.0.1:1"}, "cannot reach Milvus at http://127.0.0.1:1"),
+        ({"backend": "milvus", "milvus_uri": "/no/such/folder/x.db"}, "does not exist"),
+    ],
+)
+def test_bad_backend_choices_fail_before_any_work(corpus, tmp_path, options, message):
+    started = time.monotonic()
+    with pytest.raises(RetrievalError, match=message):
+        build(corpus[0], tmp_path / "bad.h5", **options)
+    assert time.monotonic() - started < 15 and not (tmp_path / "bad.h5").exists()
+
+
+def test_unreachable_milvus_is_one_line_from_the_scripts(corpus, tmp_path):
+    env = {**os.environ, "RETRIEVAL_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "index.py"), "--database", corpus[0], "--index", tmp_path / "x.h5",
+         "--backend", "milvus", "--milvus-uri", "http://127.0.0.1:1", "--backbone", "efficientnet-lite0", "--quiet"],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
+    )
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach Milvus"), result.stderr
+    result = subprocess.run(
+        [sys.executable, str(REPO / "index.py"), "--database", corpus[0], "--index", tmp_path / "x.h5", "--backend", "nope"],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
+    )
+    assert result.returncode == 2 and "invalid choice: 'nope'" in result.stderr
+
+
+def test_terminal_query_works_unchanged_on_milvus(corpus):
+    """query_online.py knows nothing of backends: it opens the index, which names its Milvus collection."""
+    folder, root = corpus
+    path = derived(corpus, "milvus_hnsw", backend="milvus")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "query_online.py"), "--query", folder / "coffee" / "view-01.jpg", "--index", path,
+         "--json", "-k", "3"],
+        capture_output=True, text=True, timeout=180, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    paths = [hit["path"] for hit in json.loads(result.stdout)["results"]]
+    assert paths[:2] == ["coffee/view-01.jpg", "coffee/original.jpg"]
