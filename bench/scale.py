@@ -284,6 +284,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", help="comma-separated vector counts (default: 100000 with --quick, else 100000,1000000)")
     parser.add_argument("--copies", type=int, help="copies of the demo photos for the extraction part (default 2 with --quick, else 4)")
     parser.add_argument("--no-extraction", action="store_true", help="skip the Ray extraction part")
+    parser.add_argument("--update", action="store_true",
+                        help="merge into bench/out/scale.json: rows measured now replace the same (vectors, backend) rows")
     parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated subset of {','.join(BACKENDS)}")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per backend and size (default 3600)")
     parser.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
@@ -303,6 +305,14 @@ def main(argv=None) -> int:
         parser.error(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
     search = search_part(sizes, args.timeout, backends)
     extraction = [] if args.no_extraction else extraction_part(args.copies or (2 if args.quick else 4))
+    if args.update and (OUT / "scale.json").exists():
+        earlier = json.loads((OUT / "scale.json").read_text(encoding="utf-8"))
+        measured = {(row["vectors"], row["backend"]) for row in search}
+        search = sorted(
+            [row for row in earlier["search"] if (row["vectors"], row["backend"]) not in measured] + search,
+            key=lambda row: (row["vectors"], BACKENDS.index(row["backend"])),
+        )
+        extraction = extraction or earlier["extraction"]
     text = table(search, extraction)
     text += f"\n\n`python bench/scale.py {' '.join(argv if argv is not None else sys.argv[1:])}`, {time.perf_counter() - started:.0f} s.\n"
     print(text)

@@ -161,8 +161,14 @@ def connect(uri: str):
         folder = Path(uri).parent
         if not folder.is_dir():
             raise RetrievalError(f"{uri}: cannot create a Milvus Lite database there, folder {folder} does not exist")
+    options = {}
+    if is_lite(uri):
+        # pymilvus pings every 10 s; Milvus Lite's gRPC server allows one ping per 5 minutes without data and
+        # answers more with GOAWAY, which kills a long call (building the index of a million vectors) and makes
+        # pymilvus retry it. In-process, keepalive is pointless: ping rarely.
+        options["grpc_options"] = {"grpc.keepalive_time_ms": 3_600_000, "grpc.keepalive_permit_without_calls": False}
     try:
-        client = MilvusClient(uri=uri, timeout=CONNECT_TIMEOUT_S)
+        client = MilvusClient(uri=uri, timeout=CONNECT_TIMEOUT_S, **options)
     except Exception as exc:  # pymilvus raises its own and gRPC errors
         if is_lite(uri):
             raise RetrievalError(
@@ -445,7 +451,11 @@ def _create_index(client, uri: str, name: str, record: dict) -> None:
         field_name="vector", index_name="vector", index_type=record["index_type"], metric_type=METRIC,
         params=dict(record["index_params"]),
     )
-    _call(f"creating the {record['index_type']} index", uri, client.create_index, name, index_params, timeout=BUILD_TIMEOUT_S)
+    try:
+        client.create_index(name, index_params, timeout=BUILD_TIMEOUT_S)
+    except Exception as exc:
+        if "already exists" not in _reason(exc):  # a retried call whose first attempt went through: fine
+            raise RetrievalError(f"Milvus at {uri}: creating the {record['index_type']} index failed: {_reason(exc)}") from None
 
 
 def _describe_vector_index(client, uri: str, name: str) -> dict | None:
