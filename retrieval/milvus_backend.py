@@ -16,7 +16,7 @@ The collection (one per database)::
     properties      cbir.format, cbir.database_id (the database version it mirrors), cbir.vectors (fingerprint of
                     how the vectors were made: encoder, storage type, whitening)
 
-Index: ``HNSW`` (M 16, efConstruction 40; searched with ef = max(128, k)) or ``IVF_FLAT`` (nlist 1024, nprobe 128),
+Index: ``HNSW`` (M 16, efConstruction 40; searched with ef = max(256, k)) or ``IVF_FLAT`` (nlist 1024, nprobe 128),
 inner product (= cosine on unit vectors). Only these two are accepted: Milvus Lite accepts other index types
 (IVF_PQ, DISKANN, SCANN, anything) and then fails to build them in the background, while ``describe_index`` keeps
 reporting ``Finished`` and every search silently stays brute force. So after every change index.py checks the index:
@@ -49,7 +49,7 @@ from .errors import IndexFileError, RetrievalError
 
 INDEX_TYPES = ("HNSW", "IVF_FLAT")
 INDEX_PARAMS = {"HNSW": {"M": 16, "efConstruction": 40}, "IVF_FLAT": {"nlist": 1024}}  # as the faiss backend
-SEARCH_PARAMS = {"HNSW": {"ef": 128}, "IVF_FLAT": {"nprobe": 128}}  # nprobe: nlist / 8, see vector_index
+SEARCH_PARAMS = {"HNSW": {"ef": 256}, "IVF_FLAT": {"nprobe": 128}}  # as the faiss backend (vector_index)
 METRIC = "IP"
 CONNECT_TIMEOUT_S = 10.0  # connecting, and each call of a short operation
 CALL_TIMEOUT_S = 120.0  # one batch of inserts or deletes, a flush

@@ -24,7 +24,7 @@ it stays the source of truth, the evaluator and the exact search read it, and an
 
 Why 250,000 for the memory backend: exact search costs ~0.11 ms per 1,000 512-d vectors here (11 ms at 100k, ~90 ms
 at 1M), which stays below ~30 ms (small beside a 30-300 ms CNN forward pass) up to about 250k vectors; exact results
-are worth keeping until then. Above it, HNSW answers in about a millisecond at recall@10 >= 0.95 (see bench/).
+are worth keeping until then. Above it, HNSW answers in under 2 ms at recall@10 ~0.99 (efSearch 256; bench/scale.py).
 """
 
 from __future__ import annotations
@@ -51,9 +51,11 @@ ANN_CHOICES = ("auto", "off", "hnsw")
 
 BACKENDS = ("memory", "faiss", "milvus")
 FAISS_KINDS = ("auto", "hnsw", "ivf")
-FAISS_IVF_THRESHOLD = 2_000_000  # faiss "auto": HNSW below, IVF-Flat from here (see bench/scale.py)
+FAISS_IVF_THRESHOLD = 2_000_000  # faiss "auto": HNSW below, IVF-Flat from here (see ivf_settings and bench/scale.py)
 FAISS_REBUILD_DELETED = 0.25  # rebuild the faiss index when more than this fraction of its ids are dead
-IVF_NPROBE_FRACTION = 1 / 8  # lists visited per query: recall@10 ~0.97 on CNN-like descriptors (1/16: 0.89; bench/scale.py)
+# the faiss backend's HNSW: as the memory backend's graph. bench/scale.py, 1M CNN-like 512-d vectors: recall@10 0.935
+# at efSearch 128, 0.989 at 256 (1.7 ms), 0.998 at 512 (3.1 ms); at 100k 0.986 already at 128
+FAISS_HNSW_EF_SEARCH = HNSW_EF_SEARCH
 
 
 class ExactIndex:
@@ -178,11 +180,12 @@ def resolve_faiss_kind(kind: str, count: int) -> str:
 
 
 def ivf_settings(count: int) -> tuple[int, int]:
-    """(nlist, nprobe) for an IVF-Flat index of ``count`` vectors: ~4 sqrt(N) lists (a power of two), at least 39
-    training points per list, ``IVF_NPROBE_FRACTION`` of them visited per query."""
+    """(nlist, nprobe) for an IVF-Flat index of ``count`` vectors: ~4 sqrt(N) lists (a power of two, at least 39
+    training points each), 4 sqrt(nlist) of them visited per query. On CNN-like vectors (bench/scale.py) that is
+    recall@10 0.971 at 100k (1024 lists, nprobe 128, 2 ms) and 0.974 at 1M (4096 lists, nprobe 256, 7.6 ms)."""
     nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(max(count, 1)))))
     nlist = max(1, min(nlist, count // 39, 65_536))
-    return nlist, max(1, min(nlist, math.ceil(nlist * IVF_NPROBE_FRACTION)))
+    return nlist, max(1, min(nlist, 4 * round(math.sqrt(nlist))))
 
 
 class FaissIndex:
@@ -221,7 +224,7 @@ class FaissIndex:
         count, dim = matrix.shape
         if kind == "hnsw":
             index = HnswIndex.build(matrix).index
-            settings = {"kind": "hnsw", "m": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF_SEARCH}
+            settings = {"kind": "hnsw", "m": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": FAISS_HNSW_EF_SEARCH}
         elif kind == "ivf":
             nlist, nprobe = ivf_settings(count)
             quantizer = faiss.IndexFlatIP(dim)
