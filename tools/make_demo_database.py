@@ -19,20 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from retrieval import testsets  # noqa: E402
 
-DEMO_PHOTOS = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "retina",
-    "camera",
-    "coins",
-    "clock",
-    "brick",
-    "cell",
-)
+DEMO_PHOTOS = testsets.BUNDLED_PHOTOS[:12]  # the first twelve bundled photos; licences in database/LICENSES.md
 VIEWS_PER_GROUP = 4  # original + 3 views
 MAX_SIDE = 480  # px, longest side
 QUALITY = 88  # JPEG quality
