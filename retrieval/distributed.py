@@ -187,21 +187,24 @@ def encode_files_ray(
     """Like ``Extractor.encode_files`` (batches of ``EncodedItem``, positions index ``paths``), on a Ray cluster.
 
     Batches come in completion order, not input order. Ray is started (or joined) on the first ``next`` and shut
-    down when the generator finishes or is closed. Raises RetrievalError for an unreachable address or a failed job.
+    down when the generator finishes or is closed; a process already connected to Ray (``ray.init`` done by the
+    caller) keeps its connection and ``address`` is not used. Raises RetrievalError for an unreachable address or a
+    failed job.
     """
-    check_address(address)
     try:
         import ray
     except ImportError:
         raise RetrievalError('--ray needs Ray (pip install "ray[data]")') from None
+    if not ray.is_initialized():
+        check_address(address)
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     paths = [str(p) for p in paths]  # give absolute paths for a cluster: workers read these names
-    started = False
+    owned = not ray.is_initialized()
     try:
         try:
-            _init(address)
-            started = True
+            if owned:
+                _init(address)
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False
             context.print_on_execution_start = False
@@ -234,7 +237,7 @@ def encode_files_ray(
         except Exception as exc:
             raise RetrievalError(f"Ray extraction failed: {_ray_reason(exc)}") from None
     finally:
-        if started:
+        if owned and ray.is_initialized():
             ray.shutdown()
 
 

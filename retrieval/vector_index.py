@@ -446,7 +446,9 @@ def prepare_backend(
         if current is not None and current.settings["kind"] == kind and len(current) == len(database):
             return BackendUpdate(current.kind, "up to date")
         carried = None
-        if previous is not None and not rebuild and previous.database_id:
+        if previous is not None and vectors_fingerprint(previous) != vectors_fingerprint(database):
+            unchanged = frozenset()  # e.g. a whitening learned again: every searched vector differs
+        if previous is not None and not rebuild and previous.database_id and unchanged:
             old = FaissIndex.load(index_path, previous.database_id)
             if old is not None and old.settings["kind"] == kind and old.index.d == matrix.shape[1]:
                 rows = carried_rows(old.rows, previous.paths, database.paths, set(unchanged))

@@ -155,6 +155,24 @@ def test_incremental_updates_keep_faiss_and_milvus_in_step(corpus, tmp_path):
         close(engine)
 
 
+def test_a_whitening_learned_again_replaces_every_vector(corpus, tmp_path):
+    from retrieval.indexing import WhiteningRequest
+
+    folder = tmp_path / "images"
+    shutil.copytree(corpus[0], folder)
+    faiss_path, milvus_path = tmp_path / "f.h5", tmp_path / "m.h5"
+    shutil.copy(corpus[1] / "memory.h5", faiss_path)
+    assert build(folder, faiss_path, backend="faiss", whitening=WhiteningRequest(learn=True, dim=6)).extracted == 0
+    shutil.copy(faiss_path, milvus_path)
+    build(folder, milvus_path, backend="milvus")
+    shutil.copy(DEMO_DATABASE / "clock" / "view-02.jpg", folder / "clock" / "view-02.jpg")  # whitening re-learned
+    assert build(folder, faiss_path).backend_detail == "built hnsw"
+    assert build(folder, milvus_path).backend_detail.startswith("reconciled: 25 upserted, 0 deleted")
+    for path in (faiss_path, milvus_path):
+        recall, worst = recall_against_exact(path)
+        assert recall == 1.0 and worst < 1e-4, path
+
+
 def test_milvus_collection_out_of_step_is_reconciled(corpus, tmp_path):
     from pymilvus import MilvusClient
 
