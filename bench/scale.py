@@ -314,7 +314,10 @@ def main(argv=None) -> int:
         )
         extraction = extraction or earlier["extraction"]
     text = table(search, extraction)
-    text += f"\n\n`python bench/scale.py {' '.join(argv if argv is not None else sys.argv[1:])}`, {time.perf_counter() - started:.0f} s.\n"
+    text += f"\n\n`python bench/scale.py {' '.join(argv if argv is not None else sys.argv[1:])}`, {time.perf_counter() - started:.0f} s."
+    if args.update:
+        text += " Rows it did not measure come from the earlier runs kept in bench/out/scale.json."
+    text += "\n"
     print(text)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "scale.md").write_text(text, encoding="utf-8")
