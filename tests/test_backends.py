@@ -20,9 +20,9 @@ from retrieval.search import top_k
 from retrieval.store import read_database
 from retrieval.vector_index import ExactIndex, FaissIndex, faiss_paths
 
-pytest.importorskip("faiss")
-pytest.importorskip("pymilvus")
-pytest.importorskip("milvus_lite")
+import faiss  # noqa: E402,F401  (requirements.txt: a missing package must fail the suite, not skip it)
+import milvus_lite  # noqa: E402,F401
+import pymilvus  # noqa: E402,F401
 
 K = 10
 
