@@ -2,8 +2,8 @@
 """Retrieval quality of every pooling, with and without whitening and query expansion, on offline sets labelled by
 construction, with the real backbone weights. Chooses the best index-time settings for ``retrieval.presets``.
 
-    .venv/bin/python bench/quality.py            # full run (4.5 to 6.5 minutes on a shared 2-core machine)
-    .venv/bin/python bench/quality.py --quick    # smaller sets (under 2 minutes)
+    .venv/bin/python -m bench.quality            # full run (4.5 to 6.5 minutes on a shared 2-core machine)
+    .venv/bin/python -m bench.quality --quick    # smaller sets (under 2 minutes)
 
 Sets (see bench/README.md)
 * ``near-duplicate``: every scikit-image bundled photo (``testsets.BUNDLED_PHOTOS``) is a group of its original and 7
@@ -53,18 +53,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from PIL import Image  # noqa: E402
 
-from retrieval import backbones, pooling, testsets  # noqa: E402
-from retrieval.evaluation import PreparedQuery, evaluate_queries, prepare_queries  # noqa: E402
-from retrieval.extractor import Extractor, rescale_image, new_encoder_config  # noqa: E402
-from retrieval.groundtruth import folders_from_paths  # noqa: E402
+from bench import testsets  # noqa: E402
+from retrieval.descriptors import pooling  # noqa: E402
+from retrieval.models import backbones  # noqa: E402
+from retrieval.evaluation.protocol import PreparedQuery, evaluate_queries, prepare_queries  # noqa: E402
+from retrieval.descriptors.encoder import new_encoder_config  # noqa: E402
+from retrieval.descriptors.extractor import Extractor, rescale_image  # noqa: E402
+from retrieval.evaluation.groundtruth import folders_from_paths  # noqa: E402
 from retrieval.images import resize_for_backbone  # noqa: E402
-from retrieval.presets import PRESETS  # noqa: E402
-from retrieval.whitening import Whitening, apply_whitening, learn_pca_whitening  # noqa: E402
+from retrieval.indexing.presets import PRESETS  # noqa: E402
+from retrieval.descriptors.whitening import Whitening, apply_whitening, learn_pca_whitening  # noqa: E402
 
 OUT_DIR = REPO / "bench" / "out"
 POOLING_NAMES = ("max", "avg", "sum", "gem", "rmac", "crow")

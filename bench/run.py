@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Speed benchmark: indexing, query and search, measured side by side in one run, printed as ratios.
 
-    python bench/run.py --quick     # < 2 minutes
-    python bench/run.py             # < 15 minutes (adds 1M-vector search and a batch-size sweep)
+    python -m bench.run --quick     # < 2 minutes
+    python -m bench.run             # < 15 minutes (adds 1M-vector search and a batch-size sweep)
 
 Generates its own images (seeded, photo-sized JPEGs) and seeded VGG16 weights saved to a file (weights do not change
 speed). Writes bench/out/speed.md, speed.json and speed.png (search latency against database size).
@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from retrieval.backbones import quiet_tensorflow  # noqa: E402  (the repository root must be on sys.path first)
+from retrieval.models.backbones import quiet_tensorflow
 
 OUT = REPO / "bench" / "out"
 
@@ -182,8 +181,9 @@ def server_search_ms(index_path: Path, engine, query_path: Path, requests: int) 
 
 def precision_agreement(paths: list[Path]) -> dict:
     """bf16 against fp32 descriptors of real images with real weights (EfficientNet-Lite0): cosine and top-10 overlap."""
-    from retrieval.backbones import efficientnet_lite0_weights
-    from retrieval.extractor import Extractor, new_encoder_config
+    from retrieval.models.backbones import efficientnet_lite0_weights
+    from retrieval.descriptors.encoder import new_encoder_config
+    from retrieval.descriptors.extractor import Extractor
     from retrieval.images import load_for_backbone
 
     weights = efficientnet_lite0_weights()
@@ -202,8 +202,9 @@ def precision_agreement(paths: list[Path]) -> dict:
 
 
 def vgg_agreement(weights_file: Path, arrays: list[np.ndarray], bf16_extractor) -> float:
-    from retrieval.backbones import custom_weights
-    from retrieval.extractor import Extractor, new_encoder_config
+    from retrieval.models.backbones import custom_weights
+    from retrieval.descriptors.encoder import new_encoder_config
+    from retrieval.descriptors.extractor import Extractor
 
     weights = custom_weights("vgg16", weights_file)
     fp32 = Extractor(new_encoder_config(weights, "max", "float32"), weights)
@@ -213,7 +214,7 @@ def vgg_agreement(weights_file: Path, arrays: list[np.ndarray], bf16_extractor) 
 
 def search_part(sizes: list[int], hnsw_sizes: list[int], queries: int = 200) -> list[dict]:
     """Exact float32 / float16 and HNSW latency and recall@10 at each database size."""
-    from retrieval.search import top_k
+    from retrieval.vectors import top_k
     from retrieval.vector_index import ExactIndex, HnswIndex
 
     rows = []
@@ -248,7 +249,8 @@ def search_part(sizes: list[int], hnsw_sizes: list[int], queries: int = 200) -> 
 
 def memory_part(size: int, folder: Path) -> dict:
     """Peak Python-visible allocation while reading a database of ``size`` x 512, against the matrix itself."""
-    from retrieval.store import EncoderConfig, FeatureDatabase, read_database, write_database
+    from retrieval.descriptors.encoder import EncoderConfig
+    from retrieval.storage.database import FeatureDatabase, read_database, write_database
 
     vectors = structured_vectors(size, seed=5)
     encoder = EncoderConfig("vgg16", "bench", "md5:0", "block5_conv3", "max", 224, "squash-bicubic", "float32", 512)
@@ -302,9 +304,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="batch size to compare at (default: the extractor default)")
     args = parser.parse_args(argv)
     quiet_tensorflow()
-    from retrieval.backbones import custom_weights
+    from retrieval.models.backbones import custom_weights
     from retrieval.engine import RetrievalEngine
-    from retrieval.extractor import DEFAULT_BATCH_SIZE, Extractor, new_encoder_config, resolve_precision
+    from retrieval.descriptors.encoder import new_encoder_config, resolve_precision
+    from retrieval.descriptors.extractor import DEFAULT_BATCH_SIZE, Extractor
     from retrieval.indexing import build_index
     from retrieval.images import load_for_backbone
 

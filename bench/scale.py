@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Scale benchmark: the search backends on generated vectors, and Ray extraction against one process.
 
-    python bench/scale.py --quick     # 100k vectors (< 3 minutes on 2 cores)
-    python bench/scale.py             # 100k and 1M vectors
+    python -m bench.scale --quick     # 100k vectors (< 3 minutes on 2 cores)
+    python -m bench.scale             # 100k and 1M vectors
 
 Search: for each backend (memory = exact numpy, faiss HNSW, faiss IVF-Flat, Milvus Lite HNSW) its build time, the
 memory it adds to a process that already holds the matrix (peak while building, and resident after), its size on
@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 OUT = REPO / "bench" / "out"
 DIM, LATENT, K, QUERIES = 512, 24, 10, 200
 BACKENDS = ("memory", "faiss-hnsw", "faiss-ivf", "milvus-lite-hnsw")
@@ -104,8 +103,9 @@ def run_backend(backend: str, data: Path, queries_file: Path, truth_file: Path, 
         disk = sum(folder_mb(p) for p in work.glob("bench.h5.x.faiss*"))
         detail = ", ".join(f"{k} {v}" for k, v in index.settings.items() if k != "kind")
     else:
-        from retrieval import milvus_backend
-        from retrieval.store import EncoderConfig, FeatureDatabase
+        from retrieval.search.backends import milvus as milvus_backend
+        from retrieval.descriptors.encoder import EncoderConfig
+        from retrieval.storage.database import FeatureDatabase
         from retrieval.vector_index import BackendRequest
 
         index_path = work / "bench.h5"
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
         )
         extraction = extraction or earlier["extraction"]
     text = table(search, extraction)
-    text += f"\n\n`python bench/scale.py {' '.join(argv if argv is not None else sys.argv[1:])}`, {time.perf_counter() - started:.0f} s."
+    text += f"\n\n`python -m bench.scale {' '.join(argv if argv is not None else sys.argv[1:])}`, {time.perf_counter() - started:.0f} s."
     if args.update:
         text += " Rows it did not measure come from the earlier runs kept in bench/out/scale.json."
     text += "\n"

@@ -63,9 +63,9 @@ def open_image(source: str | os.PathLike | bytes, *, draft_size: int | None = No
         data = bytes(source)
         label = "upload"
         if not data:
-            raise ImageError("empty image data")
+            raise ImageError("empty image data", kind="invalid")
         if len(data) > MAX_FILE_BYTES:
-            raise ImageError(f"image too large: {len(data)} bytes (limit {MAX_FILE_BYTES})")
+            raise ImageError(f"image too large: {len(data)} bytes (limit {MAX_FILE_BYTES})", kind="too_large")
         stream: io.BufferedIOBase | io.BytesIO = io.BytesIO(data)
     else:
         path = Path(source)
@@ -73,15 +73,15 @@ def open_image(source: str | os.PathLike | bytes, *, draft_size: int | None = No
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            raise ImageError(f"{label}: no such file") from None
+            raise ImageError(f"{label}: no such file", kind="not_found") from None
         except OSError as exc:
             raise ImageError(f"{label}: cannot read ({exc.strerror or exc})") from None
         if path.is_dir():
             raise ImageError(f"{label}: is a folder, not an image")
         if size == 0:
-            raise ImageError(f"{label}: empty file")
+            raise ImageError(f"{label}: empty file", kind="invalid")
         if size > MAX_FILE_BYTES:
-            raise ImageError(f"{label}: file too large ({size} bytes, limit {MAX_FILE_BYTES})")
+            raise ImageError(f"{label}: file too large ({size} bytes, limit {MAX_FILE_BYTES})", kind="too_large")
         try:
             stream = io.BytesIO(path.read_bytes())
         except OSError as exc:
@@ -99,7 +99,8 @@ def _decode(stream: io.BytesIO, label: str, draft_size: int | None) -> Image.Ima
                     raise ImageError(f"{label}: image has no pixels")
                 if width * height > MAX_PIXELS:
                     raise ImageError(
-                        f"{label}: too many pixels ({width}x{height}, limit {MAX_PIXELS}): possible decompression bomb"
+                        f"{label}: too many pixels ({width}x{height}, limit {MAX_PIXELS}): possible decompression bomb",
+                        kind="too_large",
                     )
                 if draft_size and image.format == "JPEG":
                     image.draft("RGB", (draft_size, draft_size))
@@ -111,12 +112,12 @@ def _decode(stream: io.BytesIO, label: str, draft_size: int | None) -> Image.Ima
     except UnidentifiedImageError:
         raise ImageError(f"{label}: not an image or unsupported format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{label}: too many pixels: possible decompression bomb") from None
+        raise ImageError(f"{label}: too many pixels: possible decompression bomb", kind="too_large") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageError(f"{label}: corrupt or truncated image ({reason})") from None
     except MemoryError:
-        raise ImageError(f"{label}: image needs too much memory to decode") from None
+        raise ImageError(f"{label}: image needs too much memory to decode", kind="too_large") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -18,13 +17,12 @@ DEMO_DATABASE = REPO / "database"
 os.environ["RETRIEVAL_OFFLINE"] = "1"
 os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="empty-keras-home-")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(REPO))
 
 
 @pytest.fixture(scope="session")
 def seeded_vgg16_weights(tmp_path_factory) -> Path:
     """VGG16 (no top) with seeded random weights saved to a Keras weights file: the VGG16 path without ImageNet."""
-    from retrieval.backbones import quiet_tensorflow
+    from retrieval.models.backbones import quiet_tensorflow
 
     quiet_tensorflow()
     import keras
@@ -39,8 +37,9 @@ def seeded_vgg16_weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def effnet_extractor():
     """One EfficientNet-Lite0 max-pooling extractor with the real packaged ImageNet weights, shared by the session."""
-    from retrieval.backbones import efficientnet_lite0_weights
-    from retrieval.extractor import Extractor, new_encoder_config
+    from retrieval.models.backbones import efficientnet_lite0_weights
+    from retrieval.descriptors.encoder import new_encoder_config
+    from retrieval.descriptors.extractor import Extractor
 
     weights = efficientnet_lite0_weights()
     return Extractor(new_encoder_config(weights, "max", "float32"), weights)

@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from retrieval import backbones
+from retrieval.models import backbones
 from retrieval.errors import WeightsError
 
 

@@ -16,9 +16,9 @@ from conftest import DEMO_DATABASE, REPO
 from retrieval.engine import RetrievalEngine
 from retrieval.errors import IndexFileError, RetrievalError
 from retrieval.indexing import build_index
-from retrieval.search import top_k
-from retrieval.store import read_database
-from retrieval.vector_index import ExactIndex, FaissIndex, faiss_paths
+from retrieval.vectors import top_k
+from retrieval.storage.database import read_database
+from retrieval.search.backends.faiss import FaissBackend as FaissIndex, faiss_paths
 
 import faiss  # noqa: E402,F401  (requirements.txt: a missing package must fail the suite, not skip it)
 import milvus_lite  # noqa: E402,F401
@@ -65,7 +65,7 @@ def recall_against_exact(path) -> tuple[float, float]:
         found, worst = [], 0.0
         for row in range(len(engine)):
             exact_rows, exact_scores = top_k(engine.matrix, engine.matrix[row], K)
-            hits = engine.search_vector(engine.database.vectors[row], K)
+            hits = engine.search(engine.database.vectors[row], K)
             found.append(len({h.id for h in hits} & set(exact_rows.tolist())) / len(exact_rows))
             worst = max(worst, float(np.max(np.abs(np.array([h.score for h in hits]) - exact_scores))))
         return float(np.mean(found)), worst
@@ -74,8 +74,7 @@ def recall_against_exact(path) -> tuple[float, float]:
 
 
 def close(engine):
-    if hasattr(engine.vector_index, "close"):
-        engine.vector_index.close()  # Milvus Lite serves one process at a time: let go of it
+    engine.close()  # Milvus Lite serves one process at a time: let go of it
 
 
 @pytest.mark.parametrize(
@@ -91,7 +90,7 @@ def close(engine):
 def test_every_backend_agrees_with_exact_search(corpus, name, options, kind):
     path = derived(corpus, name, **options) if name != "memory" else corpus[1] / "memory.h5"
     engine = RetrievalEngine.open(path, with_extractor=False)
-    assert getattr(engine.vector_index, "kind", "") == kind
+    assert engine.pipeline.kind == kind
     close(engine)
     recall, worst = recall_against_exact(path)
     print(f"{name}: recall@{K} {recall:.3f} against exact search, largest score difference {worst:.2e}")
@@ -149,7 +148,7 @@ def test_incremental_updates_keep_faiss_and_milvus_in_step(corpus, tmp_path):
         assert recall == 1.0 and worst < 1e-4, path
         engine = RetrievalEngine.open(path, with_extractor=False)
         changed = engine.database.paths.index("coins/view-01.jpg")
-        hits = engine.search_vector(engine.database.vectors[changed], len(engine))
+        hits = engine.search(engine.database.vectors[changed], len(engine))
         assert hits[0].id == changed and hits[0].score > 0.9999  # its new vector, not the replaced one
         assert len(hits) == len(engine) == 24 and "rocket/view-01.jpg" not in {h.path for h in hits}
         close(engine)
@@ -203,7 +202,7 @@ def test_switching_backends_and_serving_with_another(corpus, tmp_path):
     faiss_paths(path, database.database_id)[0].unlink()
     with pytest.raises(IndexFileError, match="no faiss index"):
         RetrievalEngine.open(path, with_extractor=False)
-    assert isinstance(RetrievalEngine.open(path, with_extractor=False, backend="memory").vector_index, ExactIndex)
+    assert RetrievalEngine.open(path, with_extractor=False, backend="memory").pipeline.kind == "exact"
     report = build(folder, path)  # the next run rebuilds it
     assert report.backend_detail == "built hnsw" and report.extracted == 0
     build(folder, path, backend="memory")
@@ -218,8 +217,8 @@ def test_switching_backends_and_serving_with_another(corpus, tmp_path):
         ({"backend": "milvus", "milvus_index": "IVF_PQ"}, "not supported here"),
         ({"backend": "milvus", "milvus_uri": "somewhere"}, "local path ending in .db"),
         ({"backend": "milvus", "milvus_collection": "9 lives"}, "collection name"),
-        ({"backend": "faiss", "ann": "hnsw"}, "--ann applies to the memory backend"),
-        ({"backend": "memory", "milvus_uri": "x.db"}, "apply to --backend milvus"),
+        ({"backend": "faiss", "ann": "hnsw"}, "--ann applies to --backend memory, not faiss"),
+        ({"backend": "memory", "milvus_uri": "x.db"}, "--milvus-uri applies to --backend milvus"),
         ({"backend": "milvus", "milvus_uri": "http://127.0.0.1:1"}, "cannot reach Milvus at http://127.0.0.1:1"),
         ({"backend": "milvus", "milvus_uri": "/no/such/folder/x.db"}, "does not exist"),
     ],

@@ -5,14 +5,14 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from retrieval.efficientnet_lite import (
+from retrieval.models.efficientnet_lite import (
     build_efficientnet_lite0,
     check_state_dict,
     expected_weight_shapes,
     preprocess_efficientnet_lite,
 )
 from retrieval.errors import WeightsError
-from retrieval.torch_pickle import efficientnet_lite0_weights_path, load_legacy_torch_state_dict
+from retrieval.models.torch_pickle import efficientnet_lite0_weights_path, load_legacy_torch_state_dict
 
 EGYPTIAN_CAT = 285
 ESPRESSO = 967

@@ -7,7 +7,7 @@ from conftest import DEMO_DATABASE
 from retrieval.engine import RetrievalEngine
 from retrieval.errors import ImageError
 from retrieval.indexing import build_index
-from retrieval.testsets import random_view
+from bench.testsets import random_view
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_transformed_copies_find_their_own_original_first(originals_engine):
     for original in sorted(folder.glob("*.jpg")):
         image = Image.open(original).convert("RGB")
         for _ in range(5):
-            top = engine.search_vector(engine.extractor.encode_pil([random_view(image, rng)])[0], 1)[0]
+            top = engine.search(engine.encode_images([random_view(image, rng)])[0], 1)[0]
             queries += 1
             hits += top.path == original.name
             if top.path != original.name:
@@ -43,7 +43,7 @@ def test_transformed_copies_find_their_own_original_first(originals_engine):
 
 def test_hits_are_ranked_with_paths_and_scores(originals_engine):
     engine, folder = originals_engine
-    hits = engine.search_source(folder / "coffee.jpg", k=3)
+    hits = engine.search_image(folder / "coffee.jpg", k=3)
     assert [h.rank for h in hits] == [1, 2, 3] and hits[0].path == "coffee.jpg"
     assert hits[0].score == pytest.approx(1.0, abs=1e-4) and hits[0].score >= hits[1].score >= hits[2].score
     assert engine.image_path(hits[0]) == folder.resolve() / "coffee.jpg"
@@ -53,11 +53,11 @@ def test_hits_are_ranked_with_paths_and_scores(originals_engine):
 def test_bad_query_bytes_raise_image_error(originals_engine):
     engine, _ = originals_engine
     with pytest.raises(ImageError, match="not an image"):
-        engine.search_source(b"definitely not an image")
+        engine.search_image(b"definitely not an image")
 
 
 def test_query_expansion_and_search_by_id(originals_engine):
-    from retrieval.engine import QueryExpansion
+    from retrieval.search.expansion import QueryExpansion
 
     engine, _ = originals_engine
     row = engine.database.paths.index("coffee.jpg")
@@ -73,12 +73,12 @@ def test_query_expansion_and_search_by_id(originals_engine):
 
 def test_whitened_database_whitens_queries_too(originals_engine):
     from retrieval.engine import RetrievalEngine
-    from retrieval.whitening import learn_pca_whitening
+    from retrieval.descriptors.whitening import learn_pca_whitening
 
     engine, folder = originals_engine
     database = engine.database
     whitened = type(database)(**{**database.__dict__, "whitening": learn_pca_whitening(database.vectors, 8)})
     other = RetrievalEngine(whitened, engine.extractor)
     assert other.matrix.shape == (len(database), 8)
-    hits = other.search_source(folder / "rocket.jpg", k=2)
+    hits = other.search_image(folder / "rocket.jpg", k=2)
     assert hits[0].path == "rocket.jpg" and hits[0].score == pytest.approx(1.0, abs=1e-4)

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from conftest import DEMO_DATABASE, write_rgb
-from retrieval import extractor as extractor_module
+from retrieval.descriptors import encoder as encoder_module
 from retrieval.errors import ImageError
 from retrieval.images import load_for_backbone
 
@@ -50,8 +50,8 @@ def test_shape_and_argument_checks(effnet_extractor):
 
 
 def test_precision_resolution(monkeypatch):
-    assert extractor_module.resolve_precision("float32") == "float32"
-    monkeypatch.setattr(extractor_module, "cpu_has_bf16", lambda: True)
-    assert extractor_module.resolve_precision("auto") == "bfloat16"
+    assert encoder_module.resolve_precision("float32") == "float32"
+    monkeypatch.setattr(encoder_module, "cpu_has_bf16", lambda: True)
+    assert encoder_module.resolve_precision("auto") == "bfloat16"
     with pytest.raises(ValueError, match="unknown precision"):
-        extractor_module.resolve_precision("fp8")
+        encoder_module.resolve_precision("fp8")

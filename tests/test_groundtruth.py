@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from retrieval.errors import RetrievalError
-from retrieval.groundtruth import (
+from retrieval.evaluation.groundtruth import (
     GroundTruth,
     Query,
     folders_from_paths,

@@ -9,7 +9,8 @@ from PIL import Image
 from conftest import DEMO_DATABASE, write_rgb
 from retrieval.errors import IndexFileError, RetrievalError
 from retrieval.indexing import build_index
-from retrieval.store import Checkpoint, read_database
+from retrieval.storage.checkpoint import Checkpoint
+from retrieval.storage.database import read_database
 
 
 def index(folder, path, **options):
@@ -66,7 +67,7 @@ def test_missing_empty_and_wrong_folders(tmp_path):
         index(tmp_path / "empty", tmp_path / "i.h5")
     with pytest.raises(RetrievalError, match="not a folder"):
         index(tmp_path / "empty" / "readme.txt", tmp_path / "i.h5")
-    with pytest.raises(IndexFileError, match="is a folder"):
+    with pytest.raises(RetrievalError, match="is a folder"):
         index(tmp_path / "empty", tmp_path)
     assert not (tmp_path / "i.h5").exists()
 
@@ -188,23 +189,23 @@ def test_float16_storage_halves_the_matrix_and_keeps_the_ranking(image_folder, t
     f32, f16 = read_database(tmp_path / "f32.h5"), read_database(tmp_path / "f16.h5")
     assert f16.vectors.dtype == np.float16 and f16.vectors.nbytes * 2 == f32.vectors.nbytes
     for row in range(len(f32)):
-        exact = RetrievalEngine(f32, None).search_vector(f32.vectors[row], 6)
-        half = RetrievalEngine(f16, None).search_vector(f32.vectors[row], 6)
+        exact = RetrievalEngine(f32, None).search(f32.vectors[row], 6)
+        half = RetrievalEngine(f16, None).search(f32.vectors[row], 6)
         assert [h.id for h in exact] == [h.id for h in half]
     assert index(image_folder, tmp_path / "f16.h5").written is False  # an update keeps float16
 
 
 def test_hnsw_graph_follows_the_database_version(image_folder, tmp_path):
     from retrieval.engine import RetrievalEngine
-    from retrieval.vector_index import HnswIndex, hnsw_path
+    from retrieval.search.backends.memory import hnsw_path
 
     path = tmp_path / "i.h5"
     assert index(image_folder, path, ann="hnsw").ann == "hnsw"
     first = read_database(path)
     assert hnsw_path(path, first.database_id).is_file()
     engine = RetrievalEngine.open(path, with_extractor=False)
-    assert isinstance(engine.vector_index, HnswIndex)
-    assert engine.search_vector(first.vectors[2], 1)[0].id == 2
+    assert engine.pipeline.kind == "hnsw"
+    assert engine.search(first.vectors[2], 1)[0].id == 2
     shutil.copy(DEMO_DATABASE / "clock" / "original.jpg", image_folder / "clock.jpg")
     index(image_folder, path, ann="hnsw")
     second = read_database(path)
@@ -212,7 +213,7 @@ def test_hnsw_graph_follows_the_database_version(image_folder, tmp_path):
     assert graphs == [hnsw_path(path, second.database_id).name]  # the stale graph is gone
     index(image_folder, path, ann="off")
     assert not list(tmp_path.glob("i.h5.*.hnsw"))
-    assert type(RetrievalEngine.open(path, with_extractor=False).vector_index).__name__ == "ExactIndex"
+    assert RetrievalEngine.open(path, with_extractor=False).pipeline.kind == "exact"
 
 
 def test_multi_scale_aspect_and_pooling_parameters_are_recorded(image_folder, tmp_path):

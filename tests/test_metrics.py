@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from retrieval import metrics
+from retrieval.evaluation.protocol import metrics
 
 RANKING = ["a", "x", "b", "y", "c"]
 RELEVANT = {"a", "b", "c", "d"}

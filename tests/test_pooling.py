@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from retrieval import pooling
+from retrieval.descriptors import pooling
 
 
 def maps():

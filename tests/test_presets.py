@@ -6,11 +6,11 @@ import sys
 import pytest
 
 from conftest import REPO
-from retrieval import backbones
-from retrieval.extractor import new_encoder_config
-from retrieval.indexing import EncoderRequest
-from retrieval.pooling import resolve_pooling_params
-from retrieval.presets import PRESETS, preset_help
+from retrieval.models import backbones
+from retrieval.descriptors.encoder import new_encoder_config
+from retrieval.descriptors.encoder import EncoderRequest
+from retrieval.descriptors.pooling import resolve_pooling_params
+from retrieval.indexing.presets import PRESETS, preset_help
 
 ENCODER_FIELDS = {"pooling", "pooling_params", "scales", "resize_rule", "input_size"}
 

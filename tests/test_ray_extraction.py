@@ -15,7 +15,7 @@ from conftest import REPO
 from retrieval.engine import RetrievalEngine
 from retrieval.errors import RetrievalError
 from retrieval.indexing import build_index
-from retrieval.store import read_database
+from retrieval.storage.database import read_database
 
 import ray  # noqa: E402,F401  (requirements.txt: a missing package must fail the suite, not skip it)
 
@@ -58,10 +58,10 @@ def test_ray_extraction_matches_one_process_and_updates_incrementally(image_fold
     engine = RetrievalEngine.open(path, with_extractor=False)
     try:
         row = ours.paths.index("rocket.jpg")
-        hits = engine.search_vector(ours.vectors[row], 3)
+        hits = engine.search(ours.vectors[row], 3)
         assert hits[0].path == "rocket.jpg" and hits[0].score > 0.9999
     finally:
-        engine.vector_index.close()
+        engine.close()
 
 
 def test_unreachable_ray_address_fails_fast(image_folder, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import DEMO_DATABASE, REPO
-from retrieval.store import read_database
+from retrieval.storage.database import read_database
 
 
 def run(script, *args, timeout=180):
@@ -177,7 +177,8 @@ def test_query_expansion_flag_and_bad_values(indexed):
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
     assert payload["query_expansion"] == "alpha" and payload["results"][0]["path"] == "rocket.jpg"
-    assert_one_line_error(run("query_online.py", "--query", folder / "rocket.jpg", "--index", index, "--qe", "avg", "--qe-alpha", "-1"), "alpha must be")
+    bad_alpha = run("query_online.py", "--query", folder / "rocket.jpg", "--index", index, "--qe", "avg", "--qe-alpha", "-1")
+    assert bad_alpha.returncode == 2 and "--qe-alpha: must be a finite number >= 0" in bad_alpha.stderr
     assert run("query_online.py", "--query", folder / "rocket.jpg", "--index", index, "--qe", "best").returncode == 2
 
 

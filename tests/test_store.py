@@ -5,9 +5,12 @@ import h5py
 import numpy as np
 import pytest
 
-from retrieval import store
+from retrieval.storage import database as store
 from retrieval.errors import IndexFileError
-from retrieval.store import Checkpoint, EncoderConfig, FeatureDatabase, read_database, write_database
+from retrieval.descriptors.encoder import EncoderConfig
+from retrieval.storage.checkpoint import Checkpoint
+from retrieval.vectors import l2_normalize
+from retrieval.storage.database import FeatureDatabase, read_database, write_database
 
 
 def encoder(dim=4, **changes):
@@ -21,7 +24,7 @@ def encoder(dim=4, **changes):
 
 def database(paths=("a.jpg", "sub dir/café é.png", "日本.gif"), dim=4):
     rng = np.random.default_rng(0)
-    vectors = rng.normal(size=(len(paths), dim)).astype(np.float32)
+    vectors = l2_normalize(rng.normal(size=(len(paths), dim)))
     return FeatureDatabase(
         encoder=encoder(dim), vectors=vectors, paths=list(paths),
         file_sizes=np.arange(len(paths), dtype=np.int64) + 100, file_mtimes_ns=np.arange(len(paths), dtype=np.int64) * 7,
@@ -56,8 +59,8 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monke
     def crash(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(store.os, "replace", crash)
-    with pytest.raises(OSError):
+    monkeypatch.setattr("os.replace", crash)
+    with pytest.raises(IndexFileError, match="disk full.*previous one is unchanged"):
         write_database(target, database(paths=("only.jpg",)))
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["i.h5"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval import testsets
+from bench import testsets
 from retrieval.errors import RetrievalError
 
 NAMES = ("chelsea", "camera", "logo")  # colour, grey, RGBA

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from retrieval.errors import WeightsError
-from retrieval.torch_pickle import efficientnet_lite0_weights_path, load_legacy_torch_state_dict
+from retrieval.models.torch_pickle import efficientnet_lite0_weights_path, load_legacy_torch_state_dict
 
 MAGIC = 0x1950A86A20F9469CFC6C
 SYS_INFO = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
@@ -312,7 +312,7 @@ def test_unreadable_path_is_refused(tmp_path):
 
 
 def test_loader_never_falls_back_to_plain_pickle():
-    import retrieval.torch_pickle as module
+    import retrieval.models.torch_pickle as module
 
     with open(module.__file__) as f:
         text = f.read()

@@ -21,8 +21,9 @@ from conftest import DEMO_DATABASE, REPO
 from retrieval.engine import RetrievalEngine
 from retrieval.errors import IndexFileError
 from retrieval.indexing import build_index
-from retrieval.store import FeatureDatabase, read_database, write_database
-from retrieval.web import CONTENT_SECURITY_POLICY, NO_INDEX_MESSAGE, create_app
+from retrieval.storage.database import FeatureDatabase, read_database, write_database
+from retrieval.web import CONTENT_SECURITY_POLICY, create_app
+from retrieval.web.routes import NO_INDEX_MESSAGE
 
 GROUPS = ("coffee", "chelsea", "rocket", "astronaut")
 
@@ -259,7 +260,7 @@ def test_limit_is_configurable_and_uploads_stay_in_memory(engine, monkeypatch):
     monkeypatch.setattr("tempfile.SpooledTemporaryFile", no_disk)
     monkeypatch.setattr("tempfile.TemporaryFile", no_disk)
     monkeypatch.setattr("tempfile.NamedTemporaryFile", no_disk)
-    client = create_app(engine=engine, config={"MAX_CONTENT_LENGTH": 3 * 1024 * 1024}).test_client()
+    client = create_app(engine=engine, config={"MAX_UPLOAD_BYTES": 3 * 1024 * 1024}).test_client()
     noise = np.random.default_rng(0).integers(0, 255, (600, 600, 3), dtype=np.uint8)
     png = io.BytesIO()
     Image.fromarray(noise).save(png, format="PNG")

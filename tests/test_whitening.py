@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from retrieval.whitening import (
+from retrieval.descriptors.whitening import (
     Whitening,
     apply_whitening,
     learn_pca_whitening,

@@ -5,8 +5,8 @@ Each group is one photo: ``<name>/original.jpg`` plus seeded transformed views
 view named ``café crème.jpg`` so the demo exercises a non-ASCII file name with a space.
 A ``LICENSES.md`` records each photo's licence and source.
 
-    .venv/bin/python tools/make_demo_database.py            # writes ./database
-    .venv/bin/python tools/make_demo_database.py --out /tmp/db
+    .venv/bin/python -m tools.make_demo_database            # writes ./database
+    .venv/bin/python -m tools.make_demo_database --out /tmp/db
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from retrieval import testsets  # noqa: E402
+from bench import testsets  # noqa: E402
 
 DEMO_PHOTOS = testsets.BUNDLED_PHOTOS[:12]  # the first twelve bundled photos; licences in database/LICENSES.md
 VIEWS_PER_GROUP = 4  # original + 3 views
@@ -50,7 +49,7 @@ def licences_markdown(names, seed: int, views_per_group: int, max_side: int, qua
         f"`{EXTRA_NAME}/{EXTRA_FILE}` is one more such view. All files are JPEG, quality {quality}.",
         "They were generated, reproducibly, by",
         "",
-        "    .venv/bin/python tools/make_demo_database.py" + (f" --seed {seed}" if seed != SEED else ""),
+        "    .venv/bin/python -m tools.make_demo_database" + (f" --seed {seed}" if seed != SEED else ""),
         "",
         f"(seed {seed}; see `retrieval/testsets.py`).",
         "",
