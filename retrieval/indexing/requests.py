@@ -10,6 +10,7 @@ from pathlib import Path
 from ..descriptors.encoder import EncoderRequest
 from ..descriptors.extractor import DEFAULT_BATCH_SIZE
 from ..errors import RetrievalError
+from ..files import check_readable_file
 from ..search.backends import BackendRequest
 from ..storage.database import VECTOR_DTYPES
 
@@ -100,3 +101,5 @@ class IndexRequest:
             raise RetrievalError("batch size and checkpoint interval must be at least 1")
         self.encoder.check()
         self.backend.check()
+        if self.whitening.source is not None:
+            check_readable_file(self.whitening.source, "index file")

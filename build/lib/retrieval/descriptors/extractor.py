@@ -1,0 +1,154 @@
+"""The extractor: the one place that runs a model. Images in, L2-normalised descriptors out.
+
+An ``Extractor`` is built once (model, weights, a traced forward function) and then encodes batches: uint8 RGB arrays,
+PIL images, files or upload bytes. ``encode_files`` decodes the next batch on worker threads while the model runs.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..errors import ImageError
+from ..images import MIN_SIDE, load_for_backbone, resize_for_backbone
+from ..models import backbones
+from ..vectors import l2_normalize
+from . import pooling
+from .encoder import EncoderConfig, weights_for
+
+DEFAULT_BATCH_SIZE = 16
+
+
+@dataclass
+class EncodedItem:
+    """One input of ``encode_files``: its position, and either a descriptor (D,) or the reason it was skipped."""
+
+    position: int
+    vector: np.ndarray | None
+    error: ImageError | None
+
+
+def rescale_image(image: np.ndarray, scale: float) -> np.ndarray:
+    """uint8 (H, W, 3) resized by ``scale`` (bicubic), each side at least MIN_SIDE pixels."""
+    if scale == 1.0:
+        return image
+    height, width = image.shape[:2]
+    target = (max(MIN_SIDE, round(width * scale)), max(MIN_SIDE, round(height * scale)))
+    return np.asarray(Image.fromarray(image).resize(target, Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
+class Extractor:
+    """Backbone + pooling + L2 normalisation for one ``EncoderConfig``; build once, call many times (thread-safe).
+
+    The forward pass is one ``tf.function`` traced at construction with a dynamic batch and spatial shape, so
+    batches of any size (and aspect-preserving inputs) reuse it; it is warmed up before the first real call.
+    """
+
+    def __init__(self, encoder: EncoderConfig, weights: backbones.Weights):
+        if weights.hash != encoder.weights_hash:
+            raise ValueError("weights do not match the encoder settings")
+        backbones.quiet_tensorflow()
+        import tensorflow as tf
+
+        self.encoder = encoder
+        self.spec = backbones.BACKBONES[encoder.backbone]
+        self.model = backbones.build_feature_model(weights, encoder.precision)
+        model = self.model
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+        def forward(batch):
+            return tf.cast(model(batch, training=False), tf.float32)
+
+        self._forward = forward
+        size = encoder.input_size
+        forward(np.zeros((1, size, size, 3), np.float32))  # trace and warm up here, not on the first request
+
+    @classmethod
+    def for_database(cls, encoder: EncoderConfig, weights_file: str | os.PathLike | None = None) -> "Extractor":
+        """An extractor that encodes exactly like the database whose settings are ``encoder``."""
+        return cls(encoder, weights_for(encoder, weights_file))
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    def feature_maps(self, images: np.ndarray) -> np.ndarray:
+        """uint8 RGB (N, H, W, 3) -> float32 conv maps (N, h, w, C)."""
+        return self._forward(self.spec.preprocess(images)).numpy()
+
+    def _pooled(self, images: list[np.ndarray]) -> np.ndarray:
+        """Pool a list of uint8 (H, W, 3) arrays, batching those of equal shape. -> float32 (N, C), not normalised."""
+        out = np.empty((len(images), self.dim), np.float32)
+        groups: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(image.shape, []).append(i)
+        for rows in groups.values():
+            maps = self.feature_maps(np.stack([images[i] for i in rows]))
+            out[rows] = pooling.pool(self.encoder.pooling, maps, **self.encoder.pooling_params)
+        return out
+
+    def encode_arrays(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """uint8 RGB arrays, already resized by the database's rule -> L2-normalised float32 (N, D).
+
+        Accepts a stacked (N, H, W, 3) array or a list of (H, W, 3) arrays of possibly different shapes.
+        """
+        images = list(images)
+        for image in images:
+            if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+                raise ValueError(f"expected RGB images of shape (H, W, 3), got {image.shape}")
+        if not images:
+            return np.empty((0, self.dim), np.float32)
+        per_scale = [self._pooled([rescale_image(image, scale) for image in images]) for scale in self.encoder.scales]
+        combined = per_scale[0] if len(per_scale) == 1 else pooling.combine_scales(per_scale)
+        return l2_normalize(combined)
+
+    def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """RGB PIL images of any size -> L2-normalised float32 (N, D), resized by the database's rule."""
+        size, rule = self.encoder.input_size, self.encoder.resize_rule
+        return self.encode_arrays([resize_for_backbone(image.convert("RGB"), size, rule) for image in images])
+
+    def encode_source(self, source: str | os.PathLike | bytes) -> np.ndarray:
+        """One image file or its bytes -> float32 (D,). Raises ImageError for anything that is not a usable image."""
+        array = load_for_backbone(source, self.encoder.input_size, self.encoder.resize_rule)
+        return self.encode_arrays([array])[0]
+
+    def encode_files(
+        self, paths: Iterable[str | os.PathLike], batch_size: int = DEFAULT_BATCH_SIZE, workers: int = 2
+    ) -> Iterator[list[EncodedItem]]:
+        """Encode files in batches, yielding one list of ``EncodedItem`` per batch, in input order.
+
+        Decoding and resizing of the next batches run on ``workers`` threads while the model computes; an unusable
+        file becomes an item with ``error`` set and never stops the run.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        size, rule = self.encoder.input_size, self.encoder.resize_rule
+
+        def load(path):
+            try:
+                return load_for_backbone(path, size, rule), None
+            except ImageError as exc:
+                return None, exc
+
+        paths = list(paths)
+        window = batch_size * 3  # decoded images in flight: bounded memory, enough to keep the model busy
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool_:
+            pending = [pool_.submit(load, p) for p in paths[:window]]
+            submitted = len(pending)
+            for start in range(0, len(paths), batch_size):
+                results = [future.result() for future in pending[:batch_size]]
+                pending = pending[batch_size:]
+                while submitted < len(paths) and len(pending) < window:
+                    pending.append(pool_.submit(load, paths[submitted]))
+                    submitted += 1
+                good = [i for i, (array, _) in enumerate(results) if array is not None]
+                vectors = self.encode_arrays([results[i][0] for i in good]) if good else None
+                items = [EncodedItem(start + i, None, error) for i, (_, error) in enumerate(results)]
+                for row, i in enumerate(good):
+                    items[i].vector = vectors[row]
+                yield items

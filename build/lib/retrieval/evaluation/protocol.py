@@ -1,0 +1,339 @@
+"""The evaluation loop: ground truth + database vectors (+ an encoder for queries that need one) -> metrics.
+
+Two steps, so the benchmark and ``evaluate.py`` share them:
+
+1. ``prepare_queries(ground_truth, paths, vectors, encode)`` matches ground-truth paths to database rows
+   (``PathResolver``) and gives each query its vector: a query that *is* a database image uses its stored vector and is
+   excluded from its own ranking; a query with a box (Oxford/Paris) or one missing from the index is encoded by the
+   ``encode(query, row)`` callback (e.g. crop + ``Extractor.encode_pil``) and ranks the whole database.
+2. ``evaluate_queries(pipeline, prepared, ...)`` ranks the database for each query through the engine's query
+   pipeline (exactly what the server serves: stored whitening, the backend, query expansion) and computes AP, P@k, R@k, the interpolated PR curve and, for UKBench, the N-S score.
+
+Protocol details are in ``retrieval.evaluation.metrics``. ``write_pr_plot`` draws the mean PR curve (matplotlib, imported lazily).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import ImageError, RetrievalError
+from ..search.expansion import NO_EXPANSION, QueryExpansion
+from ..search.pipeline import QueryPipeline
+from . import metrics
+from .groundtruth import GroundTruth, Query
+
+DEFAULT_KS = (1, 5, 10)
+
+
+class PathResolver:
+    """Ground-truth path -> database row: the exact relative path, else, for a bare file name (no folder), the one
+    database image with the same file stem (so Oxford's ``all_souls_000013`` finds ``oxbuild/all_souls_000013.jpg``)."""
+
+    def __init__(self, paths: Sequence[str]):
+        self._exact = {path: row for row, path in enumerate(paths)}
+        stems: dict[str, list[int]] = {}
+        for row, path in enumerate(paths):
+            stems.setdefault(PurePosixPath(path).stem, []).append(row)
+        self._stem = {stem: rows[0] for stem, rows in stems.items() if len(rows) == 1}
+
+    def row(self, path: str) -> int | None:
+        found = self._exact.get(path)
+        if found is None and "/" not in path:
+            found = self._stem.get(PurePosixPath(path).stem)
+        return found
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedQuery:
+    """A query ready to rank: ``vector`` (D,), relevant / junk database rows (int64), how many relevant there are in
+    the ground truth (some may be missing from the index), the row excluded from its ranking, and its own row."""
+
+    name: str
+    vector: np.ndarray
+    relevant: np.ndarray
+    junk: np.ndarray
+    n_relevant: int
+    exclude: int | None = None
+    own_row: int | None = None
+
+
+@dataclass
+class Preparation:
+    """What ``prepare_queries`` made: the queries, those skipped with a reason, relevant paths missing from the index."""
+
+    queries: list[PreparedQuery]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    missing_relevant: list[str] = field(default_factory=list)
+
+
+def prepare_queries(
+    ground_truth: GroundTruth,
+    paths: Sequence[str],
+    vectors: np.ndarray,
+    encode: Callable[[Query, int | None], np.ndarray] | None = None,
+) -> Preparation:
+    """Match ``ground_truth`` to the database (``paths`` (N,), ``vectors`` (N, D)) and give every query a vector.
+
+    ``encode(query, row)`` is called for queries with a ``bbox`` or not in the index (``row`` is the query image's
+    database row or None); an ``ImageError`` from it skips that query with the reason. Without ``encode`` such
+    queries are skipped. Queries with no relevant image in the ground truth are skipped (AP is undefined).
+    """
+    resolver = PathResolver(paths)
+    prepared, skipped, missing = [], [], set()
+    for query in ground_truth.queries:
+        if not query.relevant:
+            skipped.append((query.path, "no relevant images in the ground truth"))
+            continue
+        relevant_rows = []
+        for path in query.relevant:
+            row = resolver.row(path)
+            if row is None:
+                missing.add(path)
+            else:
+                relevant_rows.append(row)
+        junk_rows = [row for row in map(resolver.row, query.junk) if row is not None]
+        own = resolver.row(query.path)
+        if query.bbox is None and own is not None:
+            vector, exclude = np.asarray(vectors[own], dtype=np.float32), own
+        elif encode is None:
+            skipped.append((query.path, "needs the model to be encoded (query region or image not in the index)"))
+            continue
+        else:
+            try:
+                vector, exclude = np.asarray(encode(query, own), dtype=np.float32).reshape(-1), None
+            except ImageError as exc:
+                skipped.append((query.path, str(exc)))
+                continue
+        prepared.append(
+            PreparedQuery(
+                name=query.path,
+                vector=vector,
+                relevant=np.array(sorted(relevant_rows), dtype=np.int64),
+                junk=np.array(sorted(junk_rows), dtype=np.int64),
+                n_relevant=len(query.relevant),
+                exclude=exclude,
+                own_row=own,
+            )
+        )
+    return Preparation(prepared, skipped, sorted(missing))
+
+
+@dataclass(frozen=True)
+class QueryScore:
+    """One query's numbers. ``ns`` is the UKBench count (0..4) when asked for."""
+
+    name: str
+    average_precision: float
+    precision_at: dict[int, float]
+    recall_at: dict[int, float]
+    n_relevant: int
+    ns: int | None = None
+
+    def as_dict(self) -> dict:
+        out = {"query": self.name, "ap": round(self.average_precision, 6), "relevant": self.n_relevant}
+        out.update({f"P@{k}": round(v, 6) for k, v in self.precision_at.items()})
+        out.update({f"R@{k}": round(v, 6) for k, v in self.recall_at.items()})
+        if self.ns is not None:
+            out["N-S"] = self.ns
+        return out
+
+
+@dataclass
+class EvaluationResult:
+    """Per-query scores and their means; ``pr_precision`` is the mean interpolated precision at ``pr_recall``."""
+
+    queries: list[QueryScore]
+    ks: tuple[int, ...]
+    pr_recall: np.ndarray
+    pr_precision: np.ndarray
+    ns_score: float | None = None
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def mean_average_precision(self) -> float:
+        return float(np.mean([q.average_precision for q in self.queries]))
+
+    def mean_precision_at(self, k: int) -> float:
+        return float(np.mean([q.precision_at[k] for q in self.queries]))
+
+    def mean_recall_at(self, k: int) -> float:
+        return float(np.mean([q.recall_at[k] for q in self.queries]))
+
+    def metrics(self) -> dict[str, float]:
+        """``{"mAP": ..., "P@1": ..., ..., "R@1": ..., "N-S": ...}`` in that order."""
+        out = {"mAP": self.mean_average_precision}
+        out.update({f"P@{k}": self.mean_precision_at(k) for k in self.ks})
+        out.update({f"R@{k}": self.mean_recall_at(k) for k in self.ks})
+        if self.ns_score is not None:
+            out["N-S"] = self.ns_score
+        return out
+
+    def table(self) -> str:
+        lines = [f"{'metric':<8}{'value':>8}"]
+        lines += [f"{name:<8}{value:>8.4f}" for name, value in self.metrics().items()]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {
+            "metrics": {name: round(value, 6) for name, value in self.metrics().items()},
+            "queries_evaluated": len(self.queries),
+            "settings": self.settings,
+            "pr_curve": {
+                "recall": [round(float(r), 6) for r in self.pr_recall],
+                "precision": [round(float(p), 6) for p in self.pr_precision],
+            },
+            "per_query": [q.as_dict() for q in self.queries],
+        }
+
+
+QUERY_BLOCK = 256  # queries ranked per batched pipeline call
+
+
+def evaluate_queries(
+    pipeline: QueryPipeline,
+    queries: Sequence[PreparedQuery],
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    expansion: QueryExpansion = NO_EXPANSION,
+    ap_method: str = "non-interpolated",
+    ns_score: bool = False,
+    depth: int | None = None,
+    recall_levels: np.ndarray = metrics.DEFAULT_RECALL_LEVELS,
+) -> EvaluationResult:
+    """Rank the database for every prepared query through ``pipeline`` (the one the server serves: stored whitening,
+    the database's backend, query expansion through it) and score the rankings; see the module docstring.
+
+    Queries go in blocks of ``QUERY_BLOCK``, each one batched search. ``depth`` (default: the whole database) is how
+    many results are ranked; a relevant image beyond it counts as missed. A query's excluded row (the query itself)
+    is dropped from its ranking and is never its own expansion neighbour. Raises RetrievalError when no query is left.
+    """
+    if ap_method not in metrics.AP_METHODS:
+        raise ValueError(f"unknown AP method {ap_method!r}; choose from {', '.join(metrics.AP_METHODS)}")
+    ks = tuple(sorted(set(int(k) for k in ks)))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"every k must be at least 1, got {ks}")
+    if not queries:
+        raise RetrievalError("no query left to evaluate")
+    count = len(pipeline)
+    depth = min(depth or count, count)
+    scores_out, curves, ns_counts = [], [], []
+    for start in range(0, len(queries), QUERY_BLOCK):
+        block = list(queries[start : start + QUERY_BLOCK])
+        excluded = [query.exclude for query in block]
+        extra = 1 if any(row is not None for row in excluded) else 0
+        rows, _ = pipeline.search(
+            np.stack([query.vector for query in block]), min(depth + extra, count), expansion, query_rows=excluded
+        )
+        for query, ranking in zip(block, rows):
+            order = ranking[ranking >= 0]
+            is_relevant = np.zeros(count, dtype=bool)
+            is_relevant[query.relevant] = True
+            is_junk = np.zeros(count, dtype=bool)
+            is_junk[query.junk] = True
+            ranked = order if query.exclude is None else order[order != query.exclude][:depth]
+            flags = is_relevant[ranked][~is_junk[ranked]]
+            found = np.cumsum(flags)
+            ns = None
+            if ns_score:
+                group = is_relevant.copy()
+                if query.own_row is not None:
+                    group[query.own_row] = True
+                ns = int(group[order[:4]].sum())
+                ns_counts.append(ns)
+            at = {k: int(found[min(k, found.size) - 1]) if found.size else 0 for k in ks}
+            scores_out.append(
+                QueryScore(
+                    name=query.name,
+                    average_precision=metrics.average_precision_from_flags(flags, query.n_relevant, ap_method),
+                    precision_at={k: at[k] / k for k in ks},
+                    recall_at={k: at[k] / query.n_relevant for k in ks},
+                    n_relevant=query.n_relevant,
+                    ns=ns,
+                )
+            )
+            curves.append(metrics.interpolated_precision_from_flags(flags, query.n_relevant, recall_levels))
+    whitening = pipeline.whitening
+    settings = {
+        "qe": expansion.method, "ap": ap_method, "whitening": None if whitening is None else whitening.dim,
+        "search": pipeline.kind, "depth": depth,
+    }
+    if expansion.active:
+        settings.update({"qe_top_n": expansion.top_n, **({"qe_alpha": expansion.alpha} if expansion.method == "alpha" else {})})
+    return EvaluationResult(
+        queries=scores_out,
+        ks=ks,
+        pr_recall=np.asarray(recall_levels, dtype=np.float64),
+        pr_precision=np.mean(curves, axis=0),
+        ns_score=float(np.mean(ns_counts)) if ns_score else None,
+        settings=settings,
+    )
+
+
+def relearned_pipeline(database, training, training_path, dim: int | None) -> QueryPipeline:
+    """An exact pipeline over ``database`` with PCA-whitening learned on another database ``training`` (an
+    evaluation-time experiment, ``evaluate.py --whiten-from``). RetrievalError when it cannot be learned."""
+    from ..descriptors.whitening import learn_pca_whitening
+    from ..search.backends.memory import MemoryBackend
+    from ..search.pipeline import searched_matrix
+
+    if database.whitening is not None:
+        raise RetrievalError("the index already carries a whitening; --whiten-from would apply a second one")
+    if training.encoder.dim != database.encoder.dim:
+        raise RetrievalError(f"{training_path}: {training.encoder.dim}-d vectors, the index has {database.encoder.dim}-d")
+    try:
+        whitening = learn_pca_whitening(np.asarray(training.vectors, np.float32), dim)
+    except ValueError as exc:
+        raise RetrievalError(f"{training_path}: {exc}") from None
+    matrix = searched_matrix(database.vectors, whitening)
+    return QueryPipeline(MemoryBackend(matrix), matrix, whitening)
+
+
+def crop_to_box(image, bbox: tuple[float, float, float, float]):
+    """PIL image cropped to (x1, y1, x2, y2), rounded to pixels and clipped to the image; empty -> ImageError."""
+    width, height = image.size
+    x1, y1, x2, y2 = (int(round(v)) for v in bbox)
+    x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
+    if x2 <= x1 or y2 <= y1:
+        raise ImageError(f"query box {tuple(bbox)} lies outside the {width}x{height} image")
+    return image.crop((x1, y1, x2, y2))
+
+
+def encode_query(engine, query: Query, row: int | None) -> np.ndarray:
+    """The ``encode`` callback of ``prepare_queries`` for a ``retrieval.engine.RetrievalEngine``: open the query image
+    (its database row's file, else ``image_root / query.path``), crop it to ``query.bbox`` if any, encode -> (D,)."""
+    from ..images import open_image
+
+    if engine.image_root is None:
+        raise RetrievalError("the index records no image folder: give the image folder (--database DIR)")
+    image = open_image(engine.image_path(row) if row is not None else engine.image_root / query.path)
+    if query.bbox is not None:
+        image = crop_to_box(image, query.bbox)
+    return engine.encode_images([image])[0]
+
+
+def write_pr_plot(path: str | os.PathLike, result: EvaluationResult, title: str = "") -> Path:
+    """Draw the mean interpolated precision-recall curve to a PNG; needs matplotlib (Agg, no display)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise RetrievalError("drawing the precision-recall plot needs matplotlib (pip install matplotlib)") from None
+    path = Path(path)
+    figure = Figure(figsize=(5, 4), dpi=100)
+    axes = figure.add_subplot()
+    axes.plot(result.pr_recall, result.pr_precision, linewidth=2, label=f"mAP {result.mean_average_precision:.4f}")
+    axes.set(xlabel="recall", ylabel="interpolated precision", xlim=(0, 1), ylim=(0, 1.02))
+    axes.set_title(title or f"precision-recall, {len(result.queries)} queries", fontsize=10)
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="lower left")
+    figure.tight_layout()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, format="png")
+    except OSError as exc:
+        raise RetrievalError(f"{path}: cannot write the plot ({exc.strerror or exc})") from None
+    return path

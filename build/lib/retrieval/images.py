@@ -1,0 +1,157 @@
+"""Safe image decoding and resizing: file or bytes in, RGB PIL image or uint8 array out.
+
+Every failure (missing, unreadable, zero-byte, truncated, not an image, too many pixels, too many bytes) raises
+``ImageError`` with a one-line reason; nothing here ever writes to disk.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+MAX_PIXELS = 80_000_000  # width * height accepted before decoding; larger is treated as a decompression bomb
+MAX_FILE_BYTES = 200 * 1024 * 1024
+
+RESIZE_RULES = ("squash-bicubic", "aspect-bicubic", "squash-nearest")
+"""How an image becomes the backbone's input, for an input size S.
+
+``squash-bicubic`` (default): S x S with a bicubic filter, ignoring the aspect ratio (the classic recipe, done
+properly). ``aspect-bicubic``: the longest side becomes S and the aspect ratio is kept (inputs of varying shape).
+``squash-nearest``: what the reference demo did (Keras ``load_img`` with nearest neighbour); used only to encode queries
+against databases written by that demo.
+"""
+MIN_SIDE = 32  # the shortest side an aspect-preserving resize may produce (one cell of a stride-32 backbone)
+
+
+def is_image_name(name: str | os.PathLike) -> bool:
+    """True when the file name has an image extension (case-insensitive)."""
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_image_files(root: str | os.PathLike) -> list[str]:
+    """Relative POSIX paths of every image file under ``root``, recursively, in sorted order.
+
+    Hidden files and folders (starting with a dot) are ignored; symlinked folders are not followed.
+    """
+    root = Path(root)
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [s for s in subfolders if not s.startswith(".")]
+        rel_folder = Path(folder).relative_to(root)
+        for name in files:
+            if not name.startswith(".") and is_image_name(name):
+                found.append((rel_folder / name).as_posix())
+    return sorted(found)
+
+
+def open_image(source: str | os.PathLike | bytes, *, draft_size: int | None = None) -> Image.Image:
+    """Decode an image file or bytes into an RGB PIL image with its EXIF orientation applied.
+
+    ``draft_size`` lets the JPEG decoder scale down by DCT while keeping both sides >= draft_size (much faster for
+    large photos that will be resized anyway). Animated images give their first frame.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        label = "upload"
+        if not data:
+            raise ImageError("empty image data", kind="invalid")
+        if len(data) > MAX_FILE_BYTES:
+            raise ImageError(f"image too large: {len(data)} bytes (limit {MAX_FILE_BYTES})", kind="too_large")
+        stream: io.BufferedIOBase | io.BytesIO = io.BytesIO(data)
+    else:
+        path = Path(source)
+        label = str(path)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ImageError(f"{label}: no such file", kind="not_found") from None
+        except OSError as exc:
+            raise ImageError(f"{label}: cannot read ({exc.strerror or exc})") from None
+        if path.is_dir():
+            raise ImageError(f"{label}: is a folder, not an image")
+        if size == 0:
+            raise ImageError(f"{label}: empty file", kind="invalid")
+        if size > MAX_FILE_BYTES:
+            raise ImageError(f"{label}: file too large ({size} bytes, limit {MAX_FILE_BYTES})", kind="too_large")
+        try:
+            stream = io.BytesIO(path.read_bytes())
+        except OSError as exc:
+            raise ImageError(f"{label}: cannot read ({exc.strerror or exc})") from None
+    return _decode(stream, label, draft_size)
+
+
+def _decode(stream: io.BytesIO, label: str, draft_size: int | None) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(stream) as image:
+                width, height = image.size
+                if width <= 0 or height <= 0:
+                    raise ImageError(f"{label}: image has no pixels")
+                if width * height > MAX_PIXELS:
+                    raise ImageError(
+                        f"{label}: too many pixels ({width}x{height}, limit {MAX_PIXELS}): possible decompression bomb",
+                        kind="too_large",
+                    )
+                if draft_size and image.format == "JPEG":
+                    image.draft("RGB", (draft_size, draft_size))
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return _to_rgb(image)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{label}: not an image or unsupported format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{label}: too many pixels: possible decompression bomb", kind="too_large") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageError(f"{label}: corrupt or truncated image ({reason})") from None
+    except MemoryError:
+        raise ImageError(f"{label}: image needs too much memory to decode", kind="too_large") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited on white, 16/32-bit grey is rescaled to 0..255."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_for_backbone(image: Image.Image, size: int, rule: str = "squash-bicubic") -> np.ndarray:
+    """RGB image -> uint8 array (H, W, 3) following one of ``RESIZE_RULES`` (S x S, or longest side S)."""
+    if rule == "squash-bicubic":
+        resized = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    elif rule == "aspect-bicubic":
+        scale = size / max(image.size)
+        target = tuple(max(MIN_SIDE, round(side * scale)) for side in image.size)
+        resized = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    elif rule == "squash-nearest":
+        resized = image.resize((size, size), Image.Resampling.NEAREST)
+    else:
+        raise ValueError(f"unknown resize rule {rule!r}; choose from {', '.join(RESIZE_RULES)}")
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def load_for_backbone(source: str | os.PathLike | bytes, size: int, rule: str = "squash-bicubic") -> np.ndarray:
+    """Decode and resize in one step: file or bytes -> uint8 array (H, W, 3)."""
+    draft = None if rule == "squash-nearest" else size
+    return resize_for_backbone(open_image(source, draft_size=draft), size, rule)

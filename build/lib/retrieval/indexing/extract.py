@@ -1,0 +1,83 @@
+"""Stage 3: descriptors of the images a plan has to do, in this process (``Extractor``) or as a Ray job; finished
+descriptors are checkpointed as they come, so a killed run resumes. The loop is the same for both."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import closing
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..descriptors.extractor import Extractor
+from .plan import Plan
+
+
+@dataclass
+class Extraction:
+    """Vectors of the paths that were extracted, those that could not be, and how long it took."""
+
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    mode: str = "local"  # local | ray (with ray, seconds include starting Ray and building the models)
+
+
+def encoded_batches(plan: Plan):
+    """(files, an iterator of ``EncodedItem`` batches whose positions index ``plan.todo``, mode)."""
+    request = plan.request.extraction
+    root = plan.scan.root
+    if request.ray is None:
+        files = [root / rel for rel in plan.todo]
+        return files, Extractor(plan.encoder, plan.weights).encode_files(files, batch_size=request.batch_size), "local"
+    from ..descriptors.distributed import encode_files_ray
+
+    files = [root.resolve() / rel for rel in plan.todo]  # workers on other nodes read these names
+    batches = encode_files_ray(
+        files, plan.encoder, address=request.ray, weights_file=plan.request.encoder.weights_file,
+        batch_size=request.batch_size, actors=request.ray_actors,
+    )
+    return files, batches, "ray"
+
+
+def extract(plan: Plan) -> Extraction:
+    """Encode ``plan.todo``; checkpoint every ``checkpoint_every`` descriptors (also when interrupted)."""
+    result = Extraction()
+    if not plan.todo:
+        return result
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    files, batches, result.mode = encoded_batches(plan)
+    request = plan.request.extraction
+    pending: list[str] = []
+    bar = tqdm(total=len(plan.todo), unit="img", disable=not request.progress, file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def flush() -> None:
+        if pending:
+            stats = [plan.scan.stats[rel] for rel in pending]
+            plan.checkpoint.add(
+                list(pending), [s.size for s in stats], [s.mtime_ns for s in stats],
+                np.stack([result.vectors[rel] for rel in pending]),
+            )
+            pending.clear()
+
+    try:
+        with closing(batches):
+            for items in batches:
+                for item in items:
+                    rel = plan.todo[item.position]
+                    if item.error is not None:
+                        result.skipped.append((rel, str(item.error).removeprefix(f"{files[item.position]}: ")))
+                        continue
+                    result.vectors[rel] = item.vector
+                    pending.append(rel)
+                bar.update(len(items))
+                if len(pending) >= request.checkpoint_every:
+                    flush()
+    finally:
+        bar.close()
+        flush()  # also on Ctrl-C: what was finished is kept for the next run
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,103 @@
+"""Vector maths at the ground floor: L2 normalisation and exact cosine top-k, numpy in, numpy out.
+
+Everything here works on batches: queries (M, D) against a matrix (N, D) of unit rows gives (M, k) rows and scores,
+best first, ties broken by the lower row, so every caller (the backends, query expansion, the evaluator) ranks alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NORM_EPSILON = 1e-12
+FLOAT16_BLOCK_ROWS = 65_536  # float16 matrices are scored block by block in float32 (numpy has no fast fp16 matmul)
+SCORE_BLOCK = 1 << 24  # scores held at once by a batched search: queries per block x N <= this (64 MB of float32)
+
+
+def l2_normalize(vectors: np.ndarray, epsilon: float = NORM_EPSILON) -> np.ndarray:
+    """Rows scaled to unit L2 norm; an all-zero row stays zero instead of becoming NaN. (..., D) -> float32 (..., D)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.maximum(norms, epsilon)
+
+
+def as_query_matrix(queries: np.ndarray, dim: int) -> np.ndarray:
+    """(D,) or (M, D) -> float32 (M, D); ValueError when the dimension does not fit."""
+    queries = np.asarray(queries, dtype=np.float32)
+    if queries.ndim == 1:
+        queries = queries[None, :]
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise ValueError(f"queries of shape {queries.shape} do not fit vectors of dimension {dim}")
+    return queries
+
+
+def cosine_scores(matrix: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Dot products of every query (M, D) with every row of ``matrix`` (N, D), float32 or float16 -> float32 (M, N).
+
+    For unit vectors this is the cosine similarity. A float16 matrix is converted a block of rows at a time, so no
+    full float32 copy is ever made. A single query (D,) gives (N,).
+    """
+    single = np.ndim(queries) == 1
+    if matrix.ndim != 2:
+        raise ValueError(f"matrix must have shape (N, D), got {matrix.shape}")
+    queries = as_query_matrix(queries, matrix.shape[1])
+    if matrix.dtype == np.float32:
+        scores = queries @ matrix.T
+    else:
+        scores = np.empty((queries.shape[0], matrix.shape[0]), dtype=np.float32)
+        for start in range(0, matrix.shape[0], FLOAT16_BLOCK_ROWS):
+            block = matrix[start : start + FLOAT16_BLOCK_ROWS]
+            scores[:, start : start + len(block)] = queries @ block.astype(np.float32).T
+    return scores[0] if single else scores
+
+
+def top_k_of_scores(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the ``k`` largest of each row of ``scores`` (M, N), best first, ties by lower index.
+
+    ``argpartition`` (O(N)) then a sort of the k winners only. Returns (int64 (M, k'), float32 (M, k')) with
+    k' = min(k, N); a 1-d ``scores`` (N,) gives 1-d results.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    single = scores.ndim == 1
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float32))
+    count = scores.shape[1]
+    k = min(k, count)
+    if count == 0:
+        rows, values = np.empty((scores.shape[0], 0), np.int64), np.empty((scores.shape[0], 0), np.float32)
+    else:
+        if k < count:
+            candidates = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        else:
+            candidates = np.broadcast_to(np.arange(count), scores.shape).copy()
+        picked = np.take_along_axis(scores, candidates, axis=1)
+        order = np.lexsort((candidates, -picked), axis=1)
+        rows = np.take_along_axis(candidates, order, axis=1).astype(np.int64)
+        values = np.take_along_axis(picked, order, axis=1)
+        if k < count:  # rows tied with the k-th score outside the partition: redo those exactly, by index
+            kth = values[:, -1:]
+            ties = np.flatnonzero((scores >= kth).sum(axis=1) > k)
+            for query in ties:
+                tied = np.flatnonzero(scores[query] >= kth[query, 0])
+                best = tied[np.lexsort((tied, -scores[query, tied]))][:k]
+                rows[query], values[query] = best, scores[query, best]
+    return (rows[0], values[0]) if single else (rows, values)
+
+
+def top_k(matrix: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most similar rows of ``matrix`` (N, D) to each query (M, D), best first: (rows, scores) (M, k').
+
+    Queries are scored in blocks so at most ``SCORE_BLOCK`` scores exist at once. A single query (D,) gives 1-d
+    results.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    single = np.ndim(queries) == 1
+    queries = as_query_matrix(queries, matrix.shape[1])
+    width = min(k, matrix.shape[0])
+    rows = np.empty((queries.shape[0], width), np.int64)
+    scores = np.empty((queries.shape[0], width), np.float32)
+    step = max(1, SCORE_BLOCK // max(1, matrix.shape[0]))
+    for start in range(0, queries.shape[0], step):
+        block = slice(start, start + step)
+        rows[block], scores[block] = top_k_of_scores(cosine_scores(matrix, queries[block]), k)
+    return (rows[0], scores[0]) if single else (rows, scores)

@@ -1,0 +1,331 @@
+"""The routes of the web app: the page, the JSON API, database images and thumbnails. Request parsing is here; the
+engine does encode + search; errors are ``ApiError`` or ``RetrievalError`` whose kind picks the HTTP status.
+
+    GET  /                    the page
+    GET  /api/info            database size, backbone, pooling, dimension, build times, limits
+    GET  /api/sample?n=       a random sample of the database (what the page shows before a query)
+    POST /api/search          multipart field ``image`` (+ optional ``k``, ``offset``): rank the database against it
+    GET  /api/search?id=&k=   rank the database against database image ``id``
+    GET  /image/<id>          a database image, by its row in the index only (never by a path from the request)
+    GET  /thumb/<id>          its thumbnail (JPEG, generated once, LRU-cached)
+    GET  /healthz             200 when an index is loaded, 503 when not
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import re
+import time
+import warnings
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, render_template, request, url_for
+
+from ..engine import RetrievalEngine
+from ..errors import ImageError
+from ..images import open_image
+from ..search.expansion import QUERY_EXPANSIONS, QueryExpansion
+from .live import ThumbnailCache, lease
+
+NO_INDEX_MESSAGE = "no index loaded: build one with index.py"
+ID_PATTERN = re.compile(r"0|[1-9][0-9]{0,11}")  # ASCII digits, no leading zeros, no sign
+# formats every current browser displays; anything else (TIFF, ...) is served transcoded to PNG
+BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp"}
+
+STATUS_OF_KIND = {  # the HTTP status of each RetrievalError kind (retrieval.errors.KINDS)
+    "invalid": 400, "not_found": 404, "conflict": 409, "too_large": 413, "unsupported": 415,
+    "unavailable": 503, "corrupt": 503,
+}
+
+bp = Blueprint("web", __name__)
+
+
+class ApiError(Exception):
+    """An expected failure of a request: becomes ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, **extra: Any):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _current() -> tuple[RetrievalEngine | None, str]:
+    served = lease(current_app)
+    return served.engine, served.version
+
+
+def _engine() -> tuple[RetrievalEngine, str]:
+    engine, version = _current()
+    if engine is None:
+        raise ApiError(503, NO_INDEX_MESSAGE, index_loaded=False)
+    return engine, version
+
+
+def _row(raw: str) -> int:
+    """A database id from a URL or parameter: ASCII digits without leading zeros; anything else is not found."""
+    if not ID_PATTERN.fullmatch(raw):
+        raise ApiError(404, "not found")
+    return int(raw)
+
+
+def _check_version(version: str) -> None:
+    asked = request.args.get("v")
+    if asked and asked != version:
+        raise ApiError(409, "the database has been updated since this id was shown: reload the page", version=version)
+
+
+def _int_param(name: str, default: int | None, low: int, high: int) -> int:
+    raw = request.values.get(name)
+    if raw is None or raw.strip() == "":
+        if default is None:
+            raise ApiError(400, f"missing parameter {name!r}")
+        return default
+    raw = raw.strip()
+    if not re.fullmatch(r"[+-]?[0-9]{1,12}", raw):
+        raise ApiError(400, f"{name} must be an integer, got {raw[:40]!r}")
+    value = int(raw)
+    if not low <= value <= high:
+        raise ApiError(400, f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _expansion_param() -> QueryExpansion:
+    """Query expansion from ``qe`` (none | avg | alpha), ``qe_top_n`` and ``qe_alpha``; 400 for bad values."""
+    method = (request.values.get("qe") or "none").strip()
+    if method not in QUERY_EXPANSIONS:
+        raise ApiError(400, f"qe must be one of {', '.join(QUERY_EXPANSIONS)}, got {method[:40]!r}")
+    top_n = _int_param("qe_top_n", 3, 1, 50)
+    raw_alpha = (request.values.get("qe_alpha") or "3").strip()
+    try:
+        alpha = float(raw_alpha)
+    except ValueError:
+        raise ApiError(400, f"qe_alpha must be a number, got {raw_alpha[:40]!r}") from None
+    if not 0 <= alpha <= 20:
+        raise ApiError(400, f"qe_alpha must be between 0 and 20, got {alpha}")
+    return QueryExpansion(method, top_n, alpha)
+
+
+def _item(engine: RetrievalEngine, version: str, row: int) -> dict:
+    return {
+        "id": row,
+        "path": engine.database.paths[row],
+        "image_url": url_for("web.image", id=row, v=version),
+        "thumb_url": url_for("web.thumb", id=row, v=version),
+    }
+
+
+def _info(engine: RetrievalEngine, version: str) -> dict:
+    database, encoder = engine.database, engine.database.encoder
+    return {
+        "size": len(database),
+        "backbone": encoder.backbone,
+        "pooling": encoder.pooling,
+        "dimension": encoder.dim,
+        "weights": encoder.weights_name,
+        "precision": encoder.precision,
+        "input_size": encoder.input_size,
+        "created": database.created_at or None,
+        "updated": database.updated_at or None,
+        "version": version,
+    }
+
+
+def _limits() -> dict:
+    config = current_app.config
+    return {
+        "default_k": config["DEFAULT_K"],
+        "max_k": config["MAX_K"],
+        "k_choices": list(config["K_CHOICES"]),
+        "max_upload_bytes": config["MAX_UPLOAD_BYTES"],
+    }
+
+
+def _image_error(exc: ImageError) -> ApiError:
+    reason = str(exc).removeprefix("upload: ")
+    return ApiError(STATUS_OF_KIND.get(exc.kind, 415), f"cannot use this file as an image: {reason}")
+
+
+def _image_file(engine: RetrievalEngine, row: int) -> tuple[Path, os.stat_result]:
+    """The file of database row ``row``; 404 for an unknown row, a path that leaves the image folder, a missing file."""
+    if not 0 <= row < len(engine):
+        raise ApiError(404, f"no database image with id {row}")
+    if engine.image_root is None:
+        raise ApiError(404, "the image folder of this index is unknown: start the server with --database DIR")
+    relative = PurePosixPath(engine.database.paths[row])
+    if relative.is_absolute() or ".." in relative.parts or "\\" in str(relative):
+        raise ApiError(404, f"no database image with id {row}")
+    path = engine.image_root / relative
+    try:
+        stat = path.stat()
+    except OSError:
+        raise ApiError(404, f"database image {row} is missing from the image folder") from None
+    if not path.is_file():
+        raise ApiError(404, f"database image {row} is missing from the image folder")
+    return path, stat
+
+
+def _cacheable(response: Response, etag: str, version: str) -> Response:
+    response.set_etag(etag)
+    if request.args.get("v") == version:
+        response.headers["Cache-Control"] = f"public, max-age={int(current_app.config['CACHE_MAX_AGE'])}"
+    else:
+        response.headers["Cache-Control"] = "no-cache"  # the id may name another image in the next version
+    return response.make_conditional(request)
+
+
+def _etag(*parts) -> str:
+    return hashlib.sha1("|".join(map(str, parts)).encode("utf-8")).hexdigest()[:20]
+
+# ---------------------------------------------------------------------------------------------------- routes
+
+
+@bp.get("/")
+def page():
+    engine, version = _current()
+    info = _info(engine, version) if engine is not None else None
+    return render_template("index.html", info=info, limits=_limits(), no_index_message=NO_INDEX_MESSAGE)
+
+
+@bp.get("/healthz")
+def healthz():
+    engine, version = _current()
+    if engine is None:
+        return jsonify(status="unavailable", index_loaded=False, error=NO_INDEX_MESSAGE), 503
+    return jsonify(status="ok", index_loaded=True, size=len(engine), version=version)
+
+
+@bp.get("/api/info")
+def api_info():
+    engine, version = _engine()
+    return jsonify({**_info(engine, version), "limits": _limits()})
+
+
+@bp.get("/api/sample")
+def api_sample():
+    engine, version = _engine()
+    n = _int_param("n", current_app.config["SAMPLE_SIZE"], 1, current_app.config["MAX_K"])
+    rows = sorted(random.sample(range(len(engine)), min(n, len(engine))))
+    return jsonify(
+        items=[_item(engine, version, row) for row in rows], total=len(engine), version=version
+    )
+
+
+@bp.route("/api/search", methods=["GET", "POST"])
+def api_search():
+    started = time.perf_counter()
+    config = current_app.config
+    k = _int_param("k", config["DEFAULT_K"], 1, config["MAX_K"])
+    offset = _int_param("offset", 0, 0, config["MAX_OFFSET"])
+    expansion = _expansion_param()
+    engine, version = _engine()
+    encode_ms = 0.0
+    if request.method == "POST":
+        upload = request.files.get("image")
+        if upload is None:
+            raise ApiError(400, "missing file field 'image': send the image as multipart/form-data field 'image'")
+        data = upload.read()
+        if not data:
+            raise ApiError(400, "the uploaded file is empty")
+        limit = int(config["MAX_UPLOAD_BYTES"])
+        if len(data) > limit:
+            raise ApiError(413, f"file too large: {len(data)} bytes, the limit is {limit} bytes ({limit / 1048576:.0f} MB)")
+        try:
+            vector = engine.encode(data)
+        except ImageError as exc:
+            raise _image_error(exc) from None
+        encode_ms = (time.perf_counter() - started) * 1000
+        query: dict = {"type": "upload", "bytes": len(data)}
+    else:
+        if request.args.get("id") is None:
+            raise ApiError(400, "give a query: POST an image as field 'image', or GET /api/search?id=<database id>")
+        raw = request.args["id"].strip()
+        if not ID_PATTERN.fullmatch(raw):
+            raise ApiError(400, f"id must be a database id (digits without leading zeros), got {raw[:40]!r}")
+        row = int(raw)
+        _check_version(version)
+        if row >= len(engine):
+            raise ApiError(404, f"no database image with id {row}")
+        query = {"type": "database", **_item(engine, version, row)}
+    searched = time.perf_counter()
+    if request.method == "POST":
+        hits = engine.search(vector, offset + k, expansion)[offset:]
+    else:
+        hits = engine.search_id(row, offset + k, expansion)[offset:]
+    search_ms = (time.perf_counter() - searched) * 1000
+    results = [{**hit.as_dict(), **_item(engine, version, hit.id)} for hit in hits]
+    return jsonify(
+        query=query,
+        k=k,
+        offset=offset,
+        qe=expansion.method,
+        results=results,
+        total=len(engine),
+        has_more=offset + len(results) < len(engine),
+        took_ms=round((time.perf_counter() - started) * 1000, 2),
+        timing={"encode_ms": round(encode_ms, 2), "search_ms": round(search_ms, 3)},
+        version=version,
+    )
+
+
+@bp.get("/image/<id>")
+def image(id: str):
+    id = _row(id)
+    engine, version = _engine()
+    _check_version(version)
+    path, stat = _image_file(engine, id)
+    tag = _etag("image", engine.database.paths[id], stat.st_size, stat.st_mtime_ns)
+    if tag in request.if_none_match:
+        return _cacheable(Response(status=304), tag, version)
+    try:
+        data = path.read_bytes()
+        from PIL import Image
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as probe:
+                mimetype = BROWSER_FORMATS.get(probe.format or "")
+                if probe.width * probe.height > Image.MAX_IMAGE_PIXELS:
+                    raise ImageError("too many pixels")
+        if mimetype is None:  # e.g. TIFF: decode safely and send a PNG
+            out = io.BytesIO()
+            open_image(data).save(out, format="PNG")
+            data, mimetype = out.getvalue(), "image/png"
+    except (OSError, ImageError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ApiError(404, f"database image {id} cannot be read") from None
+    return _cacheable(Response(data, mimetype=mimetype), tag, version)
+
+
+@bp.get("/thumb/<id>")
+def thumb(id: str):
+    id = _row(id)
+    engine, version = _engine()
+    _check_version(version)
+    path, stat = _image_file(engine, id)
+    size = int(current_app.config["THUMB_SIZE"])
+    key = (version, id, stat.st_size, stat.st_mtime_ns, size)
+    tag = _etag("thumb", engine.database.paths[id], *key)
+    if tag in request.if_none_match:
+        return _cacheable(Response(status=304), tag, version)
+    cache: ThumbnailCache = current_app.extensions["retrieval.thumbs"]
+    data = cache.get(key)
+    if data is None:
+        try:
+            picture = open_image(path, draft_size=size)
+        except ImageError:
+            raise ApiError(404, f"database image {id} cannot be read") from None
+        from PIL import Image
+
+        picture.thumbnail((size, size), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        picture.save(out, format="JPEG", quality=84, optimize=True, progressive=True)
+        data = out.getvalue()
+        cache.put(key, data)
+    return _cacheable(Response(data, mimetype="image/jpeg"), tag, version)
