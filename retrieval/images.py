@@ -6,9 +6,11 @@ Every failure (missing, unreadable, zero-byte, truncated, not an image, too many
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
+import threading
 import warnings
 from pathlib import Path
 
@@ -20,6 +22,20 @@ from .errors import ImageError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MAX_PIXELS = 80_000_000  # width * height accepted before decoding; larger is treated as a decompression bomb
 MAX_FILE_BYTES = 200 * 1024 * 1024
+
+MAX_DECODE_BYTES = 320 * 2**20  # memory a decode may take: pixels x (bytes per pixel of the file's mode + 3 for RGB)
+LARGE_DECODE_BYTES = 48 * 2**20  # decodes above this run at most two at a time (bounded peak memory under load)
+GREY_BLOCK_ROWS = 512
+MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2,
+              "I": 4, "F": 4, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4}
+_large_decodes = threading.BoundedSemaphore(2)
+
+
+def decode_bytes(mode: str, width: int, height: int) -> int:
+    """Memory a decode into RGB takes at its peak: the decoded pixels plus their RGB copy (none for RGB itself)."""
+    per_pixel = MODE_BYTES.get(mode, 8)
+    return width * height * (per_pixel + (0 if mode == "RGB" else 3))
+
 
 RESIZE_RULES = ("squash-bicubic", "aspect-bicubic", "squash-nearest")
 """How an image becomes the backbone's input, for an input size S.
@@ -104,9 +120,17 @@ def _decode(stream: io.BytesIO, label: str, draft_size: int | None) -> Image.Ima
                     )
                 if draft_size and image.format == "JPEG":
                     image.draft("RGB", (draft_size, draft_size))
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                return _to_rgb(image)
+                needed = decode_bytes(image.mode, *image.size)
+                if needed > MAX_DECODE_BYTES:
+                    raise ImageError(
+                        f"{label}: image needs too much memory to decode ({image.size[0]}x{image.size[1]} {image.mode}, "
+                        f"{needed / 2**20:.0f} MB, limit {MAX_DECODE_BYTES / 2**20:.0f} MB)",
+                        kind="too_large",
+                    )
+                with _large_decodes if needed > LARGE_DECODE_BYTES else contextlib.nullcontext():
+                    image.load()
+                    image = ImageOps.exif_transpose(image)
+                    return _to_rgb(image)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -125,10 +149,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        values = np.asarray(image, dtype=np.float64)
+        values = np.asarray(image)
         low, high = float(values.min()), float(values.max())
-        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+        grey = np.zeros(values.shape, dtype=np.uint8)
+        if high > low:
+            scale = np.float32(255.0 / (high - low))
+            for start in range(0, values.shape[0], GREY_BLOCK_ROWS):  # float32 a block of rows at a time
+                block = values[start : start + GREY_BLOCK_ROWS].astype(np.float32)
+                grey[start : start + GREY_BLOCK_ROWS] = np.clip((block - np.float32(low)) * scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +70,31 @@ def write_rgb(path: Path, seed: int = 0, size=(64, 48), fmt: str | None = None) 
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, format=fmt)
     return path
+
+
+def start_server(log_path: Path, *args) -> tuple[subprocess.Popen, str]:
+    """server.py (waitress) on a free port; returns the process and its base URL once it listens."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "server.py"), "--port", "0", *map(str, args)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        )
+    deadline = time.monotonic() + 90
+    while True:
+        text = log_path.read_text(errors="replace")
+        match = re.search(r"serving on (http://127\.0\.0\.1:\d+/)", text)
+        if match:
+            return process, match.group(1)
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(process)
+            pytest.fail(f"server.py did not start (exit {process.poll()}):\n{text}", pytrace=False)
+        time.sleep(0.1)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

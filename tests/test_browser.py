@@ -21,7 +21,7 @@ try:
 except ImportError:  # reported by the browser fixture as a failure
     expect = None
 
-from conftest import DEMO_DATABASE, REPO
+from conftest import start_server, stop, DEMO_DATABASE, REPO
 from retrieval.indexing import build_index
 
 CHROMIUM = Path(os.environ.get("RETRIEVAL_CHROMIUM", "/usr/bin/chromium"))
@@ -46,34 +46,6 @@ def browser():
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield browser
         browser.close()
-
-
-def start_server(log_path: Path, *args) -> tuple[subprocess.Popen, str]:
-    """server.py (waitress) on a free port; returns the process and its base URL once it listens."""
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO / "server.py"), "--port", "0", *map(str, args)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-        )
-    deadline = time.monotonic() + 90
-    while True:
-        text = log_path.read_text(errors="replace")
-        match = re.search(r"serving on (http://127\.0\.0\.1:\d+/)", text)
-        if match:
-            return process, match.group(1)
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop(process)
-            pytest.fail(f"server.py did not start (exit {process.poll()}):\n{text}", pytrace=False)
-        time.sleep(0.1)
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @pytest.fixture(scope="module")

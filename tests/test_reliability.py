@@ -194,3 +194,195 @@ def test_upload_limit_is_the_file_limit_and_form_parts_are_bounded(app_and_index
     fields = {f"f{i}": "x" for i in range(200)}
     response = client.post("/api/search", data=fields, content_type="multipart/form-data")
     assert response.status_code == 413 and "too many form fields" in response.get_json()["error"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MB tmpfs (CI runs as root); the test says why when it cannot mount one."""
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'not root'}): the disk-full tests need one")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(folder, leave_kb):
+    filler = folder / "filler"
+    filler.unlink(missing_ok=True)
+    free = shutil.disk_usage(folder).free
+    filler.write_bytes(b"\0" * max(0, free - leave_kb * 1024))
+
+
+@pytest.mark.parametrize("leave_kb", [60, 250])
+def test_a_full_disk_gives_one_line_and_keeps_the_previous_index(small_disk, tmp_path, leave_kb):
+    """Audit item 3: checkpoint or commit on a full disk: one error line, exit 1, old index intact, no temporaries."""
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for group in ("coffee", "chelsea"):
+        shutil.copytree(DEMO_DATABASE / group, folder / group)
+    path = small_disk / "demo.h5"
+    index(folder, path)
+    before = path.read_bytes()
+    fill(small_disk, leave_kb)
+    result = script("index.py", "--database", DEMO_DATABASE, "--index", path, "--backbone", "efficientnet-lite0",
+                    "--quiet", "--checkpoint-every", "8")
+    one_line_error(result, "space")
+    assert path.read_bytes() == before
+    assert not [p.name for p in small_disk.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_disk_that_fills_during_the_write_is_an_error_not_a_crash(small_disk):
+    """Past the free-space check (another program filled the disk meanwhile) the write still fails cleanly."""
+    code = f"""
+import numpy as np
+from retrieval.storage import database
+from retrieval.storage.database import FeatureDatabase, write_database
+from retrieval.descriptors.encoder import EncoderConfig
+from retrieval.errors import IndexFileError
+database.check_free_space = lambda path, needed: None
+encoder = EncoderConfig("vgg16", "imagenet", "md5:0", "block5_conv3", "max", 224, "squash-bicubic", "float32", 512)
+vectors = np.eye(1000, 512, dtype=np.float32)
+db = FeatureDatabase(encoder, vectors, [f"{{i}}.jpg" for i in range(1000)], np.zeros(1000, np.int64), np.zeros(1000, np.int64))
+try:
+    write_database({str(small_disk / 'big.h5')!r}, db)
+except IndexFileError as exc:
+    print("refused:", exc)
+"""
+    fill(small_disk, 200)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "refused:" in result.stdout and "no space left" in result.stdout
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_a_huge_sixteen_bit_png_is_refused_before_decoding():
+    """Audit item 5: a 155 kB 16-bit 8944x8944 PNG once cost 2 GB per request; now it is refused from its header."""
+    import io
+    import time
+
+    from PIL import Image
+
+    from retrieval.errors import ImageError
+    from retrieval.images import open_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8944, 8944), 7, np.uint16)).save(buffer, format="PNG")
+    started = time.perf_counter()
+    with pytest.raises(ImageError, match="too much memory") as caught:
+        open_image(buffer.getvalue())
+    assert caught.value.kind == "too_large" and time.perf_counter() - started < 1.0
+
+
+def test_sixteen_bit_images_convert_without_float64_copies():
+    import io
+    import tracemalloc
+
+    from PIL import Image
+
+    from retrieval.images import open_image
+
+    values = (np.arange(3000 * 4000, dtype=np.int64) % 65535).astype(np.uint16).reshape(3000, 4000)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")
+    tracemalloc.start()
+    picture = open_image(buffer.getvalue())
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert picture.mode == "RGB" and picture.size == (4000, 3000)
+    assert peak < 100 * 2**20, f"{peak / 2**20:.0f} MB"  # the float64 conversion took about 230 MB
+    grey = np.asarray(picture)[..., 0]
+    assert grey.min() == 0 and grey.max() == 255
+
+
+@pytest.fixture
+def live_server(tmp_path, image_folder):
+    from conftest import start_server, stop
+
+    path = tmp_path / "i.h5"
+    index(image_folder, path)
+    process, url = start_server(tmp_path / "server.log", "--index", path, "--max-upload-mb", "1")
+    yield url
+    stop(process)
+
+
+def test_idle_connections_do_not_lock_the_server_out(live_server):
+    """Audit item 6: 150 idle connections (more than waitress' default limit of 100); /healthz still answers."""
+    import socket
+    import time
+    import urllib.request
+    from urllib.parse import urlparse
+
+    address = urlparse(live_server)
+    idle = [socket.create_connection((address.hostname, address.port), timeout=5) for _ in range(150)]
+    try:
+        started = time.monotonic()
+        with urllib.request.urlopen(live_server + "healthz", timeout=10) as response:
+            assert response.status == 200
+        assert time.monotonic() - started < 5
+    finally:
+        for connection in idle:
+            connection.close()
+    with urllib.request.urlopen(live_server + "healthz", timeout=10) as response:
+        assert response.status == 200
+
+
+def raw_request(url: str, payload: bytes) -> tuple[int, dict, bytes]:
+    import socket
+    from urllib.parse import urlparse
+
+    address = urlparse(url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
+        connection.sendall(payload)
+        data = b""
+        while True:
+            try:
+                chunk = connection.recv(65536)
+            except ConnectionResetError:  # waitress closes at once after an error answer
+                break
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {line.split(":", 1)[0].lower(): line.split(":", 1)[1].strip() for line in lines[1:] if ":" in line}
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_errors_from_waitress_itself_are_json_with_the_security_headers(live_server):
+    """Audit item 7: a body over waitress' limit (413) and headers over its limit (431)."""
+    import json
+
+    too_long = b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n" \
+               b"Content-Length: 50000000\r\n\r\n"
+    status, headers, body = raw_request(live_server, too_long)
+    assert status == 413 and headers["content-type"] == "application/json" and "error" in json.loads(body)
+    assert headers["x-content-type-options"] == "nosniff" and "default-src 'self'" in headers["content-security-policy"]
+    big_headers = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 1000) for i in range(80)) + b"\r\n"
+    status, headers, body = raw_request(live_server, big_headers)
+    assert status == 431 and headers["content-type"] == "application/json" and headers["x-frame-options"] == "DENY"
+
+
+def test_an_upload_whose_file_name_is_not_utf8_is_accepted(app_and_index):
+    """Audit item 10: the name is irrelevant; the part must not be dropped."""
+    client = app_and_index[0].test_client()
+    photo = (DEMO_DATABASE / "coffee" / "original.jpg").read_bytes()
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"caf\xe9.jpg\"\r\n"
+            b"Content-Type: image/jpeg\r\n\r\n" + photo + b"\r\n--b\r\nContent-Disposition: form-data; name=\"k\"\r\n\r\n3\r\n--b--\r\n")
+    response = client.post("/api/search", data=body, content_type="multipart/form-data; boundary=b")
+    assert response.status_code == 200, response.get_json()
+    assert len(response.get_json()["results"]) == 3
+
+
+def test_a_database_image_that_became_a_decompression_bomb_is_not_a_500(app_and_index):
+    """Audit item 12."""
+    from PIL import Image
+
+    app, path, folder = app_and_index
+    client = app.test_client()
+    sample = client.get("/api/sample?n=1").get_json()["items"][0]
+    target = folder / sample["path"]
+    Image.new("1", (12000, 12000)).save(target, format="PNG")  # 144 Mpx: over the bomb limit, tiny file
+    assert client.get(sample["image_url"]).status_code == 404
+    assert client.get(sample["thumb_url"]).status_code in (404, 415)

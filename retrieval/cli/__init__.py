@@ -8,6 +8,7 @@ import sys
 from typing import Callable
 
 from ..errors import RetrievalError
+from ..files import describe_os_error
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -23,6 +24,13 @@ def run(main: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:  # the system refused something no check foresaw (a disk filled up meanwhile)
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"error: {where}{describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except MemoryError:
+        print("error: out of memory", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def positive_int(text: str) -> int:

@@ -84,12 +84,12 @@ def main(argv=None) -> int:
             print(f"serving on http://{args.host}:{args.port}/ (Flask debug server)", file=sys.stderr, flush=True)
             app.run(host=args.host, port=args.port, debug=True, use_reloader=False)
             return 0
-        from waitress import create_server
+        from ..web.serving import make_server
 
-        # waitress refuses bodies well over the Flask limit before buffering them; Flask answers 413 below it
+        # waitress refuses bodies well over the Flask limit before buffering them (as JSON); Flask answers 413 below it
         try:
-            server = create_server(app, host=args.host, port=args.port, threads=args.threads,
-                                   max_request_body_size=max_upload + 1024 * 1024, ident="retrieval")
+            server = make_server(app, host=args.host, port=args.port, threads=args.threads,
+                                 max_request_body_size=max_upload + 1024 * 1024)
         except (OSError, ValueError) as exc:  # port in use, address not available, unknown host name
             reason = getattr(exc, "strerror", None) or str(exc)
             raise RetrievalError(f"cannot listen on {args.host}:{args.port}: {reason}") from None

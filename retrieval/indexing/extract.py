@@ -3,6 +3,7 @@ descriptors are checkpointed as they come, so a killed run resumes. The loop is 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from contextlib import closing
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..descriptors.extractor import Extractor
+from ..errors import RetrievalError
+from ..files import describe_os_error
 from .plan import Plan
 
 
@@ -57,10 +60,16 @@ def extract(plan: Plan) -> Extraction:
     def flush() -> None:
         if pending:
             stats = [plan.scan.stats[rel] for rel in pending]
-            plan.checkpoint.add(
-                list(pending), [s.size for s in stats], [s.mtime_ns for s in stats],
-                np.stack([result.vectors[rel] for rel in pending]),
-            )
+            try:
+                plan.checkpoint.add(
+                    list(pending), [s.size for s in stats], [s.mtime_ns for s in stats],
+                    np.stack([result.vectors[rel] for rel in pending]),
+                )
+            except OSError as exc:
+                raise RetrievalError(
+                    f"{plan.checkpoint.folder}: cannot save finished descriptors ({describe_os_error(exc)}); "
+                    "nothing was written to the index"
+                ) from None
             pending.clear()
 
     try:
@@ -76,8 +85,12 @@ def extract(plan: Plan) -> Extraction:
                 bar.update(len(items))
                 if len(pending) >= request.checkpoint_every:
                     flush()
-    finally:
+    except BaseException:
         bar.close()
-        flush()  # also on Ctrl-C: what was finished is kept for the next run
+        with contextlib.suppress(RetrievalError):
+            flush()  # also on Ctrl-C: what was finished is kept for the next run
+        raise
+    bar.close()
+    flush()
     result.seconds = time.perf_counter() - started
     return result

@@ -29,8 +29,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import hashlib
+import io
 import json
 import os
+import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -259,6 +261,30 @@ def _read_legacy(h5: h5py.File, path: Path) -> FeatureDatabase:
     )
 
 
+IN_MEMORY_WRITE_BYTES = 1 << 30  # files up to 1 GiB are built in memory before they are written
+
+
+def estimated_file_bytes(count: int, dim: int, itemsize: int, paths) -> int:
+    """A generous estimate of a database file's size: vectors, paths, stats, checksums, metadata."""
+    path_bytes = sum(len(p.encode("utf-8", "surrogatepass")) + 32 for p in paths)
+    return int(count * dim * itemsize * 1.02 + path_bytes + count * 24 + 64 * 1024)
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """IndexFileError when the folder of ``path`` has less free space than ``needed`` bytes (the old file stays
+    until the new one replaces it, so both must fit)."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return
+    if free < needed:
+        raise IndexFileError(
+            f"{path}: not enough free space to write the index ({needed / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free); "
+            "the previous one is unchanged",
+            kind="unavailable",
+        )
+
+
 def write_database(path: str | os.PathLike, database: FeatureDatabase, *, database_id: str | None = None) -> str:
     """Write atomically: the file at ``path`` is either the old one or the complete new one, at every instant.
 
@@ -276,9 +302,16 @@ def write_database(path: str | os.PathLike, database: FeatureDatabase, *, databa
     database_id = database_id or new_database_id()
     checksummed = {"fletcher32": True} if count else {}
     remove_leftovers(path)
+    needed = estimated_file_bytes(count, database.encoder.dim, np.dtype(dtype).itemsize, database.paths)
+    check_free_space(path, needed)
+    in_memory = needed <= IN_MEMORY_WRITE_BYTES
     try:
         with atomic_replace(path) as temporary:
-            with h5py.File(temporary, "w") as h5:
+            # HDF5 cannot recover from a failed write (a full disk ends in a crash inside h5py): build the file in
+            # memory and let Python write it, so a failure is an ordinary OSError; very large files go straight to
+            # disk after the free-space check above
+            image = io.BytesIO() if in_memory else temporary
+            with h5py.File(image, "w") as h5:
                 h5.attrs["format"] = FORMAT_NAME
                 h5.attrs["format_version"] = FORMAT_VERSION
                 h5.attrs["encoder"] = database.encoder.to_json()
@@ -307,6 +340,9 @@ def write_database(path: str | os.PathLike, database: FeatureDatabase, *, databa
                     group.attrs.update(attributes)
                     group.attrs["source"] = database.whitening_source
                     group.attrs["requested_dim"] = database.whitening_requested_dim
+            if in_memory:
+                with open(temporary, "wb") as out:
+                    out.write(image.getbuffer())
     except OSError as exc:
         raise IndexFileError(f"{path}: cannot write the index ({describe_os_error(exc)}); the previous one is unchanged") from None
     database.database_id = database_id

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 from flask import Flask, Request, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.formparser import FormDataParser
 
 from ..engine import RetrievalEngine
 from ..errors import RetrievalError
@@ -63,11 +64,43 @@ SECURITY_HEADERS = {
 log = logging.getLogger("retrieval.web")
 
 
-class InMemoryRequest(Request):
-    """Uploaded files stay in memory (werkzeug spools files over 500 kB to a temporary file by default).
+def utf8_part_headers(body: bytes, boundary: bytes) -> bytes:
+    """A multipart body whose part headers are valid UTF-8: a header line that is not (a file name in another
+    encoding) is read as Latin-1 instead. Werkzeug would otherwise drop the whole part, and the upload with it."""
+    delimiter = b"--" + boundary
+    pieces = body.split(delimiter)
+    for i, piece in enumerate(pieces[1:], 1):
+        head, separator, rest = piece.partition(b"\r\n\r\n")
+        if not separator:
+            continue
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError:
+            lines = []
+            for line in head.split(b"\r\n"):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    line = line.decode("latin-1").encode("utf-8")
+                lines.append(line)
+            pieces[i] = b"\r\n".join(lines) + separator + rest
+    return delimiter.join(pieces)
 
-    ``MAX_CONTENT_LENGTH`` bounds what one request can hold.
-    """
+
+class LenientFormDataParser(FormDataParser):
+    def _parse_multipart(self, stream, mimetype, content_length, options):
+        boundary = options.get("boundary", "").encode("ascii", "replace")
+        if boundary:
+            body = utf8_part_headers(stream.read(), boundary)
+            stream, content_length = io.BytesIO(body), len(body)
+        return super()._parse_multipart(stream, mimetype, content_length, options)
+
+
+class InMemoryRequest(Request):
+    """Uploaded files stay in memory (werkzeug spools files over 500 kB to a temporary file by default), and a part
+    whose file name is not UTF-8 is still read. ``MAX_CONTENT_LENGTH`` bounds what one request can hold."""
+
+    form_data_parser_class = LenientFormDataParser
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
         return io.BytesIO()
