@@ -11,6 +11,9 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 if [ "${1:-}" = "--dev" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+  # a real Milvus standalone server for the backend tests (PyPI's milvus wheel bundles it), in a venv of its own
+  [ -x .milvus-server/bin/python ] || "$PYTHON" -m venv .milvus-server
+  .milvus-server/bin/python -m pip install --quiet --disable-pip-version-check milvus==2.3.5
   missing=()
   for package in chromium dataset-fashion-mnist; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -21,6 +21,7 @@ DEMO_DATABASE = REPO / "database"
 os.environ["RETRIEVAL_OFFLINE"] = "1"
 os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="empty-keras-home-")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MILVUS_SERVER_VENV", str(REPO / ".milvus-server"))  # scripts/setup.sh --dev makes it
 
 
 @pytest.fixture(scope="session")
@@ -98,3 +99,24 @@ def stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+@pytest.fixture(scope="session")
+def milvus_bin_cache(tmp_path_factory) -> Path:
+    """Milvus' unpacked binaries (246 MB), shared by every server the session starts."""
+    return tmp_path_factory.mktemp("milvus-bin")
+
+
+@pytest.fixture
+def milvus_server(tmp_path_factory, milvus_bin_cache):
+    """A real Milvus standalone server on free loopback ports, data in a temporary folder, stopped (children
+    included) at the end. A missing server fails the test: scripts/setup.sh --dev installs it."""
+    from milvus_server import MilvusServer, find_server_executable
+
+    executable = find_server_executable()
+    if executable is None:
+        pytest.fail("no milvus-server: run scripts/setup.sh --dev (it installs milvus==2.3.5 into .milvus-server)")
+    server = MilvusServer(executable, tmp_path_factory.mktemp("milvus-data"), bin_cache=milvus_bin_cache)
+    server.start()
+    yield server
+    server.stop()

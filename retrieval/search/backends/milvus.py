@@ -143,6 +143,12 @@ def _quiet_logs() -> None:
 
 
 def _reason(exc: Exception) -> str:
+    if callable(getattr(exc, "code", None)) and callable(getattr(exc, "details", None)):
+        # a raw gRPC error (pymilvus lets DEADLINE_EXCEEDED through): its str() starts "<_InactiveRpcError of RPC..."
+        try:
+            return f"{exc.code().name}: {exc.details()}"
+        except Exception:
+            pass
     message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
     return str(message).strip().splitlines()[0]
 
@@ -479,25 +485,33 @@ def _create(client, uri: str, name: str, record: dict, dim: int) -> None:
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
     schema.add_field("file_size", DataType.INT64)
     schema.add_field("file_mtime_ns", DataType.INT64)
+    # A server cannot load (so cannot query, count or search) a collection without an index: give it the index at
+    # creation (pymilvus then loads it); rows flushed later are indexed in the background (see _check_index).
+    # Milvus Lite keeps creating the index after the rows are in (it builds it synchronously then).
+    index_params = None if is_lite(uri) else _index_params(client, record)
     _call(
         "creating the collection", uri, client.create_collection, name,
-        schema=schema, properties={"cbir.format": FORMAT}, timeout=CALL_TIMEOUT_S,
+        schema=schema, index_params=index_params, properties={"cbir.format": FORMAT}, timeout=CALL_TIMEOUT_S,
     )
 
 
 def _create_index(client, uri: str, name: str, record: dict) -> None:
     """The vector index, created once the rows are in (Milvus Lite then builds it at once for every segment, and
     fails here for a type it cannot build; a server builds it in the background, see ``_check_index``)."""
+    try:
+        client.create_index(name, _index_params(client, record), timeout=BUILD_TIMEOUT_S)
+    except Exception as exc:
+        if "already exists" not in _reason(exc):  # a retried call whose first attempt went through: fine
+            raise BackendError(f"Milvus at {uri}: creating the {record['index_type']} index failed: {_reason(exc)}") from None
+
+
+def _index_params(client, record: dict):
     index_params = client.prepare_index_params()
     index_params.add_index(
         field_name="vector", index_name="vector", index_type=record["index_type"], metric_type=METRIC,
         params=dict(record["index_params"]),
     )
-    try:
-        client.create_index(name, index_params, timeout=BUILD_TIMEOUT_S)
-    except Exception as exc:
-        if "already exists" not in _reason(exc):  # a retried call whose first attempt went through: fine
-            raise RetrievalError(f"Milvus at {uri}: creating the {record['index_type']} index failed: {_reason(exc)}") from None
+    return index_params
 
 
 def _describe_vector_index(client, uri: str, name: str) -> dict | None:
@@ -510,6 +524,10 @@ def _describe_vector_index(client, uri: str, name: str) -> dict | None:
 def _stored_stats(client, uri: str, name: str) -> dict[str, tuple[int, int]]:
     """Every path in the collection -> (file size, mtime), read back in batches."""
     stored: dict[str, tuple[int, int]] = {}
+    if not is_lite(uri):
+        # on a server query_iterator ignores consistency_level (pymilvus 3.0.2 + Milvus 2.3.5) and can miss writes of
+        # the last ~0.5 s; a Strong query first waits until everything written so far is visible
+        _count(client, uri, name)
     iterator = _call(
         "reading paths", uri, client.query_iterator, name,
         batch_size=5_000, output_fields=["path", "file_size", "file_mtime_ns"], timeout=CALL_TIMEOUT_S,
@@ -571,6 +589,10 @@ def _check_index(client, uri: str, name: str, index_type: str, *, changed: bool,
 def _set_marker(client, uri: str, name: str, marker: dict, notice) -> None:
     try:
         client.alter_collection_properties(name, properties=marker, timeout=CONNECT_TIMEOUT_S)
+        if not is_lite(uri):
+            # Milvus server 2.3.5 persists each alter only with the next one: the last is lost at a restart
+            # (milvus-io/milvus#30144, fixed in 2.3.6). The same alter again makes the first one durable.
+            client.alter_collection_properties(name, properties=marker, timeout=CONNECT_TIMEOUT_S)
     except Exception as exc:  # a server that refuses custom properties: every update then reconciles the collection
         notice(f"could not record the database version in Milvus collection {name} ({_reason(exc)}); "
                "each update will compare the whole collection")
