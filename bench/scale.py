@@ -4,11 +4,11 @@
     python -m bench.scale --quick     # 100k vectors (< 3 minutes on 2 cores)
     python -m bench.scale             # 100k and 1M vectors
 
-Search: for each backend (memory = exact numpy, faiss HNSW, faiss IVF-Flat, Milvus Lite HNSW) its build time, the
+Search: for each backend (memory = exact numpy, faiss HNSW, faiss IVF-Flat, Milvus Lite HNSW, a Milvus standalone\nserver HNSW on loopback) its build time, the
 memory it adds to a process that already holds the matrix (peak while building, and resident after), its size on
 disk, single-query latency p50/p95 (one query per call, as the server searches) and recall@10 against exact search.
 Each backend runs in a fresh subprocess, so memory figures are its own. The structures are built by the project's own
-code (``FaissIndex.build``, ``milvus_backend.sync_collection``), searched through the objects the engine uses.
+code (``FaissBackend.build``, ``MilvusBackend.prepare``), searched through the backends the engine uses. The Milvus\nserver's memory is its own processes', not counted in RSS.
 
 Vectors look like CNN descriptors rather than Gaussian noise: non-negative, of low intrinsic dimension (ReLU of a
 random 24-d latent projected to 512-d, plus small noise), L2-normalised; queries come from the same distribution
@@ -38,7 +38,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "out"
 DIM, LATENT, K, QUERIES = 512, 24, 10, 200
-BACKENDS = ("memory", "faiss-hnsw", "faiss-ivf", "milvus-lite-hnsw")
+BACKENDS = ("memory", "faiss-hnsw", "faiss-ivf", "milvus-lite-hnsw", "milvus-server-hnsw")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -92,34 +92,18 @@ def run_backend(backend: str, data: Path, queries_file: Path, truth_file: Path, 
     disk = 0.0
     detail = ""
     if backend == "memory":
-        from retrieval.vector_index import ExactIndex
+        from retrieval.search.backends.memory import MemoryBackend
 
-        index = ExactIndex(matrix)
+        index = MemoryBackend(matrix)
     elif backend.startswith("faiss"):
-        from retrieval.vector_index import FaissIndex
+        from retrieval.search.backends.faiss import FaissBackend
 
-        index = FaissIndex.build(matrix, backend.split("-")[1])
+        index = FaissBackend.build(matrix, backend.split("-")[1])
         index.save(work / "bench.h5", "x")
         disk = sum(folder_mb(p) for p in work.glob("bench.h5.x.faiss*"))
         detail = ", ".join(f"{k} {v}" for k, v in index.settings.items() if k != "kind")
     else:
-        from retrieval.search.backends import milvus as milvus_backend
-        from retrieval.descriptors.encoder import EncoderConfig
-        from retrieval.storage.database import FeatureDatabase
-        from retrieval.vector_index import BackendRequest
-
-        index_path = work / "bench.h5"
-        record = BackendRequest(name="milvus").resolve(index_path, None)
-        encoder = EncoderConfig("synthetic", "none", "md5:0", "none", "max", 224, "squash-bicubic", "float32", DIM)
-        count = matrix.shape[0]
-        database = FeatureDatabase(
-            encoder=encoder, vectors=matrix, paths=[f"img/{i:07d}.jpg" for i in range(count)],
-            file_sizes=np.ones(count, np.int64), file_mtimes_ns=np.ones(count, np.int64),
-        )
-        milvus_backend.sync_collection(record, index_path, database, "x", matrix, notice=lambda line: None)
-        index = milvus_backend.MilvusIndex.open(index_path, record, database.paths, DIM)
-        disk = folder_mb(work / "bench.h5.milvus.db")
-        detail = ", ".join(f"{k} {v}" for k, v in {**record["index_params"], **record["search_params"]}.items())
+        index, disk, detail = milvus_index(backend, matrix, work)
     build_s = time.perf_counter() - started
     latencies, found = [], []
     for query, expected in zip(queries, truth):
@@ -142,6 +126,41 @@ def run_backend(backend: str, data: Path, queries_file: Path, truth_file: Path, 
     }
 
 
+def milvus_index(backend: str, matrix: np.ndarray, work: Path):
+    """(open backend, disk MB, settings) of a Milvus collection filled by the project's own sync: Milvus Lite in this
+    process, or a Milvus standalone server started here (tools/milvus_server.py, data in ``work``)."""
+    from retrieval.descriptors.encoder import EncoderConfig
+    from retrieval.search.backends import BackendRequest, SyncJob
+    from retrieval.search.backends.milvus import MilvusBackend
+    from retrieval.storage.database import FeatureDatabase
+
+    index_path = work / "bench.h5"
+    options = {}
+    if backend == "milvus-server-hnsw":
+        from tools.milvus_server import MilvusServer, find_server_executable
+
+        os.environ.setdefault("MILVUS_SERVER_VENV", str(REPO / ".milvus-server"))  # scripts/setup.sh --dev makes it
+        server = MilvusServer(find_server_executable() or "milvus-server", work / "milvus-data")
+        server.start()
+        import atexit
+
+        atexit.register(server.stop)
+        options["milvus_uri"] = server.uri
+    record = BackendRequest("milvus", options).resolve(index_path, None)
+    encoder = EncoderConfig("synthetic", "none", "md5:0", "none", "max", 224, "squash-bicubic", "float32", DIM)
+    count = matrix.shape[0]
+    database = FeatureDatabase(
+        encoder=encoder, vectors=matrix, paths=[f"img/{i:07d}.jpg" for i in range(count)],
+        file_sizes=np.ones(count, np.int64), file_mtimes_ns=np.ones(count, np.int64), database_id="x",
+        search_backend=record,
+    )
+    MilvusBackend.prepare(SyncJob(index_path, database, "x", matrix, notice=lambda line: None), record)
+    index = MilvusBackend.open(index_path, database, matrix, record)
+    disk = folder_mb(work / "bench.h5.milvus.db") if backend == "milvus-lite-hnsw" else folder_mb(work / "milvus-data")
+    detail = ", ".join(f"{k} {v}" for k, v in {**record["index_params"], **record["search_params"]}.items())
+    return index, disk, detail
+
+
 def search_part(sizes: list[int], timeout: int, backends=BACKENDS) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
@@ -158,10 +177,10 @@ def search_part(sizes: list[int], timeout: int, backends=BACKENDS) -> list[dict]
             for backend in backends:
                 work = tmp / backend
                 work.mkdir()
-                command = [sys.executable, __file__, "--worker", backend, "--data", str(tmp / "data.npy"),
+                command = [sys.executable, "-m", "bench.scale", "--worker", backend, "--data", str(tmp / "data.npy"),
                            "--queries", str(tmp / "queries.npy"), "--truth", str(tmp / "truth.npy"), "--work", str(work)]
                 try:
-                    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+                    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
                 except subprocess.TimeoutExpired:
                     rows.append({"backend": backend, "vectors": size, "error": f"over {timeout} s"})
                     print(f"  {backend}: over {timeout} s", file=sys.stderr)
@@ -184,14 +203,16 @@ def search_part(sizes: list[int], timeout: int, backends=BACKENDS) -> list[dict]
 
 def extraction_part(copies: int) -> list[dict]:
     """build_index over the demo photos (``copies`` copies of each), one process against Ray on this machine."""
-    from retrieval import indexing
     from retrieval.indexing import build_index
+    from retrieval.indexing import extract as extract_stage
 
     stamps: dict = {}
-    original = indexing._extract
+    original = extract_stage.encoded_batches
 
-    def timed_extract(batches, *args, **kwargs):
-        """index.py's own consumer, fed through a generator that notes when the first and last results come."""
+    def timed_batches(plan):
+        """index.py's own batches, through a generator that notes when the first and last results come."""
+        files, batches, mode = original(plan)
+
         def timed():
             count = 0
             for items in batches:
@@ -200,9 +221,9 @@ def extraction_part(copies: int) -> list[dict]:
                 count += len(items)
                 yield items
             stamps.update(end=time.perf_counter(), count=count)
-        return original(timed(), *args, **kwargs)
+        return files, timed(), mode
 
-    indexing._extract = timed_extract
+    extract_stage.encoded_batches = timed_batches
     os.environ.setdefault("RETRIEVAL_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     rows = []

@@ -111,7 +111,7 @@ def milvus_bin_cache(tmp_path_factory) -> Path:
 def milvus_server(tmp_path_factory, milvus_bin_cache):
     """A real Milvus standalone server on free loopback ports, data in a temporary folder, stopped (children
     included) at the end. A missing server fails the test: scripts/setup.sh --dev installs it."""
-    from milvus_server import MilvusServer, find_server_executable
+    from tools.milvus_server import MilvusServer, find_server_executable
 
     executable = find_server_executable()
     if executable is None:

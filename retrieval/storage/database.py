@@ -128,7 +128,7 @@ def read_database(path: str | os.PathLike) -> FeatureDatabase:
             ) from None
         reason = text.splitlines()[0] if text else describe_os_error(exc)
         raise IndexFileError(f"{path}: not a readable HDF5 feature database ({reason})") from None
-    except (KeyError, ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+    except (KeyError, ValueError, TypeError, AttributeError, RuntimeError, UnicodeDecodeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise IndexFileError(f"{path}: not a readable HDF5 feature database ({reason})") from None
 
