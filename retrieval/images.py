@@ -156,7 +156,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
             scale = np.float32(255.0 / (high - low))
             for start in range(0, values.shape[0], GREY_BLOCK_ROWS):  # float32 a block of rows at a time
                 block = values[start : start + GREY_BLOCK_ROWS].astype(np.float32)
-                grey[start : start + GREY_BLOCK_ROWS] = np.clip((block - np.float32(low)) * scale, 0, 255).astype(np.uint8)
+                grey[start : start + GREY_BLOCK_ROWS] = np.clip(np.rint((block - np.float32(low)) * scale), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
