@@ -1,2 +1,0 @@
-"""Measuring retrieval quality: metrics (pure numpy), ground-truth formats, and the protocol that scores exactly the
-rankings the query pipeline serves."""

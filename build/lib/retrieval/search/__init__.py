@@ -1,1 +1,0 @@
-"""Search: the backends (``backends``), query expansion (``expansion``) and the one query pipeline (``pipeline``)."""
