@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Retrieval quality of every pooling, with and without whitening and query expansion, on offline sets labelled by
-construction, with the real backbone weights. Chooses the best index-time settings for ``retrieval.presets``.
+construction, with the real backbone weights, beside peers (perceptual hashes, a colour histogram, the reference
+demo's recipe) on a copy-detection set. Chooses the best index-time settings for ``retrieval.presets``.
 
-    .venv/bin/python -m bench.quality            # full run (4.5 to 6.5 minutes on a shared 2-core machine)
-    .venv/bin/python -m bench.quality --quick    # smaller sets (under 2 minutes)
+    .venv/bin/python -m bench.quality                                  # everything (about 10 minutes, 2 cores)
+    .venv/bin/python -m bench.quality --quick                          # smaller sets (about 3 minutes)
+    .venv/bin/python -m bench.quality --sets copy-detection,speed      # some of the parts
 
-Sets (see bench/README.md)
+Sets (see bench/README.md; ``--sets`` picks any of them)
 * ``near-duplicate``: every scikit-image bundled photo (``testsets.BUNDLED_PHOTOS``) is a group of its original and 7
   seeded views (``testsets.make_view_groups``, seed 7; the demo database uses 2026). Relevant: the rest of the group.
 * ``near-duplicate-hard``: the same photos cut into 2 x 2 tiles; every tile is a group of the tile and 5 seeded views
@@ -13,10 +15,19 @@ Sets (see bench/README.md)
   the first set is nearly saturated and cannot separate the methods.
 * ``categories``: a balanced subset of the Fashion-MNIST test split (28x28 grey, squashed to 224 like any input).
   Relevant: the same class.
+* ``copy-detection``: the DISC21-style set of ``bench/copy_detection.py`` (60 groups of an original and 7 AugLy
+  edits, 500 distractors; ``--quick``: 12 and 100), written under ``OUT/copy-detection`` and run both ways: all-vs-all
+  (``evaluate.py --ground-truth folders`` on ``all/``) and copy detection (``evaluate.py --queries`` semantics: the
+  edits against the originals + distractors). mAP, hit@1, DISC21's µAP and the AP per edit type, for pHash and dHash
+  (PyPI imagehash), an 8x8x8 colour histogram, the reference demo's recipe (``--preset classic --resize
+  squash-nearest``) and every pooling at one and three scales, squash and aspect resize.
+* ``speed``: a 10,000-query evaluation of generated vectors through the pipeline (2,000 with ``--quick``), timed.
 
-Protocol: every image is a query, removed from its own ranking (``retrieval.evaluation``); AP is non-interpolated.
-The near-duplicate sets also get the UKBench N-S score, on their groups-of-4 subset (first 4 members of every group,
-the query counted, 4 = perfect).
+Protocol: every ranking goes through ``retrieval.search.pipeline.QueryPipeline`` (exact search in memory, the stored
+whitening, query expansion through the same backend) and is scored by ``retrieval.evaluation.protocol``, as
+``evaluate.py`` scores; AP is the trapezoid AP of the official benchmark code. Classic sets: every image is a query,
+removed from its own ranking; the near-duplicate sets also get the UKBench N-S score, on their groups-of-4 subset
+(first 4 members of every group, the query counted, 4 = perfect).
 
 Whitening ``PCAw``: ``retrieval.whitening`` as index.py uses it (power 0.5, all ``min(D, N - 1)`` components), learned
 on a disjoint set of the same kind (``index.py --whiten-from``): for the near-duplicate sets, views of the same photos
@@ -27,8 +38,8 @@ preset rows measure that ("self").
 Efficiency: the backbone runs once per image, resize rule and scale; every pooling comes from the same feature maps
 (``Extractor.feature_maps`` then ``pooling.pool``), multi-scale reuses the scale-1 maps. ``ms/img`` = resize + rescale +
 forward + that pooling, per image, summed over the scales a row uses; the machine is shared, so expect noise.
-Output: one Markdown table per set (sorted by mAP), the decision and whitening tables, ``bench/out/quality.md`` and
-``bench/out/quality.json``.
+Output: one Markdown table per set (sorted by mAP), the decision and whitening tables, the copy-detection tables,
+``bench/out/quality.md`` and ``bench/out/quality.json``.
 """
 
 from __future__ import annotations
@@ -56,16 +67,19 @@ REPO = Path(__file__).resolve().parent.parent
 
 from PIL import Image  # noqa: E402
 
-from bench import testsets  # noqa: E402
+from bench import copy_detection, testsets  # noqa: E402
 from retrieval.descriptors import pooling  # noqa: E402
-from retrieval.models import backbones  # noqa: E402
-from retrieval.evaluation.protocol import PreparedQuery, evaluate_queries, prepare_queries  # noqa: E402
 from retrieval.descriptors.encoder import new_encoder_config  # noqa: E402
 from retrieval.descriptors.extractor import Extractor, rescale_image  # noqa: E402
-from retrieval.evaluation.groundtruth import folders_from_paths  # noqa: E402
-from retrieval.images import resize_for_backbone  # noqa: E402
+from retrieval.descriptors.whitening import Whitening, learn_pca_whitening  # noqa: E402
+from retrieval.evaluation.groundtruth import folders_from_paths, folders_with_queries  # noqa: E402
+from retrieval.evaluation.protocol import PreparedQuery, evaluate_queries, prepare_queries  # noqa: E402
+from retrieval.images import list_image_files, open_image, resize_for_backbone  # noqa: E402
 from retrieval.indexing.presets import PRESETS  # noqa: E402
-from retrieval.descriptors.whitening import Whitening, apply_whitening, learn_pca_whitening  # noqa: E402
+from retrieval.models import backbones  # noqa: E402
+from retrieval.search.backends.memory import MemoryBackend  # noqa: E402
+from retrieval.search.expansion import QueryExpansion  # noqa: E402
+from retrieval.search.pipeline import QueryPipeline, searched_matrix  # noqa: E402
 
 OUT_DIR = REPO / "bench" / "out"
 POOLING_NAMES = ("max", "avg", "sum", "gem", "rmac", "crow")
@@ -330,19 +344,25 @@ def categories_set(sizes: Sizes) -> BenchSet:
 # --------------------------------------------------------------------------- evaluation
 
 
+def exact_pipeline(vectors: np.ndarray, whitening: Whitening | None = None) -> QueryPipeline:
+    """The query pipeline the server would serve for a database of ``vectors`` (exact search in memory, the
+    whitening stored with it applied to database and queries)."""
+    matrix = searched_matrix(vectors, whitening)
+    return QueryPipeline(MemoryBackend(matrix), matrix, whitening)
+
+
 def evaluate(bench: BenchSet, vectors: np.ndarray, qe: str, whitening: Whitening | None) -> tuple[dict, np.ndarray]:
-    """(metrics, per-query AP). Whitening is applied to all rows once here, which is what ``evaluate_queries`` does
-    row by row to database and queries alike (same numbers, without one projection per query)."""
-    if whitening is not None:
-        vectors = apply_whitening(vectors, whitening)
+    """(metrics, per-query AP): every image a query (its stored descriptor, left out of its own ranking), ranked
+    through the query pipeline as evaluate.py and the server rank (whitening, then QE through the same backend)."""
+    expansion = QueryExpansion(qe, bench.qe_top_n, QE_ALPHA)
     queries = [replace(q, vector=vectors[q.own_row]) for q in bench.queries]
-    kwargs = {"qe": qe, "qe_top_n": bench.qe_top_n, "qe_alpha": QE_ALPHA}
-    result = evaluate_queries(vectors, queries, ks=(bench.k,), **kwargs)
+    result = evaluate_queries(exact_pipeline(vectors, whitening), queries, ks=(bench.k,), expansion=expansion)
     out = {"mAP": result.mean_average_precision, f"P@{bench.k}": result.mean_precision_at(bench.k)}
     if bench.ns_rows is not None:
         subset = vectors[bench.ns_rows]
         ns_queries = [replace(q, vector=subset[q.own_row]) for q in bench.ns_queries]
-        out["N-S"] = evaluate_queries(subset, ns_queries, ks=(4,), ns_score=True, **kwargs).ns_score
+        out["N-S"] = evaluate_queries(exact_pipeline(subset, whitening), ns_queries, ks=(4,), expansion=expansion,
+                                      ns_score=True).ns_score
     return out, np.array([score.average_precision for score in result.queries])
 
 
@@ -424,6 +444,196 @@ def study_whitening(bench, backbone, config, run) -> list[dict]:
                 label = f"{source}, power {power:g}, d={whitening.dim}" + (" (all)" if dim is None else "")
                 rows.append(row_of(bench, backbone, config, label, "none", whitening, vectors, evaluated))
     return rows
+
+
+# --------------------------------------------------------------------------- copy detection
+
+COPY_SEED = 0  # the copy-detection set's seed (bench/copy_detection.py)
+PROTOCOLS = ("all", "copy_detection")
+PROTOCOL_TITLES = {"all": "all-vs-all", "copy_detection": "copy detection"}
+
+
+@dataclass
+class CopyDetectionSet:
+    """The copy-detection set built by ``bench/copy_detection.py`` and its two protocols, ground truth read from the
+    folder layout exactly as ``evaluate.py`` reads it. ``paths`` / ``images``: every image of ``all/`` (the all-vs-all
+    database; ``references/`` and ``queries/`` hold the same files), so each image is described once."""
+
+    root: Path
+    paths: list[str]
+    images: list
+    manifest: dict
+    references: list[str] = field(default_factory=list)
+    queries: list[str] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        counts = self.manifest["counts"]
+        return (f"Copy detection (DISC21-style, bench/copy_detection.py seed {COPY_SEED}): {counts['groups']} groups "
+                f"(original + {copy_detection.EDITS_PER_GROUP} AugLy edits), {counts['distractors']} distractors")
+
+    def decoded_for(self, rule: str, size: int) -> list:
+        """The images decoded as index.py decodes them for ``rule`` (JPEG DCT scaling down to ``size`` for the
+        bicubic rules, a full decode for squash-nearest), so the benchmark's vectors are the ones index.py stores."""
+        draft = None if rule == "squash-nearest" else size
+        return [open_image(self.root / "all" / path, draft_size=draft) for path in self.paths]
+
+    def prepared(self, vectors: np.ndarray) -> dict[str, tuple[np.ndarray, list[PreparedQuery]]]:
+        """Per protocol: (database descriptors, prepared queries) for descriptors (N, D) of ``paths``.
+
+        ``all``: ``folders`` ground truth of ``all/`` (``_distractors/`` in the database, never a query); every group
+        member a query left out of its own ranking. ``copy_detection``: ``evaluate.py --queries``: the files of
+        ``queries/`` against the database ``references/``, each query encoded from its file (here: its descriptor)."""
+        row = {path: i for i, path in enumerate(self.paths)}
+        everything = prepare_queries(folders_from_paths(self.paths), self.paths, vectors).queries
+        database = vectors[[row[p] for p in self.references]]
+        truth = folders_with_queries(self.queries, self.references)
+        copies = prepare_queries(truth, self.references, database, lambda query, _: vectors[row[query.image]]).queries
+        return {"all": (vectors, everything), "copy_detection": (database, copies)}
+
+
+def copy_detection_set(out: Path, quick: bool, log) -> CopyDetectionSet:
+    """Build the set afresh under ``out/copy-detection`` and decode its images in full with the project's decoder
+    (the peers' input; the CNN rows decode as index.py does, ``CopyDetectionSet.decoded_for``)."""
+    root = out / "copy-detection"
+    if root.exists():
+        import shutil
+
+        shutil.rmtree(root)
+    manifest = copy_detection.build(root, quick=quick, seed=COPY_SEED)
+    paths = list_image_files(root / "all")
+    log(f"copy-detection set: {len(paths)} images built under {root}")
+    return CopyDetectionSet(root, paths, [open_image(root / "all" / p) for p in paths], manifest,
+                            list_image_files(root / "references"), list_image_files(root / "queries"))
+
+
+def copy_detection_scores(cd: CopyDetectionSet, vectors: np.ndarray) -> dict[str, dict]:
+    """Both protocols through the query pipeline: mAP (trapezoid), hit@1 (the first result is relevant: mean P@1),
+    DISC21's µAP over every (query, database image) pair, and the mean AP per edit type (the query's file stem;
+    ``original`` = the originals as all-vs-all queries)."""
+    out = {}
+    for protocol, (database, queries) in cd.prepared(vectors).items():
+        result = evaluate_queries(exact_pipeline(database), queries, ks=(1,), micro_ap=len(database))
+        per_edit: dict[str, list[float]] = defaultdict(list)
+        for score in result.queries:
+            per_edit[Path(score.name).stem].append(score.average_precision)
+        out[protocol] = {
+            "mAP": result.mean_average_precision, "hit@1": result.mean_precision_at(1), "µAP": result.micro_ap,
+            "per_edit_AP": {edit: float(np.mean(aps)) for edit, aps in sorted(per_edit.items())},
+            "per_edit_n": {edit: len(aps) for edit, aps in sorted(per_edit.items())},
+            "queries": len(queries), "database": len(database),
+        }
+    return out
+
+
+def hash_vectors(images, hash_function) -> np.ndarray:
+    """64-bit perceptual hashes as +-1/8 unit vectors: their cosine is 1 - 2 * hamming / 64, so the cosine ranking
+    of the pipeline is the Hamming ranking."""
+    bits = np.stack([np.asarray(hash_function(image).hash, dtype=np.float32).ravel() for image in images])
+    return (2.0 * bits - 1.0) / np.sqrt(bits.shape[1])
+
+
+def colour_histograms(images, bins: int = 8) -> np.ndarray:
+    """RGB histograms, ``bins`` per channel (512 cells), L2-normalised (compared by cosine)."""
+    shift = 8 - int(np.log2(bins))
+    out = np.zeros((len(images), bins**3), np.float32)
+    for i, image in enumerate(images):
+        cells = np.asarray(image, np.uint8) >> shift
+        index = (cells[..., 0].astype(np.int32) * bins + cells[..., 1]) * bins + cells[..., 2]
+        out[i] = np.bincount(index.ravel(), minlength=bins**3)
+    return pooling.l2_normalize(out)
+
+
+def peer_rows(cd: CopyDetectionSet) -> list[dict]:
+    """pHash and dHash (PyPI imagehash, the hashing behind imagededup) and a colour histogram, on the same images
+    and through the same pipeline and protocols as the CNN rows."""
+    import imagehash
+
+    peers = {"pHash (imagehash, 64 bits, Hamming)": lambda images: hash_vectors(images, imagehash.phash),
+             "dHash (imagehash, 64 bits, Hamming)": lambda images: hash_vectors(images, imagehash.dhash),
+             "colour histogram 8x8x8 (cosine)": colour_histograms}
+    rows = []
+    for label, describe in peers.items():
+        started = time.perf_counter()
+        vectors = describe(cd.images)
+        ms = 1000.0 * (time.perf_counter() - started) / len(cd.images)
+        rows.append({"method": label, "kind": "peer", "ms_per_image": ms, **copy_detection_scores(cd, vectors)})
+    return rows
+
+
+def copy_detection_configs(variants) -> list[Config]:
+    """Every pooling at one and three scales, squash and aspect resize, plus the reference demo's recipe (MAX,
+    one scale, Keras-style squash with nearest neighbour: ``--preset classic --resize squash-nearest``)."""
+    configs = [Config(v, scales, rule) for rule in (SQUASH, ASPECT) for scales in (SINGLE_SCALE, MULTI_SCALES)
+               for v in variants]
+    return configs + [Config(Variant.of("max"), SINGLE_SCALE, "squash-nearest")]
+
+
+def cnn_label(config: Config, presets: dict, backbone: str) -> str:
+    names = [name for name, preset in presets.items() if preset is not None and preset == config]
+    if config.rule == "squash-nearest":
+        return f"reference demo recipe: --preset classic --resize squash-nearest ({backbone})"
+    label = f"{config.variant.label}, scales {scales_label(config.scales)}, {short(config.rule)}"
+    return label + "".join(f" = --preset {name}" for name in names) + (" (default)" if config == DEFAULT else "")
+
+
+def cnn_copy_detection_rows(cd: CopyDetectionSet, extractor: Extractor, backbone: str, variants, presets, size, log):
+    """Every copy-detection config of the backbone: one extraction per resize rule and scale, every pooling from it,
+    from the images decoded as index.py decodes them."""
+    configs = copy_detection_configs(variants)
+    started = time.perf_counter()
+    extraction = Extraction(count=len(cd.images))
+    for rule in dict.fromkeys(c.rule for c in configs):
+        scales = sorted({s for c in configs if c.rule == rule for s in c.scales}, reverse=True)
+        wanted = [v for v in variants if any(c.rule == rule and c.variant == v for c in configs)]
+        part = extract(extractor, cd.decoded_for(rule, size), (rule,), scales, wanted, size)
+        extraction.raw.update(part.raw)
+        for key, seconds in part.seconds.items():
+            extraction.seconds[key] += seconds
+    log(f"  copy-detection: features of {len(cd.images)} images in {time.perf_counter() - started:.0f} s")
+    rows = []
+    for config in configs:
+        rows.append({"method": cnn_label(config, presets, backbone), "kind": "cnn", "backbone": backbone,
+                     "settings": config.label, "ms_per_image": extraction.ms_per_image(config)["total"],
+                     **copy_detection_scores(cd, extraction.descriptors(config))})
+    return rows
+
+
+def copy_detection_tables(cd: CopyDetectionSet, rows: list[dict]) -> list[str]:
+    """The summary table (both protocols, sorted by copy-detection mAP) and one per-edit AP table per protocol."""
+    rows = sorted(rows, key=lambda r: -r["copy_detection"]["mAP"])
+    head = ["#", "method"] + [f"{PROTOCOL_TITLES[p]}: {m}" for p in PROTOCOLS for m in ("mAP", "hit@1", "µAP")] + ["ms/img"]
+    lines = [[str(i), r["method"], *(f"{r[p][m]:.3f}" for p in PROTOCOLS for m in ("mAP", "hit@1", "µAP")),
+              f"{r['ms_per_image']:.1f}"] for i, r in enumerate(rows, 1)]
+    out = [markdown(head, lines)]
+    for protocol in PROTOCOLS:
+        counts = rows[0][protocol]["per_edit_n"]
+        edits = list(counts)
+        table = [[str(i), r["method"], *(f"{r[protocol]['per_edit_AP'][e]:.3f}" for e in edits)] for i, r in enumerate(rows, 1)]
+        out += [f"Per-edit AP, {PROTOCOL_TITLES[protocol]} ({rows[0][protocol]['queries']} queries against "
+                f"{rows[0][protocol]['database']} images; queries per edit in brackets):",
+                markdown(["#", "method", *(f"{e} ({counts[e]})" for e in edits)], table)]
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation speed
+
+
+def evaluation_speed(count: int, dim: int = 1280, group: int = 4, seed: int = 0) -> dict:
+    """``count`` generated queries against a database of the same ``count`` vectors (groups of ``group`` noisy
+    copies of random centres, ``dim``-d), every image a query, the whole database ranked: prepare + evaluate through
+    the exact pipeline, timed."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((count // group, dim)).astype(np.float32)
+    vectors = pooling.l2_normalize(np.repeat(centres, group, axis=0)
+                                   + 3.0 * rng.standard_normal((count // group * group, dim)).astype(np.float32))
+    paths = [f"g{i // group:06d}/{i % group}.jpg" for i in range(len(vectors))]
+    started = time.perf_counter()
+    prepared = prepare_queries(folders_from_paths(paths), paths, vectors).queries
+    result = evaluate_queries(exact_pipeline(vectors), prepared, ns_score=True)
+    seconds = time.perf_counter() - started
+    return {"queries": len(prepared), "database": len(vectors), "dim": dim, "seconds": seconds,
+            "ms_per_query": 1000.0 * seconds / len(prepared), "mAP": result.mean_average_precision}
 
 
 # --------------------------------------------------------------------------- choosing
@@ -559,14 +769,126 @@ def jsonable(row: dict) -> dict:
     return out
 
 
+def decision_report(sets, runs, backbone: str, weights, presets: dict, size: int, say, decision_rows: int) -> dict:
+    """The decision, whitening-study, preset and product-check sections of one backbone (all three classic sets
+    needed); returns its JSON entry."""
+    candidates, chosen = decide(sets, runs)
+    chosen_config = chosen["config"]
+    say(f"## Decision — {backbone}: index-time settings (no QE)")
+    say()
+    say(f"Sorted by near-duplicate-hard mAP. Chosen: the best near-duplicate-hard mAP that loses at most "
+        f"{CATEGORY_TOLERANCE} category mAP and {EASY_TOLERANCE} near-duplicate mAP against the default. The "
+        "categories set is square, so its 'aspect' numbers are the 'squash' ones. ms/img on near-duplicate-hard.")
+    say()
+    say(decision_table(sets, candidates, chosen, decision_rows))
+    say()
+    say(f"Chosen ({chosen_config.label}, whitening {chosen['whitening']}) against the default, per set; the interval "
+        "is a 95% bootstrap of the mAP gain (near-duplicate sets resample whole photos):")
+    say()
+    margins, margin_lines = {}, []
+    for bench in sets:
+        rows = runs[bench.key]["rows"]
+        old, new = default_row(rows), lookup(rows, for_set(bench, chosen_config), chosen["whitening"])
+        low, high = gain_interval(bench, new["ap"], old["ap"])
+        pk = f"P@{bench.k}"
+        margins[bench.key] = {"default": old["metrics"], "chosen": new["metrics"], "map_gain_ci95": [low, high],
+                              "ms_per_image": [old["ms_per_image"]["total"], new["ms_per_image"]["total"]]}
+        margin_lines.append([
+            bench.key, f"{old['metrics']['mAP']:.4f}", f"{new['metrics']['mAP']:.4f}",
+            f"{new['metrics']['mAP'] - old['metrics']['mAP']:+.4f}", f"[{low:+.4f}, {high:+.4f}]",
+            f"{old['metrics'][pk]:.4f} → {new['metrics'][pk]:.4f} ({pk})",
+            f"{old['metrics']['N-S']:.3f} → {new['metrics']['N-S']:.3f}" if "N-S" in old["metrics"] else "-",
+            f"{old['ms_per_image']['total']:.1f} → {new['ms_per_image']['total']:.1f}",
+        ])
+    say(markdown(["set", "default mAP", "chosen mAP", "Δ mAP", "95% interval", "P@k", "N-S", "ms/img"], margin_lines))
+    say()
+
+    say(f"## Whitening study — {backbone}: the chosen settings ({chosen_config.label})")
+    say()
+    say("'disjoint': learned on the disjoint set of each table above (index.py --whiten-from); 'self': learned on the "
+        "evaluated set itself (index.py --whiten; d=... is --whiten-dim). Power 0.5 is what index.py does; "
+        "power 0 (PCA rotation and centring only) is not offered by index.py.")
+    say()
+    study = {}
+    for bench in sets:
+        study[bench.key] = study_whitening(bench, backbone, for_set(bench, chosen_config), runs[bench.key])
+        base = default_row(runs[bench.key]["rows"])["metrics"]["mAP"]
+        say(f"{bench.key}:")
+        say()
+        say(markdown(["whitening", "dim", *metric_header(bench)],
+                     [[r["whitening"], str(r["dim"]), *metric_cells(bench, r["metrics"], base)] for r in study[bench.key]]))
+        say()
+
+    say(f"## Presets as index.py builds them — {backbone}")
+    say()
+    preset_lines = []
+    preset_results = []
+    for bench in sets:
+        base = default_row(runs[bench.key]["rows"])["metrics"]["mAP"]
+        for name, row in preset_rows(bench, backbone, presets, runs[bench.key]):
+            m = row["metrics"]
+            preset_lines.append([name, bench.key, row["config"].label, row["whitening"], str(row["dim"]),
+                                 f"{m['mAP']:.4f}", f"{m['mAP'] - base:+.4f}", f"{m[f'P@{bench.k}']:.4f} (P@{bench.k})",
+                                 f"{m['N-S']:.3f}" if "N-S" in m else "-", f"{row['ms_per_image']['total']:.1f}"])
+            preset_results.append({"preset": name, **jsonable(row)})
+    say(markdown(["preset", "set", "settings", "whitening", "dim", "mAP", "Δ mAP", "P@k", "N-S", "ms/img"], preset_lines))
+    say()
+
+    agreement = {bench.key: product_check(weights, for_set(bench, chosen_config), bench, runs[bench.key]["evaluated"], size)
+                 for bench in sets}
+    say("Product check: a real Extractor built with new_encoder_config for the chosen settings gives the benchmark's "
+        f"vectors (smallest cosine over 6 images: {', '.join(f'{k} {v:.6f}' for k, v in agreement.items())}).")
+    say()
+
+    return {
+        "weights": {"name": weights.name, "md5": weights.hash},
+        "chosen": {"settings": chosen_config.label, "pooling": chosen_config.variant.name,
+                   "pooling_params": dict(chosen_config.variant.params), "scales": list(chosen_config.scales),
+                   "resize_rule": chosen_config.rule, "whitening": chosen["whitening"],
+                   "map": chosen["map"], "delta_vs_default": chosen["delta"], "against_default": margins},
+        "whitening_study": {key: [jsonable(r) for r in rows] for key, rows in study.items()},
+        "presets": preset_results,
+        "product_check_min_cosine": agreement,
+        "seconds_per_set": {key: round(run["seconds"], 1) for key, run in runs.items()},
+    }
+
+
+
+
+def jsonable_copy_row(row: dict) -> dict:
+    def rounded(value):
+        if isinstance(value, float):
+            return round(value, 6)
+        return {k: rounded(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    return rounded(row)
+
+
+CLASSIC_SETS = {"near-duplicate": near_duplicate_set, "near-duplicate-hard": hard_near_duplicate_set,
+                "categories": categories_set}
+SET_NAMES = (*CLASSIC_SETS, "copy-detection", "speed")
+
+
+def set_list(text: str) -> list[str]:
+    """argparse type: comma-separated names of SET_NAMES."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SET_NAMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(SET_NAMES)}, got {text!r}")
+    return names
+
+
 # --------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Retrieval quality of poolings x whitening x query expansion on offline "
                                                  "labelled sets (near-duplicates, Fashion-MNIST categories).")
-    parser.add_argument("--quick", action="store_true", help="smaller sets (under 2 minutes)")
-    parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder for quality.md and quality.json (default: bench/out)")
+    parser.add_argument("--quick", action="store_true", help="smaller sets (about 2 minutes)")
+    parser.add_argument("--sets", type=set_list, default=list(SET_NAMES), metavar="NAME,...",
+                        help=f"what to run, any of {', '.join(SET_NAMES)} (default: all)")
+    parser.add_argument("--out", type=Path, default=OUT_DIR,
+                        help="folder for quality.md, quality.json and the copy-detection set (default: bench/out)")
     parser.add_argument("--decision-rows", type=int, default=12, help="rows of the decision table (default: 12)")
     args = parser.parse_args(argv)
     os.environ.setdefault(backbones.OFFLINE_ENV, "1")
@@ -584,9 +906,11 @@ def main(argv=None) -> int:
     say(f"# Retrieval quality ({'quick' if args.quick else 'full'} run)")
     say()
     say(f"{os.cpu_count()} CPUs ({platform.machine()}), Python {platform.python_version()}, numpy {np.__version__}. "
-        "Every image is a query, excluded from its own ranking; AP non-interpolated; Δ mAP against the default "
-        "(max pooling, scale 1, squash, no whitening, no QE). PCAw: power 0.5, all components, learned on a disjoint "
-        "set (below). avg and sum give the same unit vectors wherever every map has one size (squash).")
+        "Every ranking goes through the query pipeline (retrieval.evaluation, exact search), as evaluate.py ranks. "
+        "AP: trapezoid (what the Oxford, Paris, Holidays and Revisited code computes). Classic sets: every image a "
+        "query, excluded from its own ranking; Δ mAP against the default (max pooling, scale 1, squash, no whitening, "
+        "no QE); PCAw: power 0.5, all components, learned on a disjoint set (below); avg and sum give the same unit "
+        "vectors wherever every map has one size (squash).")
     weights_by_backbone = {"efficientnet-lite0": backbones.efficientnet_lite0_weights()}
     vgg16 = backbones.vgg16_imagenet_weights(allow_download=False)
     if vgg16 is not None:
@@ -606,15 +930,20 @@ def main(argv=None) -> int:
             variants.append(config.variant)
 
     t = time.perf_counter()
-    sets = [near_duplicate_set(sizes), hard_near_duplicate_set(sizes), categories_set(sizes)]
+    sets = [make(sizes) for key, make in CLASSIC_SETS.items() if key in args.sets]
+    cd = copy_detection_set(args.out, args.quick, log) if "copy-detection" in args.sets else None
     log(f"sets built in {time.perf_counter() - t:.0f} s")
 
     results: dict = {"mode": "quick" if args.quick else "full", "sizes": sizes.__dict__, "sets": {}, "backbones": {}}
-    for backbone, weights in weights_by_backbone.items():
+    copy_rows = peer_rows(cd) if cd is not None else []
+    needs_model = bool(sets) or cd is not None  # "speed" alone needs no backbone
+    for backbone, weights in (weights_by_backbone if needs_model else {}).items():
         log(f"{backbone}: building the extractor")
         encoder = new_encoder_config(weights, "max", "float32")
         extractor = Extractor(encoder, weights)
         size = encoder.input_size
+        if cd is not None:
+            copy_rows += cnn_copy_detection_rows(cd, extractor, backbone, variants, presets, size, log)
         runs = {bench.key: run_set(bench, extractor, backbone, variants, size, log) for bench in sets}
 
         for bench in sets:
@@ -628,91 +957,44 @@ def main(argv=None) -> int:
             say(set_table(bench, rows))
             say()
 
-        candidates, chosen = decide(sets, runs)
-        chosen_config = chosen["config"]
-        say(f"## Decision — {backbone}: index-time settings (no QE)")
-        say()
-        say(f"Sorted by near-duplicate-hard mAP. Chosen: the best near-duplicate-hard mAP that loses at most "
-            f"{CATEGORY_TOLERANCE} category mAP and {EASY_TOLERANCE} near-duplicate mAP against the default. The "
-            "categories set is square, so its 'aspect' numbers are the 'squash' ones. ms/img on near-duplicate-hard.")
-        say()
-        say(decision_table(sets, candidates, chosen, args.decision_rows))
-        say()
-        say(f"Chosen ({chosen_config.label}, whitening {chosen['whitening']}) against the default, per set; the interval "
-            "is a 95% bootstrap of the mAP gain (near-duplicate sets resample whole photos):")
-        say()
-        margins, margin_lines = {}, []
-        for bench in sets:
-            rows = runs[bench.key]["rows"]
-            old, new = default_row(rows), lookup(rows, for_set(bench, chosen_config), chosen["whitening"])
-            low, high = gain_interval(bench, new["ap"], old["ap"])
-            pk = f"P@{bench.k}"
-            margins[bench.key] = {"default": old["metrics"], "chosen": new["metrics"], "map_gain_ci95": [low, high],
-                                  "ms_per_image": [old["ms_per_image"]["total"], new["ms_per_image"]["total"]]}
-            margin_lines.append([
-                bench.key, f"{old['metrics']['mAP']:.4f}", f"{new['metrics']['mAP']:.4f}",
-                f"{new['metrics']['mAP'] - old['metrics']['mAP']:+.4f}", f"[{low:+.4f}, {high:+.4f}]",
-                f"{old['metrics'][pk]:.4f} → {new['metrics'][pk]:.4f} ({pk})",
-                f"{old['metrics']['N-S']:.3f} → {new['metrics']['N-S']:.3f}" if "N-S" in old["metrics"] else "-",
-                f"{old['ms_per_image']['total']:.1f} → {new['ms_per_image']['total']:.1f}",
-            ])
-        say(markdown(["set", "default mAP", "chosen mAP", "Δ mAP", "95% interval", "P@k", "N-S", "ms/img"], margin_lines))
-        say()
-
-        say(f"## Whitening study — {backbone}: the chosen settings ({chosen_config.label})")
-        say()
-        say("'disjoint': learned on the disjoint set of each table above (index.py --whiten-from); 'self': learned on the "
-            "evaluated set itself (index.py --whiten; d=... is --whiten-dim). Power 0.5 is what index.py does; "
-            "power 0 (PCA rotation and centring only) is not offered by index.py.")
-        say()
-        study = {}
-        for bench in sets:
-            study[bench.key] = study_whitening(bench, backbone, for_set(bench, chosen_config), runs[bench.key])
-            base = default_row(runs[bench.key]["rows"])["metrics"]["mAP"]
-            say(f"{bench.key}:")
+        if len(sets) == len(CLASSIC_SETS):
+            results["backbones"][backbone] = decision_report(sets, runs, backbone, weights, presets, size, say,
+                                                             args.decision_rows)
+        elif sets:
+            say("Decision, whitening study and presets: skipped (they need all three classic sets).")
             say()
-            say(markdown(["whitening", "dim", *metric_header(bench)],
-                         [[r["whitening"], str(r["dim"]), *metric_cells(bench, r["metrics"], base)] for r in study[bench.key]]))
-            say()
-
-        say(f"## Presets as index.py builds them — {backbone}")
-        say()
-        preset_lines = []
-        preset_results = []
-        for bench in sets:
-            base = default_row(runs[bench.key]["rows"])["metrics"]["mAP"]
-            for name, row in preset_rows(bench, backbone, presets, runs[bench.key]):
-                m = row["metrics"]
-                preset_lines.append([name, bench.key, row["config"].label, row["whitening"], str(row["dim"]),
-                                     f"{m['mAP']:.4f}", f"{m['mAP'] - base:+.4f}", f"{m[f'P@{bench.k}']:.4f} (P@{bench.k})",
-                                     f"{m['N-S']:.3f}" if "N-S" in m else "-", f"{row['ms_per_image']['total']:.1f}"])
-                preset_results.append({"preset": name, **jsonable(row)})
-        say(markdown(["preset", "set", "settings", "whitening", "dim", "mAP", "Δ mAP", "P@k", "N-S", "ms/img"], preset_lines))
-        say()
-
-        agreement = {bench.key: product_check(weights, for_set(bench, chosen_config), bench, runs[bench.key]["evaluated"], size)
-                     for bench in sets}
-        say("Product check: a real Extractor built with new_encoder_config for the chosen settings gives the benchmark's "
-            f"vectors (smallest cosine over 6 images: {', '.join(f'{k} {v:.6f}' for k, v in agreement.items())}).")
-        say()
-
-        results["backbones"][backbone] = {
-            "weights": {"name": weights.name, "md5": weights.hash},
-            "chosen": {"settings": chosen_config.label, "pooling": chosen_config.variant.name,
-                       "pooling_params": dict(chosen_config.variant.params), "scales": list(chosen_config.scales),
-                       "resize_rule": chosen_config.rule, "whitening": chosen["whitening"],
-                       "map": chosen["map"], "delta_vs_default": chosen["delta"], "against_default": margins},
-            "whitening_study": {key: [jsonable(r) for r in rows] for key, rows in study.items()},
-            "presets": preset_results,
-            "product_check_min_cosine": agreement,
-            "seconds_per_set": {key: round(run["seconds"], 1) for key, run in runs.items()},
-        }
         for bench in sets:
             entry = results["sets"].setdefault(bench.key, {
                 "title": bench.title, "whitening_learned_on": bench.whiten_note, "qe_top_n": bench.qe_top_n,
                 "qe_alpha": QE_ALPHA, "images": len(bench.images), "whitening_images": len(bench.whiten_images), "rows": []})
             entry["rows"] += [jsonable(r) for r in runs[bench.key]["rows"]]
 
+    if cd is not None:
+        say(f"## {cd.title}")
+        say()
+        say("Both protocols read from the folder layout as evaluate.py reads it. all-vs-all: every group member a query "
+            "against all/ (distractors included), left out of its own ranking, relevant = the rest of its group. Copy "
+            "detection: the edits (queries/) against the originals + distractors (references/), as `evaluate.py "
+            "--ground-truth folders --queries`, relevant = the group's original. mAP: trapezoid AP; hit@1: the first "
+            "result is relevant; µAP: DISC21's micro-AP over every (query, database image) pair, ties pessimistic. "
+            "Ties in a ranking: database order (`_distractors/` sorts first). Peers and CNN rows score the same images "
+            "through the same pipeline; VGG16 rows only when its weights file is present.")
+        say()
+        for table in copy_detection_tables(cd, copy_rows):
+            say(table)
+            say()
+        results["copy_detection"] = {"title": cd.title, "root": str(cd.root), "counts": cd.manifest["counts"],
+                                     "rows": [jsonable_copy_row(row) for row in copy_rows]}
+    if "speed" in args.sets:
+        speed = evaluation_speed(2_000 if args.quick else 10_000)
+        results["evaluation_speed"] = speed
+        say("## Evaluation speed")
+        say()
+        say(f"{speed['queries']:,} generated queries against {speed['database']:,} {speed['dim']}-d vectors (groups of "
+            f"4, every image a query, the whole database ranked, AP + P@k + R@k + PR curve + N-S): "
+            f"{speed['seconds']:.1f} s through the exact pipeline, {speed['ms_per_query']:.2f} ms per query "
+            f"(mAP {speed['mAP']:.3f}).")
+        say()
     elapsed = time.perf_counter() - started
     say(f"Total run time: {elapsed:.0f} s.")
     results["seconds"] = round(elapsed, 1)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Create .venv and install the runtime requirements; with --dev also what the tests need
-# (pytest, scikit-image, playwright, and Debian's chromium + dataset-fashion-mnist).
+# Create .venv and install the runtime requirements; with --dev also what the tests and benchmarks need
+# (pytest, scikit-image, playwright, augly, imagehash, and Debian's chromium, dataset-fashion-mnist and the wallpaper
+# packages whose photos make the copy-detection set: mate-backgrounds gnome-backgrounds ukui-wallpapers
+# plasma-workspace-wallpapers; libmagic1 for augly's python-magic).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -15,12 +17,16 @@ if [ "${1:-}" = "--dev" ]; then
   [ -x .milvus-server/bin/python ] || "$PYTHON" -m venv .milvus-server
   .milvus-server/bin/python -m pip install --quiet --disable-pip-version-check milvus==2.3.5
   missing=()
-  for package in chromium dataset-fashion-mnist; do
+  for package in chromium dataset-fashion-mnist libmagic1 mate-backgrounds gnome-backgrounds ukui-wallpapers \
+      plasma-workspace-wallpapers; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
   done
+  command -v npm >/dev/null 2>&1 || missing+=(npm)
   if [ ${#missing[@]} -gt 0 ]; then
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
+  # axe-core, pinned by package-lock.json, for the accessibility checks in tests/test_browser.py
+  npm ci --no-audit --no-fund --loglevel=error
 fi

@@ -5,8 +5,11 @@ import pytest
 from retrieval.errors import RetrievalError
 from retrieval.evaluation.groundtruth import (
     GroundTruth,
+    GroundTruthError,
     Query,
     folders_from_paths,
+    folders_with_queries,
+    group_of,
     holidays_from_paths,
     read_csv,
     read_ground_truth,
@@ -45,6 +48,50 @@ def test_folders_from_paths_and_from_disk(tmp_path):
         folders_from_paths(["a.jpg"])
     with pytest.raises(RetrievalError, match="no such image folder"):
         read_ground_truth("folders", tmp_path / "missing")
+
+
+def test_distractor_folders_are_in_no_group():
+    paths = ["cat/1.jpg", "cat/2.jpg", "_distractors/x.jpg", "_more/sub/y.jpg", "top.jpg", "dog/_b/1.jpg", "dog/_b/2.jpg"]
+    assert [group_of(p) for p in paths] == ["cat", "cat", None, None, None, "dog/_b", "dog/_b"]
+    gt = folders_from_paths(paths)
+    assert [q.path for q in gt.queries] == ["cat/1.jpg", "cat/2.jpg", "dog/_b/1.jpg", "dog/_b/2.jpg"]
+    assert gt.all_paths() == {"cat/1.jpg", "cat/2.jpg", "dog/_b/1.jpg", "dog/_b/2.jpg"}  # distractors: never named
+    with pytest.raises(GroundTruthError, match="folders starting with '_' hold distractors"):
+        folders_from_paths(["_distractors/a.jpg", "b.jpg"])
+
+
+def test_folders_with_queries_outside_the_database():
+    database = ["g1/original.jpg", "g2/original.jpg", "g2/other.jpg", "_distractors/d1.jpg"]
+    queries = ["g2/crop.jpg", "g1/original.jpg", "g3/flip.jpg", "loose.jpg", "_x/y.jpg"]
+    gt = folders_with_queries(queries, database)
+    assert gt.queries == (
+        Query("g1/original.jpg", frozenset({"g1/original.jpg"}), image="g1/original.jpg"),  # same name, still a file
+        Query("g2/crop.jpg", frozenset({"g2/original.jpg", "g2/other.jpg"}), image="g2/crop.jpg"),
+        Query("g3/flip.jpg", frozenset(), image="g3/flip.jpg"),  # its group has no database image
+    )
+    with pytest.raises(GroundTruthError, match="no images in sub-folders of the query folder"):
+        folders_with_queries(["loose.jpg"], database)
+
+
+def test_holidays_official_list_keeps_images_the_index_lacks(tmp_path):
+    listing = tmp_path / "holidays_images.dat"
+    listing.write_text("100000.jpg\n100001.jpg\n100002.jpg\n\n100100.jpg\n100101.jpg\n100200.jpg\n")
+    gt = read_ground_truth("holidays", listing)
+    assert gt.kind == "holidays" and gt.queries == (
+        Query("100000.jpg", frozenset({"100001.jpg", "100002.jpg"})),
+        Query("100100.jpg", frozenset({"100101.jpg"})),
+        Query("100200.jpg", frozenset()),
+    )
+    for text, message in [
+        ("100001.jpg\n100000.jpg\n", "comes before the first query"),
+        ("100000.jpg\nholiday.jpg\n", "holidays_images.dat:2: expected an image name like 100000.jpg"),
+        ("100000.jpg\n100001.jpg\n100001.jpg\n", "listed more than once"),
+        ("\n", "no image names"),
+    ]:
+        listing.write_text(text)
+        with pytest.raises(GroundTruthError, match=message):
+            read_ground_truth("holidays", listing)
+    assert issubclass(GroundTruthError, RetrievalError) and issubclass(GroundTruthError, ValueError)
 
 
 def test_holidays_groups_by_id_div_100_and_queries_end_in_00():
@@ -153,3 +200,5 @@ def test_csv_missing_or_binary_and_unknown_kind(tmp_path):
         read_csv(tmp_path / "bin.csv")
     with pytest.raises(RetrievalError, match="unknown ground truth kind 'trec'"):
         read_ground_truth("trec", tmp_path)
+    with pytest.raises(GroundTruthError, match="unknown ground truth kind 'revisited'.*choose from folders"):
+        read_ground_truth("revisited", tmp_path)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
+import re
+import shlex
 import shutil
 import struct
 import subprocess
@@ -23,6 +26,7 @@ from retrieval.errors import IndexFileError
 from retrieval.indexing import build_index
 from retrieval.storage.database import FeatureDatabase, read_database, write_database
 from retrieval.web import CONTENT_SECURITY_POLICY, create_app
+from retrieval.web import routes
 from retrieval.web.routes import NO_INDEX_MESSAGE
 
 GROUPS = ("coffee", "chelsea", "rocket", "astronaut")
@@ -100,6 +104,10 @@ def test_page_shows_database_info_and_loads_only_local_assets(client):
     assert "<script>" not in html and " on" + "click=" not in html and "style=" not in html  # CSP: no inline code
     assert "http://" not in html and "https://" not in html  # no CDN: works offline
     assert 'for="k-select"' in html and 'type="file"' in html and 'id="choose-button"' in html
+    assert "<h1" in html and 'for="folder-select"' in html and 'data-max-k="200"' in html
+    accept = re.search(r'accept="([^"]*)"', html).group(1)
+    assert "svg" not in accept and "image/*" not in accept and ".tiff" in accept  # what the server reads, no SVG
+    assert html.index("<noscript>") < html.index("<main") < html.index("<footer")  # not hidden under the footer
     for asset, mimetype in (("app.js", "text/javascript"), ("style.css", "text/css"), ("favicon.svg", "image/svg+xml")):
         static = client.get(f"/static/{asset}")
         assert static.status_code == 200 and static.mimetype == mimetype
@@ -549,3 +557,141 @@ def test_server_module_does_nothing_at_import():
     code = "import sys; sys.argv = ['x', '--bogus']; import server; print('tensorflow' in sys.modules, 'flask' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 0 and result.stdout.split() == ["False", "False"], result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- what a result says
+
+
+def test_results_carry_file_size_and_pixel_size_when_the_index_has_it(client, engine, indexed):
+    row = engine.database.paths.index("coffee/original.jpg")
+    body = client.get(f"/api/search?id={row}&k=8").get_json()
+    for item in [body["query"], *body["results"]]:
+        assert item["bytes"] == (indexed[0] / item["path"]).stat().st_size
+        assert item["download_url"] == f"/image/{item['id']}?v={body['version']}&download=1"
+        assert "width" in item and "height" in item
+    sample = client.get("/api/sample?n=3").get_json()["items"]
+    assert all(item["bytes"] > 0 and "width" in item for item in sample)
+
+    # pixel sizes recorded at indexing (database.image_sizes, (N, 2) width/height; <= 0 = unknown) are passed on
+    database = dataclasses.replace(engine.database)
+    sizes = np.array([Image.open(indexed[0] / path).size for path in database.paths], dtype=np.int64)
+    sizes[1] = (0, 0)
+    database.image_sizes = sizes
+    database.file_sizes = database.file_sizes.copy()
+    database.file_sizes[2] = -1  # a reference-demo file has no stats
+    other = create_app(engine=RetrievalEngine(database, engine.extractor)).test_client()
+    items = {item["id"]: item for item in other.get("/api/sample?n=8").get_json()["items"]}
+    assert (items[0]["width"], items[0]["height"]) == tuple(int(v) for v in sizes[0])
+    assert items[1]["width"] is None and items[1]["height"] is None and items[2]["bytes"] is None
+
+
+def test_download_is_the_original_file_as_an_attachment(client, engine, indexed):
+    row = engine.database.paths.index("chelsea/vue é.jpg")
+    version = client.get("/api/info").get_json()["version"]
+    response = client.get(f"/image/{row}?v={version}&download=1")
+    assert response.status_code == 200 and response.mimetype == "image/jpeg"
+    assert response.data == (indexed[0] / "chelsea" / "vue é.jpg").read_bytes()
+    disposition = response.headers["Content-Disposition"]
+    assert disposition.startswith("attachment") and "filename*=UTF-8''vue%20%C3%A9.jpg" in disposition
+    shown = client.get(f"/image/{row}?v={version}")
+    assert "Content-Disposition" not in shown.headers and shown.headers["ETag"] != response.headers["ETag"]
+    assert client.get(f"/image/{row}?v={version}&download=1", headers={"If-None-Match": response.headers["ETag"]}).status_code == 304
+    assert_security_headers(response)
+
+
+def test_truncated_upload_says_so_without_the_decoders_words(client):
+    data = jpeg_bytes("coffee")
+    body = assert_json_error(post_image(client, data[:-22]), 415, "corrupt or truncated image")
+    assert body["error"] == "cannot use this file as an image: corrupt or truncated image"
+
+
+def test_an_upload_of_exactly_the_limit_is_accepted(engine):
+    client = create_app(engine=engine, config={"MAX_UPLOAD_BYTES": 1024 * 1024}).test_client()
+    data = jpeg_bytes("rocket")
+    exact = data + b"\0" * (1024 * 1024 - len(data))
+    assert post_image(client, exact, k="1").get_json()["results"][0]["path"] == "rocket/original.jpg"
+    assert_json_error(post_image(client, exact + b"\0"), 413, "too large")
+
+
+def test_no_index_page_names_the_file_the_server_watches(tmp_path):
+    watched = tmp_path / "my index.h5"
+    html = create_app(watched, config={"TESTING": True}).test_client().get("/").get_data(as_text=True)
+    assert f"--index {shlex.quote(str(watched))}" in html.replace("&#39;", "'")
+    assert "<var>IMAGE_FOLDER</var>" in html and 'id="choose-button"' in html and 'aria-disabled="true"' in html
+    html = create_app(watched, config={"IMAGE_ROOT": "/srv/photos"}).test_client().get("/").get_data(as_text=True)
+    assert "--database /srv/photos" in html
+
+
+# ---------------------------------------------------------------------------------------------------- the folder filter
+
+
+def test_folder_filter_keeps_the_ranking_within_the_folder(client, engine):
+    row = engine.database.paths.index("coffee/original.jpg")
+    everything = client.get(f"/api/search?id={row}&k=8").get_json()["results"]
+    body = client.get(f"/api/search?id={row}&k=2&folder=rocket").get_json()
+    expected = [r for r in everything if r["path"].startswith("rocket/")]
+    assert [r["id"] for r in body["results"]] == [r["id"] for r in expected]
+    assert [r["rank"] for r in body["results"]] == [1, 2]
+    assert [r["overall_rank"] for r in body["results"]] == [r["rank"] for r in expected]
+    assert body["total"] == 2 and body["has_more"] is False and body["folder"] == "rocket"
+    assert body["database_size"] == 8 and body["truncated"] is False
+    first = client.get(f"/api/search?id={row}&k=1&folder=rocket/").get_json()  # one trailing "/" is the same folder
+    assert [r["id"] for r in first["results"]] == [expected[0]["id"]] and first["has_more"] is True
+    second = client.get(f"/api/search?id={row}&k=1&offset=1&folder=rocket").get_json()
+    assert [r["id"] for r in second["results"]] == [expected[1]["id"]] and second["results"][0]["rank"] == 2
+    upload = post_image(client, jpeg_bytes("chelsea"), k="5", folder="coffee").get_json()
+    assert [r["path"].split("/")[0] for r in upload["results"]] == ["coffee", "coffee"] and upload["total"] == 2
+    unfiltered = client.get(f"/api/search?id={row}&k=3").get_json()
+    assert "folder" not in unfiltered and unfiltered["total"] == 8
+
+
+@pytest.mark.parametrize("folder", ["/etc", "../x", "coffee/..", "a//b", "a\\b", ".", "/", "x%00y", "a%0Ab", "a" * 1001])
+def test_malformed_folder_is_400(client, folder):
+    assert_json_error(client.get(f"/api/search?id=0&folder={folder}"), 400, "folder must be a folder of the database")
+    assert_json_error(client.get(f"/api/sample?folder={folder}"), 400, "folder must be")
+
+
+@pytest.mark.parametrize("folder", ["nope", "coff", "coffee/deeper", "é"])
+def test_unknown_folder_is_simply_empty(client, folder):
+    body = client.get(f"/api/search?id=0&folder={folder}").get_json()
+    assert body["results"] == [] and body["total"] == 0 and body["has_more"] is False
+    sample = client.get(f"/api/sample?folder={folder}").get_json()
+    assert sample["items"] == [] and sample["total"] == 0
+
+
+def test_folder_sample_and_folder_list(client):
+    sample = client.get("/api/sample?folder=chelsea").get_json()
+    assert sorted(item["path"] for item in sample["items"]) == ["chelsea/original.jpg", "chelsea/vue é.jpg"]
+    assert sample["total"] == 2 and sample["folder"] == "chelsea"
+    listed = client.get("/api/folders").get_json()
+    assert listed["folders"] == [{"folder": group, "count": 2} for group in sorted(GROUPS)] and listed["truncated"] is False
+
+
+def test_folder_search_asks_the_engine_for_more_hits_but_only_so_deep(app, client, engine, monkeypatch):
+    asked = []
+    real = engine.search_id
+
+    def recording(row, k, expansion=None):
+        asked.append(k)
+        return real(row, k, expansion) if expansion is not None else real(row, k)
+
+    monkeypatch.setattr(engine, "search_id", recording)
+    row = engine.database.paths.index("coffee/original.jpg")
+    ranked = [r["path"] for r in client.get(f"/api/search?id={row}&k=8").get_json()["results"]]
+    last_group = ranked[-1].split("/")[0]  # the folder whose images rank lowest
+    asked.clear()
+    body = client.get(f"/api/search?id={row}&k=2&folder={last_group}").get_json()
+    assert len(body["results"]) == 2 and asked and max(asked) <= 8  # more than k hits, never beyond the database
+
+    monkeypatch.setattr(routes, "FOLDER_SCAN_LIMIT", 3)
+    asked.clear()
+    body = client.get(f"/api/search?id={row}&k=2&folder={last_group}").get_json()
+    assert max(asked) <= 3 and body["truncated"] is True and body["has_more"] is False
+    assert len(body["results"]) < 2
+
+
+def test_folder_rows_without_sorted_paths_are_found_by_a_scan():
+    fake = type("E", (), {"database": type("D", (), {"paths": ["b/1.jpg", "a/2.jpg", "b/c/3.jpg", "bb/4.jpg"]})()})()
+    assert list(routes._folder_rows(fake, "unsorted-test", "b")) == [0, 2]
+    ordered = type("E", (), {"database": type("D", (), {"paths": ["a/2.jpg", "b/1.jpg", "b/c/3.jpg", "bb/4.jpg"]})()})()
+    assert routes._folder_rows(ordered, "sorted-test", "b") == range(1, 3)

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""Measure retrieval quality of a feature database against ground truth: mAP, P@k, R@k (and N-S for UKBench).
+"""Measure retrieval quality of a feature database against ground truth: mAP, P@k, R@k (N-S for UKBench, E/M/H for
+Revisited Oxford/Paris, µAP for queries outside the database).
 
     python evaluate.py --index index/features.h5 --ground-truth folders
+    python evaluate.py --index refs.h5 --ground-truth folders --queries copies/        # copy detection
+    python evaluate.py --index roxford5k.h5 --ground-truth revisited --gt-path gnd_roxford5k.pkl
     python evaluate.py --index oxford.h5 --ground-truth oxford --gt-path gt_files/ --qe alpha --json out.json
 """
 
@@ -12,9 +15,12 @@ import json
 import sys
 
 GT_HELP = (
-    "folders: each sub-folder is a group; holidays: INRIA Holidays names; ukbench: groups of 4; "
-    "oxford: Oxford/Paris *_query/_good/_ok/_junk.txt folder; csv: a query,relevant file"
+    "folders: each sub-folder is a group (top-level folders starting with _ hold distractors); holidays: INRIA "
+    "Holidays (names, or the official list with --gt-path); ukbench: groups of 4; oxford: Oxford/Paris "
+    "*_query/_good/_ok/_junk.txt folder; revisited: Revisited Oxford/Paris gnd_*.pkl; csv: a query,relevant file"
 )
+PROTOCOL_CHOICES = ("easy", "medium", "hard", "all")
+MICRO_AP_DEPTH = 100  # results of each query pooled for µAP (DISC21 pools each query's predictions)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,22 +35,86 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--index", required=True, type=nonempty_path, metavar="FILE.h5", help="feature database built by index.py")
     parser.add_argument("--ground-truth", required=True, choices=GROUND_TRUTH_KINDS, help=GT_HELP)
     parser.add_argument("--gt-path", metavar="PATH",
-                        help="image folder (folders/holidays/ukbench; default: the paths stored in the index), "
-                             "ground-truth folder (oxford) or CSV file (csv)")
+                        help="image folder (folders/holidays/ukbench; default: the paths stored in the index), the "
+                             "Holidays list file (holidays_images.dat), ground-truth folder (oxford), gnd_*.pkl "
+                             "(revisited) or CSV file (csv)")
+    parser.add_argument("--queries", metavar="DIR",
+                        help="folders: every image under DIR/<group>/ is a query encoded from its file, relevant to the "
+                             "database images under <group>/ (copy detection); revisited: the folder of the query "
+                             "images (default: the index's image folder)")
+    parser.add_argument("--protocol", choices=PROTOCOL_CHOICES, default="all",
+                        help="revisited: Easy, Medium, Hard or all three (default: all)")
     parser.add_argument("--k", type=cutoff_list, default=[1, 5, 10], metavar="1,5,10", help="cut-offs for P@k and R@k (default: 1,5,10)")
     parser.add_argument("--qe", choices=QUERY_EXPANSIONS, default="none",
                         help="query expansion: avg = average QE, alpha = alpha-QE (default: none)")
     parser.add_argument("--qe-top-n", type=positive_int, default=3, metavar="N", help="neighbours used by query expansion (default: 3)")
     parser.add_argument("--qe-alpha", type=non_negative_float, default=3.0, metavar="A", help="alpha-QE exponent (default: 3)")
-    parser.add_argument("--ap", choices=AP_METHODS, default="non-interpolated",
-                        help="AP definition: non-interpolated, or trapezoid as the original Oxford compute_ap (default: non-interpolated)")
+    parser.add_argument("--ap", choices=AP_METHODS, default=None,
+                        help="AP definition (default: trapezoid, what the official Oxford, Paris, Holidays and "
+                             "Revisited code computes, used for every kind; non-interpolated: the TREC AP)")
     parser.add_argument("--whiten-from", metavar="FILE.h5", help="learn PCA-whitening on this index's vectors and apply it")
     parser.add_argument("--whiten-dim", type=positive_int, metavar="D", help="dimensions kept by the whitening (default: all it can)")
     parser.add_argument("--database", metavar="DIR", help="image folder the index paths are relative to (default: the one recorded)")
     parser.add_argument("--weights", metavar="FILE", help="the weights file the index was built with, if not where it was")
     parser.add_argument("--json", metavar="OUT.json", help="also write the metrics, settings, PR curve and per-query scores")
     parser.add_argument("--pr-plot", metavar="OUT.png", help="also draw the mean precision-recall curve (needs matplotlib)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.queries and args.ground_truth not in ("folders", "revisited"):
+        parser.error("--queries goes with --ground-truth folders (or revisited: the query images' folder)")
+    if args.protocol != "all" and args.ground_truth != "revisited":
+        parser.error("--protocol goes with --ground-truth revisited")
+    return args
+
+
+def ground_truths(args, paths) -> tuple[dict, list[str]]:
+    """{label: GroundTruth} to evaluate (one, or one per Revisited protocol) and lines that describe them."""
+    from ..errors import RetrievalError
+    from ..evaluation import groundtruth, revisited
+    from ..evaluation.protocol import PathResolver
+    from ..images import list_image_files
+
+    kind, notes = args.ground_truth, []
+    if kind == "revisited":
+        if not args.gt_path:
+            raise RetrievalError("--ground-truth revisited needs --gt-path gnd_roxford5k.pkl (or gnd_rparis6k.pkl)")
+        gnd = revisited.load_revisited_gnd(args.gt_path)
+        resolver = PathResolver(paths)
+        in_index = sum(resolver.row(name) is not None for name in gnd.images)
+        queries_in_index = sum(resolver.row(q.name) is not None for q in gnd.queries)
+        notes.append(f"revisited: {len(gnd.queries)} queries; {in_index} of the {len(gnd.images)} database images "
+                     f"(imlist) are in the index, {queries_in_index} query images in it are left out as junk, "
+                     f"{len(paths) - in_index - queries_in_index} other images count as negatives")
+        names = revisited.PROTOCOLS if args.protocol == "all" else (args.protocol,)
+        return {name: gnd.protocol(name) for name in names}, notes
+    if args.queries:
+        from pathlib import Path
+
+        if not Path(args.queries).is_dir():
+            raise RetrievalError(f"{args.queries}: no such query folder")
+        query_paths = list_image_files(args.queries)
+        truth = groundtruth.folders_with_queries(query_paths, paths)
+        outside = len(query_paths) - len(truth)
+        notes.append(f"queries: {len(truth)} images under {args.queries}/<group>/, encoded from their files"
+                     + (f" ({outside} outside a group folder not used)" if outside else ""))
+        return {kind: truth}, notes
+    if args.gt_path:
+        return {kind: groundtruth.read_ground_truth(kind, args.gt_path)}, notes
+    if kind in groundtruth.FROM_PATHS:
+        return {kind: groundtruth.FROM_PATHS[kind](paths)}, notes
+    raise RetrievalError(f"--ground-truth {kind} needs --gt-path")
+
+
+def revisited_table(results: dict) -> str:
+    """mAP and mP@k of each protocol side by side, as revisitop prints them."""
+    names = list(results)
+    first = results[names[0]]
+    rows = [("mAP", {n: r.mean_average_precision for n, r in results.items()})]
+    rows += [(f"mP@{k}", {n: r.mean_precision_at(k) for n, r in results.items()}) for k in first.ks]
+    rows += [("queries", {n: len(r.queries) for n, r in results.items()})]
+    lines = [f"{'metric':<8}" + "".join(f"{n:>9}" for n in names)]
+    for label, values in rows:
+        lines.append(f"{label:<8}" + "".join(f"{values[n]:>9}" if label == "queries" else f"{values[n]:>9.4f}" for n in names))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -56,12 +126,17 @@ def main(argv=None) -> int:
 
         from ..engine import RetrievalEngine
         from ..errors import RetrievalError
-        from ..evaluation import groundtruth
-        from ..evaluation.protocol import encode_query, evaluate_queries, prepare_queries, relearned_pipeline, write_pr_plot
+        from ..evaluation.protocol import (
+            OFFICIAL_AP, describe_ap, encode_query, encode_query_files, evaluate_queries, prepare_queries,
+            relearned_pipeline, write_pr_plot,
+        )
         from ..files import atomic_write_bytes, check_writable_target
         from ..search.expansion import QueryExpansion
         from ..storage.database import read_database
 
+        kind = args.ground_truth
+        ap_method = args.ap or OFFICIAL_AP[kind][0]
+        precision = "revisitop" if kind == "revisited" else "plain"
         expansion = QueryExpansion(args.qe, args.qe_top_n, args.qe_alpha)
         for output in (args.json, args.pr_plot):
             if output:
@@ -74,50 +149,79 @@ def main(argv=None) -> int:
         engine = RetrievalEngine.open(args.index, weights_file=args.weights, image_root=args.database, with_extractor=False)
         try:
             database = engine.database
-            kind = args.ground_truth
-            if args.gt_path:
-                truth = groundtruth.read_ground_truth(kind, args.gt_path)
-            elif kind in groundtruth.FROM_PATHS:
-                truth = groundtruth.FROM_PATHS[kind](database.paths)
-            else:
-                raise RetrievalError(f"--ground-truth {kind} needs --gt-path")
+            truths, notes = ground_truths(args, database.paths)
             pipeline = engine.pipeline
             if args.whiten_from:
                 pipeline = relearned_pipeline(database, read_database(args.whiten_from), args.whiten_from, args.whiten_dim)
+            encoded: dict = {}
+            files: dict = {}
+            if any(q.image is not None and q.bbox is None for truth in truths.values() for q in truth.queries):
+                engine.load_extractor(args.weights)  # query files (--queries): encoded in batches up front
+                files = encode_query_files(engine, [q for truth in truths.values() for q in truth.queries], args.queries)
 
             def encode(query, row):
-                """Crop (Oxford box) or whole image -> vector, with the index's own encoder (built on first use)."""
-                engine.load_extractor(args.weights)
-                return encode_query(engine, query, row)
+                """Crop (query box) or whole image -> vector with the index's own encoder (built on first use); each
+                query image is encoded once, however many protocols use it."""
+                if query.image in files and query.bbox is None:
+                    if isinstance(files[query.image], Exception):
+                        raise files[query.image]
+                    return files[query.image]
+                key = (query.image, query.path, query.bbox, row)
+                if key not in encoded:
+                    engine.load_extractor(args.weights)
+                    encoded[key] = encode_query(engine, query, row, args.queries)
+                return encoded[key]
 
-            prepared = prepare_queries(truth, database.paths, database.vectors, encode)
-            for name, reason in prepared.skipped:
-                print(f"skipped query: {name}: {reason}", file=sys.stderr)
-            if prepared.missing_relevant:
-                shown = ", ".join(prepared.missing_relevant[:3]) + (", ..." if len(prepared.missing_relevant) > 3 else "")
-                print(f"note: {len(prepared.missing_relevant)} relevant images of the ground truth are not in the index "
-                      f"and count as missed ({shown})", file=sys.stderr)
-            result = evaluate_queries(
-                pipeline, prepared.queries, ks=args.k, expansion=expansion, ap_method=args.ap, ns_score=kind == "ukbench"
-            )
+            results, preparations = {}, {}
+            for label, truth in truths.items():
+                prepared = preparations[label] = prepare_queries(truth, database.paths, database.vectors, encode)
+                results[label] = evaluate_queries(
+                    pipeline, prepared.queries, ks=args.k, expansion=expansion, ap_method=ap_method,
+                    precision=precision, ns_score=kind == "ukbench",
+                    micro_ap=MICRO_AP_DEPTH if args.queries and kind == "folders" else None,
+                )
         finally:
             engine.close()
+        first = next(iter(preparations.values()))
+        for label, prepared in preparations.items():
+            for name, reason in prepared.skipped:
+                print(f"skipped query{f' ({label})' if len(truths) > 1 else ''}: {name}: {reason}", file=sys.stderr)
         encoder = database.encoder
+        result = results.get("medium") or next(iter(results.values()))  # the one plotted (Revisited: Medium)
+        evaluated = ", ".join(f"{label} {len(r.queries)}" for label, r in results.items()) if len(results) > 1 else str(len(result.queries))
+        skipped = sum(len(p.skipped) for p in preparations.values())
         print(f"{args.index}: {len(database)} images [{encoder.backbone} {encoder.pooling} {encoder.dim}-d, "
-              f"{result.settings['search']} search]; {kind} ground truth: {len(result.queries)} queries evaluated, "
-              f"{len(prepared.skipped)} skipped; query expansion: {args.qe}; AP: {args.ap}")
-        print(result.table())
+              f"{result.settings['search']} search]; {kind} ground truth: {evaluated} queries evaluated, "
+              f"{skipped} skipped; query expansion: {args.qe}")
+        print(f"database: {first.database_size} images, {first.unreferenced} of them named by no query "
+              f"(distractors, irrelevant to every query); {len(first.missing_relevant)} relevant images of the "
+              "ground truth are not in the index (counted as misses)")
+        for note in notes:
+            print(note)
+        rule = "revisitop mP@k (divides by min(k, rank of the last relevant))" if precision == "revisitop" else "relevant in the first k / k"
+        print(f"AP: {describe_ap(kind, ap_method)}; P@k: {rule}"
+              + (f"; µAP: DISC21, each query's first {MICRO_AP_DEPTH} results pooled" if result.micro_ap is not None else ""))
+        print(revisited_table(results) if kind == "revisited" else result.table())
+        if first.missing_relevant:
+            shown = ", ".join(first.missing_relevant[:3]) + (", ..." if len(first.missing_relevant) > 3 else "")
+            print(f"note: not in the index: {shown}", file=sys.stderr)
         if args.json:
             report = {
                 "index": str(args.index),
                 "ground_truth": kind,
                 "gt_path": args.gt_path,
+                "queries_folder": args.queries,
                 "encoder": encoder.identity(),
                 "images": len(database),
-                **result.as_dict(),
-                "skipped": [{"query": name, "reason": reason} for name, reason in prepared.skipped],
-                "missing_relevant": prepared.missing_relevant,
+                "distractors": first.unreferenced,
+                "missing_relevant": first.missing_relevant,
             }
+            if kind == "revisited":
+                report["protocols"] = {label: r.as_dict() for label, r in results.items()}
+                report["skipped"] = {label: [{"query": n, "reason": why} for n, why in p.skipped] for label, p in preparations.items()}
+            else:
+                report.update(result.as_dict())
+                report["skipped"] = [{"query": name, "reason": reason} for name, reason in first.skipped]
             try:
                 atomic_write_bytes(Path(args.json), (json.dumps(report, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
             except OSError as exc:

@@ -4,7 +4,16 @@ A *ranking* is the database ids (paths, row numbers, any hashable) in order of d
 *junk* are sets of ids. Junk ids (Oxford/Paris "junk": neither relevant nor counted as errors) are deleted from the
 ranking before anything is computed, so the item after a junk item moves up one place.
 
-Which list to pass (the protocols, applied by ``retrieval.evaluation``):
+Which AP (``AP_METHODS``):
+
+* ``trapezoid`` (default): what the published benchmarks' own code computes. Oxford5k/Paris6k ``compute_ap.cpp``,
+  INRIA Holidays ``holidays_map.py``, revisitop ``python/evaluate.py`` (Revisited Oxford/Paris) and cirtorch
+  ``compute_ap`` all integrate precision over recall with the trapezoid rule, starting from (recall 0, precision 1).
+* ``non-interpolated``: the TREC / scikit-learn AP, the mean of the precision at each relevant item. It is never
+  below the trapezoid value (one relevant item at rank 4: 1/4 against 1/8). DISC21's micro-AP uses this rule over
+  pooled pairs (``micro_average_precision``).
+
+Which list to pass (the protocols, applied by ``retrieval.evaluation.protocol``):
 
 * AP, P@k, R@k, PR curve: when the query is itself a database image it is removed from its own ranking and is not in
   its relevant set (folders, Holidays, UKBench, CSV). Oxford/Paris queries are a cropped region encoded afresh, so the
@@ -22,7 +31,10 @@ from typing import Collection, Hashable, Iterable, Sequence
 
 import numpy as np
 
-AP_METHODS = ("non-interpolated", "trapezoid")
+AP_METHODS = ("trapezoid", "non-interpolated")
+PRECISION_RULES = ("plain", "revisitop")
+"""P@k: ``plain`` divides the relevant items among the first k by k; ``revisitop`` is Revisited Oxford/Paris' mP@k
+(``precision_at_kappas``)."""
 DEFAULT_RECALL_LEVELS = np.linspace(0.0, 1.0, 101)
 
 
@@ -42,16 +54,18 @@ def relevance_flags(ranked_ids: Sequence[Hashable] | np.ndarray, relevant: Colle
     return np.array([item in relevant for item in ranked_list if item not in junk], dtype=bool)
 
 
-def average_precision_from_flags(flags: np.ndarray, n_relevant: int, method: str = "non-interpolated") -> float:
-    """AP from ``relevance_flags`` (junk already removed) and the total number of relevant ids.
+def average_precision_from_flags(flags: np.ndarray, n_relevant: int, method: str = "trapezoid") -> float:
+    """AP from ``relevance_flags`` (junk already removed) and the total number of relevant ids R.
 
-    ``non-interpolated`` (default; the usual definition, as in TREC and the revisited Oxford/Paris code):
-    ``(1 / R) * sum over hits at 1-based position i with t hits so far of t / i``.
+    With the t-th hit at 1-based position i:
 
-    ``trapezoid``: the original Oxford/Paris ``compute_ap.cpp``, which integrates precision over recall with the
-    trapezoidal rule starting from (recall 0, precision 1): each hit adds ``(1 / R) * (p_before + p_at) / 2`` where
-    ``p_before = (t - 1) / (i - 1)`` (1 at i = 1) and ``p_at = t / i``. It is slightly lower than the non-interpolated AP
-    when a hit follows a miss, and is what published Oxford5k/Paris6k numbers used.
+    * ``trapezoid``: each hit adds ``(p_before + p_at) / (2 R)`` with ``p_before = (t - 1) / (i - 1)`` (1 at i = 1)
+      and ``p_at = t / i``: the area under the precision-recall steps by the trapezoid rule from (0, 1), as the
+      benchmarks' code computes it (module docstring).
+    * ``non-interpolated``: ``(1 / R) * sum of t / i``.
+
+    Worked by hand: hits at positions 1 and 3 of R = 2 give trapezoid (1 + 1)/4 + (1/2 + 2/3)/4 = 19/24
+    (non-interpolated 5/6); a single hit at position 4 of R = 1 gives (0 + 1/4)/2 = 1/8 (non-interpolated 1/4).
     """
     if n_relevant < 1:
         raise ValueError("average precision is undefined for a query with no relevant items")
@@ -59,11 +73,11 @@ def average_precision_from_flags(flags: np.ndarray, n_relevant: int, method: str
     positions = np.flatnonzero(flags) + 1.0  # 1-based rank of each hit
     hits = np.arange(1, positions.size + 1, dtype=np.float64)
     at_hit = hits / positions
-    if method == "non-interpolated":
-        return float(at_hit.sum() / n_relevant)
     if method == "trapezoid":
         before = np.where(positions > 1, (hits - 1) / np.maximum(positions - 1, 1), 1.0)
         return float(((before + at_hit) / 2).sum() / n_relevant)
+    if method == "non-interpolated":
+        return float(at_hit.sum() / n_relevant)
     raise ValueError(f"unknown AP method {method!r}; choose from {', '.join(AP_METHODS)}")
 
 
@@ -72,12 +86,12 @@ def average_precision(
     relevant: Collection,
     junk: Collection = (),
     *,
-    method: str = "non-interpolated",
+    method: str = "trapezoid",
 ) -> float:
     """Average precision of one ranking (junk deleted first); see ``average_precision_from_flags`` for ``method``.
 
     Example: ranking a, x, b, y, c with relevant {a, b, c, d} and junk {y} -> a, x, b, c -> hits at 1, 3, 4 ->
-    non-interpolated AP = (1/1 + 2/3 + 3/4) / 4. ValueError when ``relevant`` is empty.
+    trapezoid AP = [(1 + 1) + (1/2 + 2/3) + (2/3 + 3/4)] / 8 = 55/96. ValueError when ``relevant`` is empty.
     """
     return average_precision_from_flags(relevance_flags(ranked_ids, relevant, junk), len(set(relevant)), method)
 
@@ -87,7 +101,7 @@ def mean_average_precision(
     relevants: Sequence[Collection],
     junks: Sequence[Collection] | None = None,
     *,
-    method: str = "non-interpolated",
+    method: str = "trapezoid",
 ) -> float:
     """Mean of ``average_precision`` over queries (one ranking, relevant set and junk set per query)."""
     if len(rankings) != len(relevants) or (junks is not None and len(junks) != len(rankings)):
@@ -105,6 +119,25 @@ def precision_at_k(ranked_ids, relevant: Collection, k: int, junk: Collection = 
     return float(relevance_flags(ranked_ids, relevant, junk)[:k].sum() / k)
 
 
+def precision_at_kappas(flags: np.ndarray, ks: Sequence[int]) -> np.ndarray:
+    """Revisited Oxford/Paris mP@k of one query, as revisitop's ``compute_map``: float64 (len(ks),).
+
+    With p the 1-based positions of the hits in ``flags`` (junk deleted): ``kq = min(max(p), k)`` and
+    ``P = #(p <= kq) / kq``. The denominator is k or, when every hit lies within the first k, the position of the
+    last hit (neither always k nor min(k, number of relevant)). Hits at 1 and 3, k = 5 -> 2/3 (plain P@5: 2/5);
+    a single hit at 2 -> P@1 = 0, P@5 = 1/2. No hit: 0 (revisitop itself fails there).
+    """
+    if any(k < 1 for k in ks):
+        raise ValueError(f"every k must be at least 1, got {list(ks)}")
+    positions = np.flatnonzero(np.asarray(flags, dtype=bool)) + 1
+    out = np.zeros(len(ks), dtype=np.float64)
+    if positions.size:
+        for i, k in enumerate(ks):
+            kq = min(int(positions[-1]), int(k))
+            out[i] = np.count_nonzero(positions <= kq) / kq
+    return out
+
+
 def recall_at_k(ranked_ids, relevant: Collection, k: int, junk: Collection = ()) -> float:
     """Fraction of all relevant ids found in the first ``k`` (junk deleted). (Not the "any hit in top k" rate.)"""
     if k < 1:
@@ -113,6 +146,27 @@ def recall_at_k(ranked_ids, relevant: Collection, k: int, junk: Collection = ())
     if count == 0:
         raise ValueError("recall is undefined for a query with no relevant items")
     return float(relevance_flags(ranked_ids, relevant, junk)[:k].sum() / count)
+
+
+def micro_average_precision(scores: np.ndarray, is_true: np.ndarray, n_true: int) -> float:
+    """DISC21 (Image Similarity Challenge 2021) micro-AP, µAP, over pooled (query, reference) predictions.
+
+    ``scores`` float (P,): one score per predicted pair; ``is_true`` bool (P,): whether that pair is in the ground
+    truth; ``n_true``: the number of true pairs in the ground truth (pairs never predicted count as missed). Every pair
+    of every query is sorted together by decreasing score, and among equal scores the false pairs come first (the
+    official pessimistic rule: a constant score earns nothing). Then the non-interpolated AP of that one list:
+    scores 0.9, 0.8, 0.7 with truth T, F, T and n_true 3 -> (1/1 + 2/3) / 3 = 5/9; with scores 0.9, 0.9, 0.7 the
+    false pair ties with the first true one and goes first: (1/2 + 2/3) / 3 = 7/18.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    truth = np.asarray(is_true, dtype=bool).reshape(-1)
+    if scores.shape != truth.shape:
+        raise ValueError(f"{scores.size} scores but {truth.size} truth flags")
+    if n_true < 1 or truth.sum() > n_true:
+        raise ValueError(f"n_true must be at least the number of true predicted pairs ({int(truth.sum())}), got {n_true}")
+    hits = truth[np.lexsort((truth, -scores))]  # by score descending, false before true on ties
+    positions = np.flatnonzero(hits) + 1.0
+    return float(np.sum(np.arange(1, positions.size + 1) / positions) / n_true)
 
 
 def ukbench_ns_count(ranked_ids, relevant: Collection, k: int = 4) -> int:

@@ -4,12 +4,16 @@ Two steps, so the benchmark and ``evaluate.py`` share them:
 
 1. ``prepare_queries(ground_truth, paths, vectors, encode)`` matches ground-truth paths to database rows
    (``PathResolver``) and gives each query its vector: a query that *is* a database image uses its stored vector and is
-   excluded from its own ranking; a query with a box (Oxford/Paris) or one missing from the index is encoded by the
-   ``encode(query, row)`` callback (e.g. crop + ``Extractor.encode_pil``) and ranks the whole database.
-2. ``evaluate_queries(pipeline, prepared, ...)`` ranks the database for each query through the engine's query
-   pipeline (exactly what the server serves: stored whitening, the backend, query expansion) and computes AP, P@k, R@k, the interpolated PR curve and, for UKBench, the N-S score.
+   excluded from its own ranking; a query with a box (Oxford/Paris), one missing from the index, or one that is not a
+   database image at all (``Query.image``: ``--queries``, Revisited) is encoded by the ``encode(query, row)`` callback
+   (``encode_query``: crop + the engine's extractor) and ranks the whole database.
+2. ``evaluate_queries(pipeline, prepared, ...)`` ranks the database for every query through the engine's query
+   pipeline (exactly what the server serves: stored whitening, the backend, query expansion), N queries a batched
+   search per block, and computes AP, P@k, R@k, the interpolated PR curve and, when asked, the UKBench N-S score
+   and DISC21's micro-AP.
 
-Protocol details are in ``retrieval.evaluation.metrics``. ``write_pr_plot`` draws the mean PR curve (matplotlib, imported lazily).
+Which AP each benchmark's official code computes is ``OFFICIAL_AP`` (the trapezoid rule for all of them; see
+``retrieval.evaluation.metrics``). ``write_pr_plot`` draws the mean PR curve (matplotlib, imported lazily).
 """
 
 from __future__ import annotations
@@ -28,6 +32,26 @@ from . import metrics
 from .groundtruth import GroundTruth, Query
 
 DEFAULT_KS = (1, 5, 10)
+
+OFFICIAL_AP = {
+    "oxford": ("trapezoid", "as Oxford/Paris compute_ap.cpp"),
+    "revisited": ("trapezoid", "as revisitop compute_map"),
+    "holidays": ("trapezoid", "as INRIA holidays_map.py"),
+    "ukbench": ("trapezoid", "as the other benchmarks; UKBench's own score is N-S"),
+    "folders": ("trapezoid", "the benchmarks' rule (Oxford compute_ap); --ap non-interpolated for TREC's"),
+    "csv": ("trapezoid", "the benchmarks' rule (Oxford compute_ap); --ap non-interpolated for TREC's"),
+}
+"""Ground-truth kind -> (the AP its benchmark's official code computes, where that comes from). The generic kinds
+(folders, csv) have no official code: they report the same trapezoid AP, so every number of this evaluator means the
+same thing."""
+
+
+def describe_ap(kind: str, method: str) -> str:
+    """One phrase for the output: which AP is reported, and whether it is the official one for ``kind``."""
+    official, source = OFFICIAL_AP.get(kind, ("trapezoid", "the benchmarks' rule"))
+    if method == official:
+        return f"{method} ({source})"
+    return f"{method} (not the official {official} AP of this ground truth)"
 
 
 class PathResolver:
@@ -64,11 +88,14 @@ class PreparedQuery:
 
 @dataclass
 class Preparation:
-    """What ``prepare_queries`` made: the queries, those skipped with a reason, relevant paths missing from the index."""
+    """What ``prepare_queries`` made: the queries, those skipped with a reason, relevant paths missing from the index,
+    the database size and how many database images no query names (distractors: irrelevant to every query)."""
 
     queries: list[PreparedQuery]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     missing_relevant: list[str] = field(default_factory=list)
+    database_size: int = 0
+    unreferenced: int = 0
 
 
 def prepare_queries(
@@ -79,12 +106,13 @@ def prepare_queries(
 ) -> Preparation:
     """Match ``ground_truth`` to the database (``paths`` (N,), ``vectors`` (N, D)) and give every query a vector.
 
-    ``encode(query, row)`` is called for queries with a ``bbox`` or not in the index (``row`` is the query image's
-    database row or None); an ``ImageError`` from it skips that query with the reason. Without ``encode`` such
-    queries are skipped. Queries with no relevant image in the ground truth are skipped (AP is undefined).
+    ``encode(query, row)`` is called for queries with a ``bbox``, not in the index, or not database images
+    (``query.image``; ``row`` is the query image's database row or None); an ``ImageError`` from it skips that query
+    with the reason. Without ``encode`` such queries are skipped. Queries with no relevant image in the ground truth
+    are skipped (AP is undefined; revisitop leaves them out of its means too).
     """
     resolver = PathResolver(paths)
-    prepared, skipped, missing = [], [], set()
+    prepared, skipped, missing, mentioned = [], [], set(), set()
     for query in ground_truth.queries:
         if not query.relevant:
             skipped.append((query.path, "no relevant images in the ground truth"))
@@ -97,7 +125,8 @@ def prepare_queries(
             else:
                 relevant_rows.append(row)
         junk_rows = [row for row in map(resolver.row, query.junk) if row is not None]
-        own = resolver.row(query.path)
+        own = None if query.image is not None else resolver.row(query.path)
+        mentioned.update(relevant_rows, junk_rows, () if own is None else (own,))
         if query.bbox is None and own is not None:
             vector, exclude = np.asarray(vectors[own], dtype=np.float32), own
         elif encode is None:
@@ -120,7 +149,7 @@ def prepare_queries(
                 own_row=own,
             )
         )
-    return Preparation(prepared, skipped, sorted(missing))
+    return Preparation(prepared, skipped, sorted(missing), len(paths), len(paths) - len(mentioned))
 
 
 @dataclass(frozen=True)
@@ -145,7 +174,8 @@ class QueryScore:
 
 @dataclass
 class EvaluationResult:
-    """Per-query scores and their means; ``pr_precision`` is the mean interpolated precision at ``pr_recall``."""
+    """Per-query scores and their means; ``pr_precision`` is the mean interpolated precision at ``pr_recall``;
+    ``micro_ap`` is DISC21's µAP over the pooled (query, database image) pairs when it was asked for."""
 
     queries: list[QueryScore]
     ks: tuple[int, ...]
@@ -153,6 +183,7 @@ class EvaluationResult:
     pr_precision: np.ndarray
     ns_score: float | None = None
     settings: dict = field(default_factory=dict)
+    micro_ap: float | None = None
 
     @property
     def mean_average_precision(self) -> float:
@@ -165,12 +196,15 @@ class EvaluationResult:
         return float(np.mean([q.recall_at[k] for q in self.queries]))
 
     def metrics(self) -> dict[str, float]:
-        """``{"mAP": ..., "P@1": ..., ..., "R@1": ..., "N-S": ...}`` in that order."""
+        """``{"mAP": ..., "P@1": ..., ..., "R@1": ..., "N-S": ..., "µAP": ...}`` in that order (the last two when
+        computed)."""
         out = {"mAP": self.mean_average_precision}
         out.update({f"P@{k}": self.mean_precision_at(k) for k in self.ks})
         out.update({f"R@{k}": self.mean_recall_at(k) for k in self.ks})
         if self.ns_score is not None:
             out["N-S"] = self.ns_score
+        if self.micro_ap is not None:
+            out["µAP"] = self.micro_ap
         return out
 
     def table(self) -> str:
@@ -192,6 +226,33 @@ class EvaluationResult:
 
 
 QUERY_BLOCK = 256  # queries ranked per batched pipeline call
+FIRST_DEPTH = 1000  # results ranked at first; a query whose relevant images are not all among them is ranked again
+
+
+def _rankings(pipeline: QueryPipeline, block: list[PreparedQuery], k: int, expansion: QueryExpansion):
+    """One batched pipeline search for ``block``: per query (full ranking with its own row, similarities), -1 dropped."""
+    excluded = [query.exclude for query in block]
+    extra = 1 if any(row is not None for row in excluded) else 0
+    rows, similarities = pipeline.search(
+        np.stack([query.vector for query in block]), min(k + extra, len(pipeline)), expansion, query_rows=excluded
+    )
+    return [(ranking[ranking >= 0], similarity[ranking >= 0]) for ranking, similarity in zip(rows, similarities)]
+
+
+def _ranked_blocks(pipeline, queries, depth: int, first: int, expansion):
+    """(query, ranking, similarities) for every query, ``depth`` deep: each block is searched ``first`` deep, and
+    only the queries with a relevant image below that are searched again, ``depth`` deep. The rankings are the
+    same as one search ``depth`` deep (the backends rank ties by row), minus most of the sorting."""
+    for start in range(0, len(queries), QUERY_BLOCK):
+        block = list(queries[start : start + QUERY_BLOCK])
+        ranked = _rankings(pipeline, block, first, expansion)
+        again = [i for i, (query, (order, _)) in enumerate(zip(block, ranked))
+                 if first < depth and np.count_nonzero(np.isin(order, query.relevant)) < query.relevant.size]
+        if again:
+            for i, deeper in zip(again, _rankings(pipeline, [block[i] for i in again], depth, expansion)):
+                ranked[i] = deeper
+        for query, (order, similarity) in zip(block, ranked):
+            yield query, order, similarity
 
 
 def evaluate_queries(
@@ -200,20 +261,28 @@ def evaluate_queries(
     *,
     ks: Sequence[int] = DEFAULT_KS,
     expansion: QueryExpansion = NO_EXPANSION,
-    ap_method: str = "non-interpolated",
+    ap_method: str = "trapezoid",
+    precision: str = "plain",
     ns_score: bool = False,
+    micro_ap: int | None = None,
     depth: int | None = None,
     recall_levels: np.ndarray = metrics.DEFAULT_RECALL_LEVELS,
 ) -> EvaluationResult:
     """Rank the database for every prepared query through ``pipeline`` (the one the server serves: stored whitening,
     the database's backend, query expansion through it) and score the rankings; see the module docstring.
 
-    Queries go in blocks of ``QUERY_BLOCK``, each one batched search. ``depth`` (default: the whole database) is how
-    many results are ranked; a relevant image beyond it counts as missed. A query's excluded row (the query itself)
-    is dropped from its ranking and is never its own expansion neighbour. Raises RetrievalError when no query is left.
+    Queries go in blocks of ``QUERY_BLOCK``, each one batched search (``_ranked_blocks``). ``depth`` (default: the
+    whole database) is how many results are ranked; a relevant image beyond it counts as missed. A query's excluded
+    row (the query itself) is dropped from its ranking and is never its own expansion neighbour. ``ap_method``: one
+    of ``metrics.AP_METHODS``; ``precision``: ``plain`` P@k or ``revisitop`` mP@k (``metrics.PRECISION_RULES``);
+    ``micro_ap=N``: also DISC21's µAP, pooling the first N ranked (query, database image) pairs of every query (its
+    predictions: score and whether it is relevant; junk and the query's own row left out; a relevant image not among
+    them counts as missed). Raises RetrievalError when no query is left.
     """
     if ap_method not in metrics.AP_METHODS:
         raise ValueError(f"unknown AP method {ap_method!r}; choose from {', '.join(metrics.AP_METHODS)}")
+    if precision not in metrics.PRECISION_RULES:
+        raise ValueError(f"unknown precision rule {precision!r}; choose from {', '.join(metrics.PRECISION_RULES)}")
     ks = tuple(sorted(set(int(k) for k in ks)))
     if not ks or ks[0] < 1:
         raise ValueError(f"every k must be at least 1, got {ks}")
@@ -221,47 +290,36 @@ def evaluate_queries(
         raise RetrievalError("no query left to evaluate")
     count = len(pipeline)
     depth = min(depth or count, count)
-    scores_out, curves, ns_counts = [], [], []
-    for start in range(0, len(queries), QUERY_BLOCK):
-        block = list(queries[start : start + QUERY_BLOCK])
-        excluded = [query.exclude for query in block]
-        extra = 1 if any(row is not None for row in excluded) else 0
-        rows, _ = pipeline.search(
-            np.stack([query.vector for query in block]), min(depth + extra, count), expansion, query_rows=excluded
-        )
-        for query, ranking in zip(block, rows):
-            order = ranking[ranking >= 0]
-            is_relevant = np.zeros(count, dtype=bool)
-            is_relevant[query.relevant] = True
-            is_junk = np.zeros(count, dtype=bool)
-            is_junk[query.junk] = True
-            ranked = order if query.exclude is None else order[order != query.exclude][:depth]
-            flags = is_relevant[ranked][~is_junk[ranked]]
-            found = np.cumsum(flags)
-            ns = None
-            if ns_score:
-                group = is_relevant.copy()
-                if query.own_row is not None:
-                    group[query.own_row] = True
-                ns = int(group[order[:4]].sum())
-                ns_counts.append(ns)
-            at = {k: int(found[min(k, found.size) - 1]) if found.size else 0 for k in ks}
-            scores_out.append(
-                QueryScore(
-                    name=query.name,
-                    average_precision=metrics.average_precision_from_flags(flags, query.n_relevant, ap_method),
-                    precision_at={k: at[k] / k for k in ks},
-                    recall_at={k: at[k] / query.n_relevant for k in ks},
-                    n_relevant=query.n_relevant,
-                    ns=ns,
-                )
-            )
-            curves.append(metrics.interpolated_precision_from_flags(flags, query.n_relevant, recall_levels))
+    first = min(depth, max(FIRST_DEPTH, micro_ap or 0, 4))
+    scores_out, curves, ns_counts, pooled = [], [], [], []
+    for query, ranking, similarity in _ranked_blocks(pipeline, queries, depth, first, expansion):
+        order = ranking if query.exclude is None else ranking[ranking != query.exclude]
+        similarity = similarity if query.exclude is None else similarity[ranking != query.exclude]
+        order, similarity = order[:depth], similarity[:depth]
+        is_relevant = np.zeros(count, dtype=bool)
+        is_relevant[query.relevant] = True
+        scored = np.ones(count, dtype=bool)
+        scored[query.junk] = False
+        scored = scored[order]
+        flags = is_relevant[order][scored]
+        if micro_ap:
+            pooled.append((similarity[scored][:micro_ap], flags[:micro_ap], query.n_relevant))
+        ns = None
+        if ns_score:
+            group = is_relevant.copy()
+            if query.own_row is not None:
+                group[query.own_row] = True
+            ns = int(group[ranking[:4]].sum())
+            ns_counts.append(ns)
+        scores_out.append(_query_score(query, flags, ks, ap_method, precision, ns))
+        curves.append(metrics.interpolated_precision_from_flags(flags, query.n_relevant, recall_levels))
     whitening = pipeline.whitening
     settings = {
-        "qe": expansion.method, "ap": ap_method, "whitening": None if whitening is None else whitening.dim,
-        "search": pipeline.kind, "depth": depth,
+        "qe": expansion.method, "ap": ap_method, "precision": precision,
+        "whitening": None if whitening is None else whitening.dim, "search": pipeline.kind, "depth": depth,
     }
+    if micro_ap:
+        settings["micro_ap_depth"] = micro_ap
     if expansion.active:
         settings.update({"qe_top_n": expansion.top_n, **({"qe_alpha": expansion.alpha} if expansion.method == "alpha" else {})})
     return EvaluationResult(
@@ -271,7 +329,33 @@ def evaluate_queries(
         pr_precision=np.mean(curves, axis=0),
         ns_score=float(np.mean(ns_counts)) if ns_score else None,
         settings=settings,
+        micro_ap=_pooled_micro_ap(pooled) if micro_ap else None,
     )
+
+
+def _query_score(query: PreparedQuery, flags: np.ndarray, ks, ap_method: str, precision: str, ns) -> QueryScore:
+    """One query's AP, P@k (plain or revisitop), R@k from its junk-free relevance flags."""
+    found = np.cumsum(flags)
+    at = {k: int(found[min(k, found.size) - 1]) if found.size else 0 for k in ks}
+    if precision == "revisitop":
+        precision_at = dict(zip(ks, metrics.precision_at_kappas(flags, ks).tolist()))
+    else:
+        precision_at = {k: at[k] / k for k in ks}
+    return QueryScore(
+        name=query.name,
+        average_precision=metrics.average_precision_from_flags(flags, query.n_relevant, ap_method),
+        precision_at=precision_at,
+        recall_at={k: at[k] / query.n_relevant for k in ks},
+        n_relevant=query.n_relevant,
+        ns=ns,
+    )
+
+
+def _pooled_micro_ap(pooled: list[tuple[np.ndarray, np.ndarray, int]]) -> float:
+    """µAP of every query's (scores, relevance flags, number relevant) pooled into one list (DISC21)."""
+    scores = np.concatenate([item[0] for item in pooled])
+    truth = np.concatenate([item[1] for item in pooled])
+    return metrics.micro_average_precision(scores, truth, sum(item[2] for item in pooled))
 
 
 def relearned_pipeline(database, training, training_path, dim: int | None) -> QueryPipeline:
@@ -294,26 +378,50 @@ def relearned_pipeline(database, training, training_path, dim: int | None) -> Qu
 
 
 def crop_to_box(image, bbox: tuple[float, float, float, float]):
-    """PIL image cropped to (x1, y1, x2, y2), rounded to pixels and clipped to the image; empty -> ImageError."""
-    width, height = image.size
-    x1, y1, x2, y2 = (int(round(v)) for v in bbox)
-    x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
-    if x2 <= x1 or y2 <= y1:
-        raise ImageError(f"query box {tuple(bbox)} lies outside the {width}x{height} image")
-    return image.crop((x1, y1, x2, y2))
+    """The query region as revisitop and cirtorch cut it: PIL ``image.crop(bbox)`` and nothing else. Pillow rounds
+    each coordinate (half to even: 136.5 -> 136) and does not clip: the part of a box past the border is black.
+    A box that rounds to no pixel raises ImageError."""
+    crop = image.crop(tuple(float(v) for v in bbox))
+    if crop.width < 1 or crop.height < 1:
+        raise ImageError(f"query box {tuple(bbox)} holds no pixel")
+    return crop
 
 
-def encode_query(engine, query: Query, row: int | None) -> np.ndarray:
+def encode_query(engine, query: Query, row: int | None, query_root: str | os.PathLike | None = None) -> np.ndarray:
     """The ``encode`` callback of ``prepare_queries`` for a ``retrieval.engine.RetrievalEngine``: open the query image
-    (its database row's file, else ``image_root / query.path``), crop it to ``query.bbox`` if any, encode -> (D,)."""
+    (``query_root / query.image`` for a query that is not a database image, default root the index's image folder;
+    else its database row's file, else ``image_root / query.path``), crop it to ``query.bbox`` if any, encode -> (D,)."""
     from ..images import open_image
 
-    if engine.image_root is None:
+    if query.image is not None and query_root is not None:
+        source = Path(query_root) / query.image
+    elif engine.image_root is None:
         raise RetrievalError("the index records no image folder: give the image folder (--database DIR)")
-    image = open_image(engine.image_path(row) if row is not None else engine.image_root / query.path)
+    elif query.image is not None:
+        source = engine.image_root / query.image
+    else:
+        source = engine.image_path(row) if row is not None else engine.image_root / query.path
+    image = open_image(source)
     if query.bbox is not None:
         image = crop_to_box(image, query.bbox)
     return engine.encode_images([image])[0]
+
+
+def encode_query_files(engine, queries: Sequence[Query], query_root: str | os.PathLike | None = None) -> dict:
+    """Every whole-image query that is not a database image (``image`` set, no box), encoded in batches on the
+    indexer's decoding threads, exactly as ``encode_query`` would one by one: {query.image: (D,) or its ImageError}.
+    ``engine`` needs its extractor."""
+    wanted = sorted({q.image for q in queries if q.image is not None and q.bbox is None and q.relevant})
+    if not wanted:
+        return {}
+    root = Path(query_root) if query_root is not None else engine.image_root
+    if root is None:
+        raise RetrievalError("the index records no image folder: give the image folder (--database DIR)")
+    out: dict = {}
+    for batch in engine.extractor.encode_files([root / name for name in wanted]):
+        for item in batch:
+            out[wanted[item.position]] = item.vector if item.error is None else item.error
+    return out
 
 
 def write_pr_plot(path: str | os.PathLike, result: EvaluationResult, title: str = "") -> Path:

@@ -3,25 +3,40 @@ engine does encode + search; errors are ``ApiError`` or ``RetrievalError`` whose
 
     GET  /                    the page
     GET  /api/info            database size, backbone, pooling, dimension, build times, limits
-    GET  /api/sample?n=       a random sample of the database (what the page shows before a query)
-    POST /api/search          multipart field ``image`` (+ optional ``k``, ``offset``): rank the database against it
+    GET  /api/folders         the database's sub-folders with their image counts (what the folder filter offers)
+    GET  /api/sample?n=       a random sample of the database (what the page shows before a query); ``folder=``
+    POST /api/search          multipart field ``image`` (+ optional ``k``, ``offset``, ``folder``): rank the database
     GET  /api/search?id=&k=   rank the database against database image ``id``
-    GET  /image/<id>          a database image, by its row in the index only (never by a path from the request)
+    GET  /image/<id>          a database image, by its row in the index only (never by a path from the request);
+                              ``?download=1``: its original bytes as an attachment
     GET  /thumb/<id>          its thumbnail (JPEG, generated once, LRU-cached)
     GET  /healthz             200 when an index is loaded, 503 when not
+
+The folder filter (``folder=a/b``) keeps the engine as it is: the route asks the engine for more ranked hits than the
+page needs and keeps those under the folder, at most ``FOLDER_SCAN_LIMIT`` hits deep (the answer says ``truncated``
+when that bound cut it short). A folder that is not a plain relative folder is 400; one with no images is simply empty.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import hashlib
 import io
+import itertools
+import logging
+import math
+import mimetypes
 import os
 import random
 import re
+import shlex
 import time
 import warnings
+from collections import Counter
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable
+from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, jsonify, render_template, request, url_for
 
@@ -32,6 +47,9 @@ from ..search.expansion import QUERY_EXPANSIONS, QueryExpansion
 from .live import ThumbnailCache, lease
 
 NO_INDEX_MESSAGE = "no index loaded: build one with index.py"
+FOLDER_SCAN_LIMIT = 16_384  # ranked hits a folder-filtered search looks through at most (also Milvus' top-k cap)
+FOLDERS_LISTED = 1_000  # sub-folders /api/folders lists at most
+MAX_FOLDER_CHARS = 1_000
 ID_PATTERN = re.compile(r"0|[1-9][0-9]{0,11}")  # ASCII digits, no leading zeros, no sign
 # formats every current browser displays; anything else (TIFF, ...) is served transcoded to PNG
 BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp"}
@@ -42,6 +60,11 @@ STATUS_OF_KIND = {  # the HTTP status of each RetrievalError kind (retrieval.err
 }
 
 bp = Blueprint("web", __name__)
+log = logging.getLogger("retrieval.web")
+
+# per served version (its tag): whether its paths are sorted, and its folder listing; a few versions at most
+_SORTED_PATHS: dict[str, bool] = {}
+_FOLDER_LISTS: dict[str, tuple[list[tuple[str, int]], bool]] = {}
 
 
 class ApiError(Exception):
@@ -114,12 +137,99 @@ def _expansion_param() -> QueryExpansion:
 
 
 def _item(engine: RetrievalEngine, version: str, row: int) -> dict:
+    """One database image as the API shows it: id, path, pixel size and file size (None where unknown), URLs."""
+    database = engine.database
+    width = height = None
+    sizes = getattr(database, "image_sizes", None)  # (N, 2) width, height recorded at indexing, when the file has it
+    if sizes is not None and row < len(sizes):
+        w, h = int(sizes[row][0]), int(sizes[row][1])
+        if w > 0 and h > 0:
+            width, height = w, h
+    size = int(database.file_sizes[row]) if row < len(database.file_sizes) else -1
     return {
         "id": row,
-        "path": engine.database.paths[row],
+        "path": database.paths[row],
+        "width": width,
+        "height": height,
+        "bytes": size if size >= 0 else None,
         "image_url": url_for("web.image", id=row, v=version),
         "thumb_url": url_for("web.thumb", id=row, v=version),
+        "download_url": url_for("web.image", id=row, v=version, download=1),
     }
+
+
+def _folder_param() -> str | None:
+    """``folder``: a folder of the database relative to its image folder (``a/b``, one trailing "/" allowed), or
+    None for the whole database. 400 for anything that is not a plain relative folder."""
+    raw = request.values.get("folder")
+    if raw is None or raw == "":
+        return None
+    folder = raw[:-1] if raw.endswith("/") and len(raw) > 1 else raw
+    if (
+        len(folder) > MAX_FOLDER_CHARS
+        or folder.startswith("/")
+        or "\\" in folder
+        or any(ord(c) < 32 or ord(c) == 127 for c in folder)
+        or any(part in ("", ".", "..") for part in folder.split("/"))
+    ):
+        raise ApiError(400, f"folder must be a folder of the database such as 'holidays/2023', got {raw[:60]!r}")
+    return folder
+
+
+def _remember(cache: dict, version: str, value):
+    if len(cache) >= 8:
+        cache.clear()
+    cache[version] = value
+    return value
+
+
+def _folder_rows(engine: RetrievalEngine, version: str, folder: str) -> range | list[int]:
+    """The rows whose path lies under ``folder``: a range found by bisection (paths are stored sorted), or a scan."""
+    paths = engine.database.paths
+    prefix = folder + "/"
+    ordered = _SORTED_PATHS.get(version)
+    if ordered is None:
+        ordered = all(a <= b for a, b in zip(paths, itertools.islice(paths, 1, None)))
+        _remember(_SORTED_PATHS, version, ordered)
+    if ordered:
+        # every path that starts with "a/b/" sorts at or after "a/b/" and before "a/b0" ("0" follows "/")
+        return range(bisect.bisect_left(paths, prefix), bisect.bisect_left(paths, folder + "0"))
+    return [row for row, path in enumerate(paths) if path.startswith(prefix)]
+
+
+def _folder_list(engine: RetrievalEngine, version: str) -> tuple[list[tuple[str, int]], bool]:
+    """(folder, images under it at any depth) for every sub-folder, sorted; at most ``FOLDERS_LISTED`` (and whether
+    more exist). Computed once per served version."""
+    cached = _FOLDER_LISTS.get(version)
+    if cached is not None:
+        return cached
+    direct = Counter(path.rpartition("/")[0] for path in engine.database.paths)
+    counts: Counter = Counter()
+    for folder, count in direct.items():
+        parts = folder.split("/") if folder else []
+        for depth in range(1, len(parts) + 1):
+            counts["/".join(parts[:depth])] += count
+    listed = sorted(counts.items())
+    return _remember(_FOLDER_LISTS, version, (listed[:FOLDERS_LISTED], len(listed) > FOLDERS_LISTED))
+
+
+def _ranked_in_folder(ranked: Callable[[int], list], folder: str, need: int, in_folder: int, size: int):
+    """The engine's ranked hits under ``folder``, at least ``need`` of them when the folder has that many:
+    (hits, truncated). Asks for more hits while too few fall in the folder, at most ``FOLDER_SCAN_LIMIT`` deep;
+    ``truncated`` says that bound stopped it before the folder's images were all found."""
+    if in_folder == 0:
+        return [], False
+    prefix = folder + "/"
+    ceiling = min(size, FOLDER_SCAN_LIMIT)
+    ask = min(ceiling, max(need, math.ceil(need * size / in_folder * 1.25)))  # expect the folder's share of the ranking
+    while True:
+        hits = ranked(ask)
+        matched = [hit for hit in hits if hit.path.startswith(prefix)]
+        if len(matched) >= need or len(matched) >= in_folder or len(hits) < ask:
+            return matched, False
+        if ask >= ceiling:
+            return matched, ask < size
+        ask = min(ceiling, ask * 4)
 
 
 def _info(engine: RetrievalEngine, version: str) -> dict:
@@ -150,7 +260,11 @@ def _limits() -> dict:
 
 def _image_error(exc: ImageError) -> ApiError:
     reason = str(exc).removeprefix("upload: ")
-    return ApiError(STATUS_OF_KIND.get(exc.kind, 415), f"cannot use this file as an image: {reason}")
+    # the decoder's own words ("image file is truncated (22 bytes not processed)") help the log, not the user
+    plain = re.sub(r"^(corrupt or truncated image) \(.*\)$", r"\1", reason, flags=re.DOTALL)
+    if plain != reason:
+        log.info("upload refused: %s", reason)
+    return ApiError(STATUS_OF_KIND.get(exc.kind, 415), f"cannot use this file as an image: {plain}")
 
 
 def _image_file(engine: RetrievalEngine, row: int) -> tuple[Path, os.stat_result]:
@@ -191,7 +305,16 @@ def _etag(*parts) -> str:
 def page():
     engine, version = _current()
     info = _info(engine, version) if engine is not None else None
-    return render_template("index.html", info=info, limits=_limits(), no_index_message=NO_INDEX_MESSAGE)
+    watched = current_app.extensions["retrieval"].path
+    image_root = current_app.config.get("IMAGE_ROOT")
+    # what to run when no index is loaded: the file this server watches, and its image folder when it was given one
+    build_command = {
+        "index": shlex.quote(str(watched)) if watched is not None else None,
+        "database": shlex.quote(str(image_root)) if image_root else None,
+    }
+    return render_template(
+        "index.html", info=info, limits=_limits(), no_index_message=NO_INDEX_MESSAGE, build_command=build_command
+    )
 
 
 @bp.get("/healthz")
@@ -208,14 +331,26 @@ def api_info():
     return jsonify({**_info(engine, version), "limits": _limits()})
 
 
+@bp.get("/api/folders")
+def api_folders():
+    engine, version = _engine()
+    folders, truncated = _folder_list(engine, version)
+    return jsonify(
+        folders=[{"folder": folder, "count": count} for folder, count in folders], truncated=truncated, version=version
+    )
+
+
 @bp.get("/api/sample")
 def api_sample():
-    engine, version = _engine()
     n = _int_param("n", current_app.config["SAMPLE_SIZE"], 1, current_app.config["MAX_K"])
-    rows = sorted(random.sample(range(len(engine)), min(n, len(engine))))
-    return jsonify(
-        items=[_item(engine, version, row) for row in rows], total=len(engine), version=version
-    )
+    folder = _folder_param()
+    engine, version = _engine()
+    rows = range(len(engine)) if folder is None else _folder_rows(engine, version, folder)
+    picked = sorted(random.sample(rows, min(n, len(rows))))
+    body: dict = {"items": [_item(engine, version, row) for row in picked], "total": len(rows), "version": version}
+    if folder is not None:
+        body["folder"] = folder
+    return jsonify(body)
 
 
 @bp.route("/api/search", methods=["GET", "POST"])
@@ -225,6 +360,7 @@ def api_search():
     k = _int_param("k", config["DEFAULT_K"], 1, config["MAX_K"])
     offset = _int_param("offset", 0, 0, config["MAX_OFFSET"])
     expansion = _expansion_param()
+    folder = _folder_param()
     engine, version = _engine()
     encode_ms = 0.0
     if request.method == "POST":
@@ -256,19 +392,38 @@ def api_search():
         query = {"type": "database", **_item(engine, version, row)}
     searched = time.perf_counter()
     if request.method == "POST":
-        hits = engine.search(vector, offset + k, expansion)[offset:]
+        def ranked(n: int):
+            return engine.search(vector, n, expansion)
     else:
-        hits = engine.search_id(row, offset + k, expansion)[offset:]
+        def ranked(n: int):
+            return engine.search_id(row, n, expansion)
+    scope: dict = {}
+    if folder is None:
+        hits = ranked(offset + k)[offset:]
+        total = len(engine)
+        has_more = offset + len(hits) < total
+    else:
+        total = len(_folder_rows(engine, version, folder))
+        matched, truncated = _ranked_in_folder(ranked, folder, offset + k, total, len(engine))
+        # ranks count within the folder; the rank in the whole database stays as overall_rank
+        hits = [dataclasses.replace(hit, rank=offset + i + 1) for i, hit in enumerate(matched[offset : offset + k])]
+        overall = {hit.id: hit.rank for hit in matched[offset : offset + k]}
+        has_more = len(matched) > offset + k if truncated else offset + len(hits) < total
+        scope = {"folder": folder, "database_size": len(engine), "truncated": truncated}
     search_ms = (time.perf_counter() - searched) * 1000
     results = [{**hit.as_dict(), **_item(engine, version, hit.id)} for hit in hits]
+    if folder is not None:
+        for result in results:
+            result["overall_rank"] = overall[result["id"]]
     return jsonify(
         query=query,
         k=k,
         offset=offset,
         qe=expansion.method,
         results=results,
-        total=len(engine),
-        has_more=offset + len(results) < len(engine),
+        total=total,
+        has_more=has_more,
+        **scope,
         took_ms=round((time.perf_counter() - started) * 1000, 2),
         timing={"encode_ms": round(encode_ms, 2), "search_ms": round(search_ms, 3)},
         version=version,
@@ -281,9 +436,21 @@ def image(id: str):
     engine, version = _engine()
     _check_version(version)
     path, stat = _image_file(engine, id)
-    tag = _etag("image", engine.database.paths[id], stat.st_size, stat.st_mtime_ns)
+    download = request.args.get("download") not in (None, "", "0")
+    tag = _etag("download" if download else "image", engine.database.paths[id], stat.st_size, stat.st_mtime_ns)
     if tag in request.if_none_match:
         return _cacheable(Response(status=304), tag, version)
+    if download:  # the original file as it is (a TIFF stays a TIFF), saved rather than shown
+        try:
+            data = path.read_bytes()
+        except OSError:
+            raise ApiError(404, f"database image {id} cannot be read") from None
+        name = path.name.encode("utf-8", "replace").decode("utf-8")  # a name that is not UTF-8 gets "?" marks
+        response = Response(data, mimetype=mimetypes.guess_type(name)[0] or "application/octet-stream")
+        # RFC 6266: an ASCII name for old clients, the real one as UTF-8 for every current browser
+        fallback = re.sub(r'[^\x20-\x7e]|["\\]', "_", name)
+        response.headers["Content-Disposition"] = f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name)}"
+        return _cacheable(response, tag, version)
     try:
         data = path.read_bytes()
         from PIL import Image
