@@ -26,6 +26,7 @@ MAX_FILE_BYTES = 200 * 1024 * 1024
 MAX_DECODE_BYTES = 320 * 2**20  # memory a decode may take: pixels x (bytes per pixel of the file's mode + 3 for RGB)
 LARGE_DECODE_BYTES = 48 * 2**20  # decodes above this run at most two at a time (bounded peak memory under load)
 GREY_BLOCK_ROWS = 512
+EXIF_ORIENTATION = 0x0112  # the EXIF tag whose values 5..8 mean the image is stored a quarter turn from upright
 MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2,
               "I": 4, "F": 4, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4}
 _large_decodes = threading.BoundedSemaphore(2)
@@ -73,7 +74,8 @@ def open_image(source: str | os.PathLike | bytes, *, draft_size: int | None = No
     """Decode an image file or bytes into an RGB PIL image with its EXIF orientation applied.
 
     ``draft_size`` lets the JPEG decoder scale down by DCT while keeping both sides >= draft_size (much faster for
-    large photos that will be resized anyway). Animated images give their first frame.
+    large photos that will be resized anyway). Animated images give their first frame. ``image.info["source_size"]``
+    holds the full-resolution (width, height) as displayed (after the EXIF rotation), whatever the draft did.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
@@ -129,8 +131,10 @@ def _decode(stream: io.BytesIO, label: str, draft_size: int | None) -> Image.Ima
                     )
                 with _large_decodes if needed > LARGE_DECODE_BYTES else contextlib.nullcontext():
                     image.load()
-                    image = ImageOps.exif_transpose(image)
-                    return _to_rgb(image)
+                    turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn swaps the sides
+                    image = _to_rgb(ImageOps.exif_transpose(image))
+                    image.info["source_size"] = (height, width) if turned else (width, height)
+                    return image
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -182,5 +186,13 @@ def resize_for_backbone(image: Image.Image, size: int, rule: str = "squash-bicub
 
 def load_for_backbone(source: str | os.PathLike | bytes, size: int, rule: str = "squash-bicubic") -> np.ndarray:
     """Decode and resize in one step: file or bytes -> uint8 array (H, W, 3)."""
+    return load_sized_for_backbone(source, size, rule)[0]
+
+
+def load_sized_for_backbone(
+    source: str | os.PathLike | bytes, size: int, rule: str = "squash-bicubic"
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Like ``load_for_backbone``, with the image's full-resolution (width, height) as displayed."""
     draft = None if rule == "squash-nearest" else size
-    return resize_for_backbone(open_image(source, draft_size=draft), size, rule)
+    image = open_image(source, draft_size=draft)
+    return resize_for_backbone(image, size, rule), image.info["source_size"]

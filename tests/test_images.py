@@ -75,6 +75,21 @@ def test_exif_orientation_is_applied(tmp_path):
     assert images.open_image(path).size == (40, 80)
 
 
+def test_source_size_is_the_displayed_full_resolution_even_after_a_jpeg_draft(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "big-rotated.jpg"
+    Image.new("RGB", (1600, 900), "blue").save(path, exif=exif)
+    opened = images.open_image(path, draft_size=224)
+    assert max(opened.size) < 1600  # the decoder scaled it down in the DCT
+    assert opened.info["source_size"] == (900, 1600)
+    array, size = images.load_sized_for_backbone(path, 224)
+    assert array.shape == (224, 224, 3) and size == (900, 1600)
+    png = tmp_path / "plain.png"
+    Image.new("LA", (33, 17)).save(png)
+    assert images.load_sized_for_backbone(png, 64, "aspect-bicubic")[1] == (33, 17)
+
+
 def picture_in_mode(mode: str) -> Image.Image:
     """A 12x10 picture stored in ``mode``; the 16/32-bit ones with values far outside 0..255."""
     ramp = np.arange(120).reshape(10, 12)

@@ -44,6 +44,21 @@ def test_build_then_incremental_add_change_delete(image_folder, tmp_path):
     assert float(db2.vectors[db2.paths.index("rocket.jpg")] @ old_vector) < 0.9
 
 
+def test_image_sizes_are_recorded_and_kept_across_updates(image_folder, tmp_path):
+    path = tmp_path / "i.h5"
+    wide = Image.new("RGB", (300, 120), "green")
+    wide.save(image_folder / "wide.png")
+    index(image_folder, path)
+    expected = {rel: Image.open(image_folder / rel).size for rel in read_database(path).paths}
+    db = read_database(path)
+    assert {rel: db.image_size(i) for i, rel in enumerate(db.paths)} == expected and expected["wide.png"] == (300, 120)
+    Image.new("RGB", (50, 70), "red").save(image_folder / "tall.png")
+    index(image_folder, path)  # the kept images keep their sizes, the new one gets its own
+    db2 = read_database(path)
+    assert db2.image_size(db2.paths.index("tall.png")) == (50, 70)
+    assert all(db2.image_size(db2.paths.index(rel)) == size for rel, size in expected.items())
+
+
 def test_bad_files_are_skipped_and_listed_never_abort(image_folder, tmp_path):
     (image_folder / "empty.jpg").write_bytes(b"")
     (image_folder / "text.png").write_text("hello")
@@ -117,6 +132,9 @@ def test_checkpoint_of_an_interrupted_run_is_resumed(image_folder, tmp_path):
     assert (report.resumed, report.extracted, report.total) == (1, 5, 6)
     db = read_database(path)
     np.testing.assert_array_equal(db.vectors[db.paths.index("coffee.jpg")], marker)
+    # a checkpoint without image sizes leaves that row unknown; the extracted ones have theirs
+    assert db.image_size(db.paths.index("coffee.jpg")) == (-1, -1)
+    assert db.image_size(db.paths.index("rocket.jpg")) == Image.open(image_folder / "rocket.jpg").size
     assert not (tmp_path / "i.h5.partial").exists()
 
 

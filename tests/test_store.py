@@ -44,6 +44,22 @@ def test_round_trip_keeps_everything_including_non_ascii_paths(tmp_path):
     with h5py.File(tmp_path / "i.h5") as h5:  # self-explaining for other tools too
         assert h5.attrs["format"] == store.FORMAT_NAME and h5.attrs["encoder_pooling"] == "max"
         assert "numpy" in json.loads(h5.attrs["software"])
+    assert loaded.image_sizes is None and loaded.image_size(0) == (-1, -1)  # not recorded: unknown
+
+
+def test_image_sizes_round_trip_with_checksums_and_wrong_shapes_are_refused(tmp_path):
+    sized = database()
+    sized.image_sizes = np.array([[640, 480], [-1, -1], [1, 2]], np.int64)
+    write_database(tmp_path / "i.h5", sized)
+    loaded = read_database(tmp_path / "i.h5")
+    np.testing.assert_array_equal(loaded.image_sizes, sized.image_sizes)
+    assert loaded.image_size(0) == (640, 480) and loaded.image_size(1) == (-1, -1)
+    with h5py.File(tmp_path / "i.h5", "a") as h5:
+        assert h5["image_sizes"].fletcher32
+        del h5["image_sizes"]
+        h5.create_dataset("image_sizes", data=np.zeros((2, 2), np.int64))
+    with pytest.raises(IndexFileError, match="image_sizes has shape"):
+        read_database(tmp_path / "i.h5")
 
 
 def test_empty_database_round_trips(tmp_path):
@@ -116,10 +132,11 @@ def test_checkpoint_append_resume_and_discard(tmp_path):
     first = Checkpoint(index, encoder(), "/root")
     assert first.load() == {}
     first.add(["a.jpg", "é b.jpg"], [1, 2], [10, 20], np.eye(2, 4, dtype=np.float32))
-    first.add(["c.jpg"], [3], [30], np.ones((1, 4), np.float32))
+    first.add(["c.jpg"], [3], [30], np.ones((1, 4), np.float32), [(640, 480)])
     again = Checkpoint(index, encoder(), "/root")
     entries = again.load()
     assert sorted(entries) == ["a.jpg", "c.jpg", "é b.jpg"] and entries["c.jpg"][:2] == (3, 30)
+    assert entries["c.jpg"][3] == (640, 480) and entries["a.jpg"][3] == (-1, -1)
     again.add(["d.jpg"], [4], [40], np.ones((1, 4), np.float32))  # does not overwrite an earlier chunk
     assert len(Checkpoint(index, encoder(), "/root").load()) == 4
     # a checkpoint made with other settings is thrown away, not mixed in

@@ -106,17 +106,23 @@ def _probe(address: str, host: str, port: int) -> None:
 
 def _decode(batch: dict, size: int, rule: str) -> dict:
     """Ray task: read, decode and resize each file of the batch; an unusable file gets an error message."""
-    from ..images import load_for_backbone
+    from ..images import load_sized_for_backbone
 
-    images, errors = [], []
+    images, sizes, errors = [], [], []
     for path in batch["path"]:
         try:
-            images.append(load_for_backbone(str(path), size, rule))
+            image, source_size = load_sized_for_backbone(str(path), size, rule)
+            images.append(image)
+            sizes.append(source_size)
             errors.append("")
         except ImageError as exc:
             images.append(np.zeros((1, 1, 3), np.uint8))
+            sizes.append((-1, -1))
             errors.append(str(exc) or "unreadable image")
-    return {"position": batch["position"], "image": images, "error": np.asarray(errors, dtype=object)}
+    return {
+        "position": batch["position"], "image": images, "size": np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
+        "error": np.asarray(errors, dtype=object),
+    }
 
 
 class _EncodeActor:
@@ -143,7 +149,7 @@ class _EncodeActor:
         vectors = np.zeros((len(errors), self.extractor.dim), np.float32)
         if good:
             vectors[good] = self.extractor.encode_arrays([batch["image"][i] for i in good])
-        return {"position": batch["position"], "vector": vectors, "error": errors}
+        return {"position": batch["position"], "vector": vectors, "size": batch["size"], "error": errors}
 
 
 def _init(address: str | None) -> None:
@@ -226,11 +232,12 @@ def encode_files_ray(
             )
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 items = []
-                for position, vector, error in zip(batch["position"], batch["vector"], batch["error"]):
+                for position, vector, size, error in zip(batch["position"], batch["vector"], batch["size"], batch["error"]):
                     if error:
                         items.append(EncodedItem(int(position), None, ImageError(str(error))))
                     else:
-                        items.append(EncodedItem(int(position), np.asarray(vector, np.float32), None))
+                        width, height = (int(side) for side in size)
+                        items.append(EncodedItem(int(position), np.asarray(vector, np.float32), None, (width, height)))
                 yield items
         except (RetrievalError, KeyboardInterrupt, GeneratorExit):
             raise

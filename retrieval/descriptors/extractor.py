@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ImageError
-from ..images import MIN_SIDE, load_for_backbone, resize_for_backbone
+from ..images import MIN_SIDE, load_for_backbone, load_sized_for_backbone, resize_for_backbone
 from ..models import backbones
 from ..vectors import l2_normalize
 from . import pooling
@@ -26,11 +26,13 @@ DEFAULT_BATCH_SIZE = 16
 
 @dataclass
 class EncodedItem:
-    """One input of ``encode_files``: its position, and either a descriptor (D,) or the reason it was skipped."""
+    """One input of ``encode_files``: its position, and either a descriptor (D,) with the image's full-resolution
+    (width, height) as displayed, or the reason it was skipped."""
 
     position: int
     vector: np.ndarray | None
     error: ImageError | None
+    size: tuple[int, int] | None = None
 
 
 def rescale_image(image: np.ndarray, scale: float) -> np.ndarray:
@@ -131,7 +133,7 @@ class Extractor:
 
         def load(path):
             try:
-                return load_for_backbone(path, size, rule), None
+                return load_sized_for_backbone(path, size, rule), None
             except ImageError as exc:
                 return None, exc
 
@@ -146,9 +148,10 @@ class Extractor:
                 while submitted < len(paths) and len(pending) < window:
                     pending.append(pool_.submit(load, paths[submitted]))
                     submitted += 1
-                good = [i for i, (array, _) in enumerate(results) if array is not None]
-                vectors = self.encode_arrays([results[i][0] for i in good]) if good else None
+                good = [i for i, (loaded, _) in enumerate(results) if loaded is not None]
+                vectors = self.encode_arrays([results[i][0][0] for i in good]) if good else None
                 items = [EncodedItem(start + i, None, error) for i, (_, error) in enumerate(results)]
                 for row, i in enumerate(good):
                     items[i].vector = vectors[row]
+                    items[i].size = tuple(int(side) for side in results[i][0][1])
                 yield items

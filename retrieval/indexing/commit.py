@@ -69,8 +69,10 @@ def whitening_for(request: WhiteningRequest, existing: FeatureDatabase | None, e
 def new_version(plan: Plan, extraction: Extraction) -> FeatureDatabase:
     """The database to write: kept and extracted descriptors in path order, with its whitening and backend record."""
     request, existing = plan.request, plan.existing
-    entries = {rel: vector for rel, (_, vector) in plan.kept.items()}
+    entries = {rel: vector for rel, (_, vector, _) in plan.kept.items()}
     entries.update(extraction.vectors)
+    dimensions = {rel: size for rel, (_, _, size) in plan.kept.items()}
+    dimensions.update(extraction.image_sizes)
     order = sorted(entries)
     vectors = np.stack([entries[rel] for rel in order]).astype(np.float32)
     stats = plan.scan.stats
@@ -81,6 +83,7 @@ def new_version(plan: Plan, extraction: Extraction) -> FeatureDatabase:
         paths=order,
         file_sizes=np.array([stats[rel].size for rel in order], dtype=np.int64),
         file_mtimes_ns=np.array([stats[rel].mtime_ns for rel in order], dtype=np.int64),
+        image_sizes=np.array([dimensions.get(rel, (-1, -1)) for rel in order], dtype=np.int64).reshape(-1, 2),
         image_root=str(plan.scan.root.resolve()),
         created_at=existing.created_at if existing is not None else now_iso(),
         updated_at=now_iso(),

@@ -22,6 +22,7 @@ class Extraction:
     """Vectors of the paths that were extracted, those that could not be, and how long it took."""
 
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # (width, height) as displayed
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     mode: str = "local"  # local | ray (with ray, seconds include starting Ray and building the models)
@@ -64,6 +65,7 @@ def extract(plan: Plan) -> Extraction:
                 plan.checkpoint.add(
                     list(pending), [s.size for s in stats], [s.mtime_ns for s in stats],
                     np.stack([result.vectors[rel] for rel in pending]),
+                    [result.image_sizes.get(rel, (-1, -1)) for rel in pending],
                 )
             except OSError as exc:
                 raise RetrievalError(
@@ -81,6 +83,8 @@ def extract(plan: Plan) -> Extraction:
                         result.skipped.append((rel, str(item.error).removeprefix(f"{files[item.position]}: ")))
                         continue
                     result.vectors[rel] = item.vector
+                    if item.size is not None:
+                        result.image_sizes[rel] = item.size
                     pending.append(rel)
                 bar.update(len(items))
                 if len(pending) >= request.checkpoint_every:

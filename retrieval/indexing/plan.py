@@ -22,7 +22,7 @@ from .scan import FileStat, Scan
 @dataclass
 class Plan:
     """What a run will do. ``kept`` maps the paths whose descriptor is already known (unchanged in the database, or
-    finished by an interrupted run) to (stat, vector); ``todo`` lists the paths to extract."""
+    finished by an interrupted run) to (stat, vector, (width, height)); ``todo`` lists the paths to extract."""
 
     request: IndexRequest
     scan: Scan
@@ -32,7 +32,7 @@ class Plan:
     record: dict  # the search_backend record the database will carry
     vector_dtype: str
     checkpoint: Checkpoint
-    kept: dict[str, tuple[FileStat, np.ndarray]] = field(default_factory=dict)
+    kept: dict[str, tuple[FileStat, np.ndarray, tuple[int, int]]] = field(default_factory=dict)
     unchanged: frozenset = frozenset()  # taken over bit for bit from the existing database
     resumed: int = 0
     removed: int = 0
@@ -85,13 +85,13 @@ def make_plan(request: IndexRequest, scan: Scan, notice: Callable[[str], None]) 
         for i, rel in enumerate(existing.paths):
             stat = stats.get(rel)
             if stat is not None and stat == FileStat(int(existing.file_sizes[i]), int(existing.file_mtimes_ns[i])):
-                plan.kept[rel] = (stat, existing.vectors[i])
+                plan.kept[rel] = (stat, existing.vectors[i], existing.image_size(i))
         plan.removed = sum(1 for rel in existing.paths if rel not in stats)
     plan.unchanged = frozenset(plan.kept)
-    for rel, (size, mtime, vector) in plan.checkpoint.load().items():
+    for rel, (size, mtime, vector, dimensions) in plan.checkpoint.load().items():
         stat = stats.get(rel)
         if rel not in plan.kept and stat is not None and stat == FileStat(size, mtime):
-            plan.kept[rel] = (stat, vector)
+            plan.kept[rel] = (stat, vector, dimensions)
             plan.resumed += 1
     plan.todo = [rel for rel in stats if rel not in plan.kept]
 

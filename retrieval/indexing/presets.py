@@ -4,9 +4,10 @@ Each preset is a set of ``EncoderRequest`` fields plus whitening; explicit comma
 
 ``rmac-multiscale`` is what bench/quality.py chose with EfficientNet-Lite0 (full run, bench/out/quality.md): the best
 mAP on hard near-duplicates (scikit-image photos cut into tiles, seeded views) among index-time settings that lose at
-most 0.01 mAP on Fashion-MNIST categories. Against ``classic``: hard near-duplicates 0.776 -> 0.806 mAP (+0.030, 95%
-bootstrap interval +0.013..+0.047), easy near-duplicates 0.998 -> 1.000, categories 0.557 -> 0.551 (-0.006); the
-extra scales roughly double the extraction time. No whitening: PCA-whitening as index.py learns it (power 0.5) lowered
+most 0.01 mAP on Fashion-MNIST categories. Against ``classic`` (trapezoid AP, as the benchmarks' own code computes it):
+hard near-duplicates 0.760 -> 0.793 mAP (+0.033, 95% bootstrap interval +0.015..+0.051), easy near-duplicates 0.998 ->
+1.000, categories 0.554 -> 0.548 (-0.006), AugLy copy detection (edits against originals + distractors) 0.841 ->
+0.863; the extra scales roughly double the extraction time. No whitening: PCA-whitening as index.py learns it (power 0.5) lowered
 mAP on every set, whether learned on the database or on a disjoint set (and learned on a database of N <= D images
 with all N - 1 components it makes all database vectors equidistant). Query expansion is a query-time choice
 (``query_online.py --qe``), not part of a preset: with these settings alpha-QE over the top 3 adds +0.001 mAP on hard

@@ -26,8 +26,9 @@ class Checkpoint:
         self.meta = {"encoder": encoder.identity(), "image_root": image_root, "format_version": FORMAT_VERSION}
         self._next_chunk = 0
 
-    def load(self) -> dict[str, tuple[int, int, np.ndarray]]:
-        """Entries of a matching earlier run: path -> (size, mtime_ns, vector). Discards a foreign checkpoint."""
+    def load(self) -> dict[str, tuple[int, int, np.ndarray, tuple[int, int]]]:
+        """Entries of a matching earlier run: path -> (size, mtime_ns, vector, (width, height) or (-1, -1) where
+        unknown). Discards a foreign checkpoint."""
         meta_file = self.folder / "meta.json"
         try:
             meta = json.loads(meta_file.read_text("utf-8"))
@@ -38,20 +39,26 @@ class Checkpoint:
             return {}
         for leftover in self.folder.glob(".*.tmp"):
             leftover.unlink(missing_ok=True)
-        entries: dict[str, tuple[int, int, np.ndarray]] = {}
+        entries: dict[str, tuple[int, int, np.ndarray, tuple[int, int]]] = {}
         for chunk in sorted(self.folder.glob("chunk-*.npz")):
             try:
                 with np.load(chunk, allow_pickle=False) as data:
-                    for p, s, m, v in zip(data["paths"], data["sizes"], data["mtimes"], data["vectors"]):
+                    count = len(data["paths"])
+                    dimensions = data["image_sizes"] if "image_sizes" in data else np.full((count, 2), -1, np.int64)
+                    for p, s, m, v, d in zip(data["paths"], data["sizes"], data["mtimes"], data["vectors"], dimensions):
                         vector = np.array(v, dtype=np.float32)
                         if np.isfinite(vector).all():
-                            entries[str(p)] = (int(s), int(m), vector)
+                            entries[str(p)] = (int(s), int(m), vector, (int(d[0]), int(d[1])))
             except (OSError, ValueError, KeyError):
                 continue  # a damaged chunk only costs its images being extracted again
             self._next_chunk = max(self._next_chunk, int(chunk.stem.split("-")[1]) + 1)
         return entries
 
-    def add(self, paths: list[str], sizes: list[int], mtimes: list[int], vectors: np.ndarray) -> None:
+    def add(
+        self, paths: list[str], sizes: list[int], mtimes: list[int], vectors: np.ndarray,
+        image_sizes: list[tuple[int, int]] | None = None,
+    ) -> None:
+        """Append finished descriptors: file sizes (bytes), mtimes (ns), vectors (N, D), image (width, height)."""
         if not paths:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -67,6 +74,7 @@ class Checkpoint:
                 sizes=np.asarray(sizes, dtype=np.int64),
                 mtimes=np.asarray(mtimes, dtype=np.int64),
                 vectors=np.asarray(vectors, dtype=np.float32),
+                image_sizes=np.asarray(image_sizes if image_sizes is not None else [(-1, -1)] * len(paths), np.int64),
             )
 
     def discard(self) -> None:

@@ -6,6 +6,8 @@ Layout of a database file (format ``cbir-feature-database``, version ``FORMAT_VE
     /paths            UTF-8 str (N,)   paths relative to the image folder, POSIX separators, sorted
     /file_sizes       int64 (N,)       bytes, when the file was indexed
     /file_mtimes_ns   int64 (N,)       modification time in ns, when the file was indexed
+    /image_sizes      optional int64 (N, 2)   full-resolution (width, height) as displayed (after the EXIF
+                      rotation); -1 where unknown (files written before it was recorded, reference-demo files)
     /whitening        optional group: PCA-whitening learned at indexing (mean, projection, eigenvalues + attributes),
                       applied by readers to database and query vectors alike
     attributes        format, format_version, encoder (JSON of ``EncoderConfig``), image_root, created_at,
@@ -70,9 +72,17 @@ class FeatureDatabase:
     whitening_requested_dim: int = 0  # --whiten-dim asked for when it was learned (0: automatic), kept across updates
     database_id: str = ""  # changes at every write: derived files (an ANN index) record which version they match
     search_backend: dict = field(default_factory=dict)  # how it is searched (see retrieval.search.backends); {} = memory
+    image_sizes: np.ndarray | None = None  # int64 (N, 2) width, height in pixels; -1 where unknown; None: not recorded
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def image_size(self, row: int) -> tuple[int, int]:
+        """(width, height) of image ``row`` as displayed, or (-1, -1) when the file does not record it."""
+        if self.image_sizes is None:
+            return (-1, -1)
+        width, height = self.image_sizes[row]
+        return (int(width), int(height))
 
 
 def new_database_id() -> str:
@@ -184,6 +194,11 @@ def _read_current(h5: h5py.File, path: Path) -> FeatureDatabase:
         raise IndexFileError(f"{path}: vectors have shape {vectors.shape}, expected (N, {encoder.dim})")
     if not (len(paths) == len(sizes) == len(mtimes) == vectors.shape[0]):
         raise IndexFileError(f"{path}: datasets disagree on the number of images")
+    image_sizes = None
+    if "image_sizes" in h5:
+        image_sizes = np.asarray(h5["image_sizes"][...], dtype=np.int64)
+        if image_sizes.shape != (len(paths), 2):
+            raise IndexFileError(f"{path}: image_sizes has shape {image_sizes.shape}, expected ({len(paths)}, 2)")
     check_vectors(vectors, path)
     whitening = None
     if "whitening" in h5:
@@ -210,6 +225,7 @@ def _read_current(h5: h5py.File, path: Path) -> FeatureDatabase:
         whitening_requested_dim=int(h5["whitening"].attrs.get("requested_dim", 0)) if whitening is not None else 0,
         database_id=str(h5.attrs.get("database_id", "")),
         search_backend=_read_json_attribute(h5, "search_backend", path),
+        image_sizes=image_sizes,
     )
 
 
@@ -267,7 +283,7 @@ IN_MEMORY_WRITE_BYTES = 1 << 30  # files up to 1 GiB are built in memory before 
 def estimated_file_bytes(count: int, dim: int, itemsize: int, paths) -> int:
     """A generous estimate of a database file's size: vectors, paths, stats, checksums, metadata."""
     path_bytes = sum(len(p.encode("utf-8", "surrogatepass")) + 32 for p in paths)
-    return int(count * dim * itemsize * 1.02 + path_bytes + count * 24 + 64 * 1024)
+    return int(count * dim * itemsize * 1.02 + path_bytes + count * 40 + 64 * 1024)
 
 
 def check_free_space(path: Path, needed: int) -> None:
@@ -332,6 +348,11 @@ def write_database(path: str | os.PathLike, database: FeatureDatabase, *, databa
                 h5.create_dataset("paths", data=list(database.paths), dtype=h5py.string_dtype("utf-8"), shape=(count,))
                 for name, values in (("file_sizes", database.file_sizes), ("file_mtimes_ns", database.file_mtimes_ns)):
                     h5.create_dataset(name, data=np.asarray(values, dtype=np.int64), shape=(count,), **checksummed)
+                if database.image_sizes is not None:
+                    h5.create_dataset(
+                        "image_sizes", data=np.asarray(database.image_sizes, dtype=np.int64).reshape(count, 2),
+                        shape=(count, 2), **checksummed,
+                    )
                 if database.whitening is not None:
                     arrays, attributes = whitening_to_arrays(database.whitening)
                     group = h5.create_group("whitening")

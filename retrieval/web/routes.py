@@ -139,18 +139,13 @@ def _expansion_param() -> QueryExpansion:
 def _item(engine: RetrievalEngine, version: str, row: int) -> dict:
     """One database image as the API shows it: id, path, pixel size and file size (None where unknown), URLs."""
     database = engine.database
-    width = height = None
-    sizes = getattr(database, "image_sizes", None)  # (N, 2) width, height recorded at indexing, when the file has it
-    if sizes is not None and row < len(sizes):
-        w, h = int(sizes[row][0]), int(sizes[row][1])
-        if w > 0 and h > 0:
-            width, height = w, h
+    width, height = database.image_size(row)  # recorded at indexing; -1 when the file predates it
     size = int(database.file_sizes[row]) if row < len(database.file_sizes) else -1
     return {
         "id": row,
         "path": database.paths[row],
-        "width": width,
-        "height": height,
+        "width": width if width > 0 else None,
+        "height": height if height > 0 else None,
         "bytes": size if size >= 0 else None,
         "image_url": url_for("web.image", id=row, v=version),
         "thumb_url": url_for("web.thumb", id=row, v=version),
