@@ -866,7 +866,8 @@ def jsonable_copy_row(row: dict) -> dict:
 
 CLASSIC_SETS = {"near-duplicate": near_duplicate_set, "near-duplicate-hard": hard_near_duplicate_set,
                 "categories": categories_set}
-SET_NAMES = (*CLASSIC_SETS, "copy-detection", "speed")
+SET_NAMES = (*CLASSIC_SETS, "copy-detection", "speed", "seed-article")
+DEFAULT_SETS = SET_NAMES[:-1]  # seed-article (bench/seed_article.py: ~2 s per image, MOP) only when asked for
 
 
 def set_list(text: str) -> list[str]:
@@ -885,8 +886,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Retrieval quality of poolings x whitening x query expansion on offline "
                                                  "labelled sets (near-duplicates, Fashion-MNIST categories).")
     parser.add_argument("--quick", action="store_true", help="smaller sets (about 2 minutes)")
-    parser.add_argument("--sets", type=set_list, default=list(SET_NAMES), metavar="NAME,...",
-                        help=f"what to run, any of {', '.join(SET_NAMES)} (default: all)")
+    parser.add_argument("--sets", type=set_list, default=list(DEFAULT_SETS), metavar="NAME,...",
+                        help=f"what to run, any of {', '.join(SET_NAMES)} (default: all but seed-article; "
+                             "seed-article: the seed article's claims and MOP on the data sets named beside it, or all four)")
     parser.add_argument("--out", type=Path, default=OUT_DIR,
                         help="folder for quality.md, quality.json and the copy-detection set (default: bench/out)")
     parser.add_argument("--decision-rows", type=int, default=12, help="rows of the decision table (default: 12)")
@@ -985,6 +987,12 @@ def main(argv=None) -> int:
             say()
         results["copy_detection"] = {"title": cd.title, "root": str(cd.root), "counts": cd.manifest["counts"],
                                      "rows": [jsonable_copy_row(row) for row in copy_rows]}
+    if "seed-article" in args.sets:
+        from bench import seed_article
+
+        named = [name for name in seed_article.ALL_SETS if name in args.sets]
+        results["seed_article"] = seed_article.run(sizes, named or list(seed_article.ALL_SETS), args.out, args.quick,
+                                                   say, log)
     if "speed" in args.sets:
         speed = evaluation_speed(2_000 if args.quick else 10_000)
         results["evaluation_speed"] = speed

@@ -20,8 +20,9 @@ from .errors import RetrievalError
 from .search.backends import open_backend
 from .search.backends.memory import MemoryBackend
 from .search.expansion import NO_EXPANSION, QueryExpansion
+from .search.copies import NO_LOCAL_FEATURES, NoLocalFeatures, QueryFeatures
 from .search.pipeline import QueryPipeline, searched_matrix
-from .storage.database import FeatureDatabase, read_database
+from .storage.database import FeatureDatabase, read_database, with_legacy_weights
 
 
 @dataclass(frozen=True)
@@ -32,15 +33,25 @@ class Hit:
     score: float
     id: int
     path: str
+    inliers: int = -1  # geometric verification: inliers of a verified result, 0 not verified, -1 not checked
+
+    @property
+    def verified(self) -> bool:
+        return self.inliers > 0
 
     def as_dict(self) -> dict:
-        return {"rank": self.rank, "score": round(self.score, 6), "id": self.id, "path": self.path}
+        out = {"rank": self.rank, "score": round(self.score, 6), "id": self.id, "path": self.path}
+        if self.inliers >= 0:
+            out.update(verified=self.verified, inliers=self.inliers)
+        return out
 
 
 def open_pipeline(index_path, database: FeatureDatabase, *, backend: str | None = None, uri: str | None = None) -> QueryPipeline:
     """The query pipeline of a database read from ``index_path``: its searched matrix and recorded backend."""
     matrix = searched_matrix(database.vectors, database.whitening)
-    return QueryPipeline(open_backend(Path(index_path), database, matrix, override=backend, uri=uri), matrix, database.whitening)
+    return QueryPipeline(
+        open_backend(Path(index_path), database, matrix, override=backend, uri=uri), matrix, database.whitening, database.copies
+    )
 
 
 class RetrievalEngine:
@@ -57,7 +68,7 @@ class RetrievalEngine:
     ):
         if pipeline is None:  # a database in memory only: exact search over its searched matrix
             matrix = searched_matrix(database.vectors, database.whitening)
-            pipeline = QueryPipeline(MemoryBackend(matrix), matrix, database.whitening)
+            pipeline = QueryPipeline(MemoryBackend(matrix), matrix, database.whitening, database.copies)
         self.database = database
         self.extractor = extractor
         self.pipeline = pipeline
@@ -83,7 +94,7 @@ class RetrievalEngine:
         reloading a new version of the file): its extractor is reused when the encoder settings are unchanged, so no
         second model is built; ``previous`` itself is never modified. Raises RetrievalError.
         """
-        database = read_database(index_path)
+        database = with_legacy_weights(read_database(index_path), weights_file)
         pipeline = open_pipeline(index_path, database, backend=backend, uri=milvus_uri)
         try:
             extractor = None
@@ -91,7 +102,8 @@ class RetrievalEngine:
                 same = previous is not None and previous.extractor is not None and (
                     database.encoder.identity() == previous.database.encoder.identity()
                 )
-                extractor = previous.extractor if same else Extractor.for_database(database.encoder, weights_file)
+                extractor = previous.extractor if same else Extractor.for_database(
+                    database.encoder, weights_file, database.codebook, image_root=image_root or database.image_root)
         except BaseException:
             pipeline.close()
             raise
@@ -120,7 +132,8 @@ class RetrievalEngine:
     def load_extractor(self, weights_file: str | os.PathLike | None = None) -> None:
         """Build the extractor of an engine opened without one (the evaluator needs it only for some queries)."""
         if self.extractor is None:
-            self.extractor = Extractor.for_database(self.database.encoder, weights_file)
+            self.extractor = Extractor.for_database(
+                self.database.encoder, weights_file, self.database.codebook, image_root=self.image_root)
 
     def _extractor(self) -> Extractor:
         if self.extractor is None:
@@ -135,12 +148,60 @@ class RetrievalEngine:
         """RGB PIL images -> descriptors (M, D), encoded like the database."""
         return self._extractor().encode_pil(images)
 
+    def query_features(self, image) -> QueryFeatures:
+        """An RGB PIL image -> what a copy search compares (``retrieval.search.copies.QueryFeatures``): its descriptor,
+        the descriptors of its windows (one batch with it) when the database has regions, and its local features
+        and its mirror image's when the database has local features."""
+        from .descriptors.local_features import query_local_features
+        from .descriptors.regions import window_boxes
+        from .search.verification import QueryLocalFeatures
+
+        image = image.convert("RGB")
+        crops = [image]
+        if self.pipeline.copies is not None and self.pipeline.copies.has_regions:
+            crops += [image.crop(box) for box in window_boxes(*image.size)]
+        vectors = self.encode_images(crops)
+        local = QueryLocalFeatures(*query_local_features(np.asarray(image))) if self.pipeline.can_verify else None
+        return QueryFeatures(vectors[0], vectors[1:] if len(crops) > 1 else None, local)
+
+    @property
+    def copy_search(self) -> bool:
+        """Whether searches use the database's copy features (regions, local features)."""
+        return self.pipeline.copies is not None
+
+    def resolve_verify(self, verify: bool | None) -> bool:
+        """``verify`` as asked, or the database's default (on for ``--preset copy-detection``). Raises
+        ``NoLocalFeatures`` (one line, a 400 on the server) when asked of a database without local features."""
+        if verify is None:
+            return self.pipeline.verifies_by_default
+        if verify and not self.pipeline.can_verify:
+            raise NoLocalFeatures(NO_LOCAL_FEATURES)
+        return bool(verify)
+
+    def search_features(
+        self,
+        queries: Sequence[QueryFeatures],
+        k: int = 10,
+        expansion: QueryExpansion = NO_EXPANSION,
+        query_rows: Sequence[int | None] | None = None,
+        verify: bool | None = None,
+    ) -> list[list[Hit]]:
+        """Copy search for ``QueryFeatures`` (regions, windows, verification of the top 100 when ``verify``)."""
+        rows, scores, inliers = self.pipeline.search_copies(
+            list(queries), k, expansion, query_rows, verify=self.resolve_verify(verify)
+        )
+        return [self._hits(r, s, n) for r, s, n in zip(rows, scores, inliers)]
+
     # ------------------------------------------------------------------ searching
 
-    def _hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
+    def _hits(self, rows: np.ndarray, scores: np.ndarray, inliers: np.ndarray | None = None) -> list[Hit]:
         paths = self.database.paths
         found = rows >= 0
-        return [Hit(rank, float(score), int(row), paths[row]) for rank, (row, score) in enumerate(zip(rows[found], scores[found]), 1)]
+        counts = inliers[found] if inliers is not None else np.full(int(found.sum()), -1)
+        return [
+            Hit(rank, float(score), int(row), paths[row], int(count))
+            for rank, (row, score, count) in enumerate(zip(rows[found], scores[found], counts), 1)
+        ]
 
     def search_many(
         self,
@@ -149,7 +210,11 @@ class RetrievalEngine:
         expansion: QueryExpansion = NO_EXPANSION,
         query_rows: Sequence[int | None] | None = None,
     ) -> list[list[Hit]]:
-        """The ``k`` nearest database images to each descriptor (M, D), in one batched pipeline call."""
+        """The ``k`` nearest database images to each descriptor (M, D), in one batched pipeline call (with a copy-
+        detection database: its regions too, no verification: that needs the query's pixels or stored row)."""
+        if self.copy_search:
+            features = [QueryFeatures(np.asarray(d, np.float32)) for d in np.atleast_2d(descriptors)]
+            return self.search_features(features, k, expansion, query_rows, verify=False)
         rows, scores = self.pipeline.search(np.atleast_2d(descriptors), k, expansion, query_rows)
         return [self._hits(r, s) for r, s in zip(rows, scores)]
 
@@ -157,15 +222,39 @@ class RetrievalEngine:
         """The ``k`` nearest database images to one extractor descriptor (D,)."""
         return self.search_many(np.asarray(descriptor)[None, :], k, expansion)[0]
 
-    def search_id(self, row: int, k: int = 10, expansion: QueryExpansion = NO_EXPANSION) -> list[Hit]:
+    def search_id(
+        self, row: int, k: int = 10, expansion: QueryExpansion = NO_EXPANSION, verify: bool | None = None
+    ) -> list[Hit]:
         """Search with a database image's stored descriptor (no model call); it is never its own expansion
-        neighbour. Raises IndexError for a bad row."""
+        neighbour. With copy features: its stored regions and local features too (``verify``: None = the database's
+        default). Raises IndexError for a bad row."""
         if not 0 <= row < len(self.database):
             raise IndexError(f"no image with id {row}")
+        if self.copy_search:
+            query = self.pipeline.stored_query(self.database.vectors[row], row)
+            return self.search_features([query], k, expansion, [row], verify)[0]
+        self.resolve_verify(verify)
         return self.search_many(self.database.vectors[row : row + 1], k, expansion, query_rows=[row])[0]
 
     def search_image(
-        self, source: str | os.PathLike | bytes, k: int = 10, expansion: QueryExpansion = NO_EXPANSION
+        self,
+        source: str | os.PathLike | bytes,
+        k: int = 10,
+        expansion: QueryExpansion = NO_EXPANSION,
+        verify: bool | None = None,
     ) -> list[Hit]:
-        """Encode an image file or bytes and return its ``k`` nearest database images. Raises ImageError."""
+        """Encode an image file or bytes and return its ``k`` nearest database images. Raises ImageError; with
+        ``verify`` (None: the database's default) the top 100 are verified with local features."""
+        verify = self.resolve_verify(verify)
+        if self.copy_search:
+            from .images import open_image
+
+            return self.search_features([self.query_features(open_image(source))], k, expansion, verify=verify)[0]
         return self.search(self.encode(source), k, expansion)
+
+    def find_duplicates(self, threshold: float | None = None, *, k: int | None = None, verify=None):
+        """Groups of duplicate images of this database, searched through this engine's backend in batches
+        (``retrieval.search.duplicates.find_duplicates``; ``verify``: an optional stage that confirms pairs)."""
+        from .search.duplicates import DEFAULT_K, DEFAULT_THRESHOLD, find_duplicates
+
+        return find_duplicates(self, DEFAULT_THRESHOLD if threshold is None else threshold, k=k or DEFAULT_K, verify=verify)

@@ -299,8 +299,9 @@
 
   function card(item, hit) {
     // the name starts with the visible "#1", so what is seen is what a speech user says
+    const verified = hit && hit.verified ? `, verified copy (${hit.inliers} matching points)` : '';
     const label = hit
-      ? `#${hit.rank} ${item.path}, score ${hit.score.toFixed(3)}. Search with this image`
+      ? `#${hit.rank} ${item.path}, score ${hit.score.toFixed(3)}${verified}. Search with this image`
       : `${item.path}. Search with this image`;
     const image = el('img', { alt: item.path, decoding: 'async' });
     image.dataset.src = item.thumb_url;
@@ -314,6 +315,13 @@
       const bar = el('span', { className: 'score-bar', 'aria-hidden': 'true' }, [el('span')]);
       bar.firstChild.style.width = `${(score * 100).toFixed(1)}%`;
       meta.append(el('span', { className: 'score', text: `score ${hit.score.toFixed(3)}` }), bar);
+      if (hit.verified) {
+        // geometric verification (index built with --preset copy-detection): a copy of this image was found in the query
+        meta.append(el('span', {
+          className: 'verified', title: `${hit.inliers} local features agree on one transform`,
+          text: `\u2713 verified \u00b7 ${hit.inliers} inliers`,
+        }));
+      }
     }
     const about = facts(item);
     if (about) meta.append(el('span', { className: 'facts', text: about }));
@@ -325,6 +333,7 @@
     ]));
     const attrs = { className: 'card', 'data-id': item.id, 'data-path': item.path };
     if (hit) Object.assign(attrs, { 'data-rank': hit.rank, 'data-score': hit.score });
+    if (hit && hit.verified) attrs['data-inliers'] = hit.inliers;
     return el('li', attrs, [button, meta]);
   }
 

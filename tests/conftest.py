@@ -20,6 +20,7 @@ DEMO_DATABASE = REPO / "database"
 # Before anything imports the package: no downloads, no user cache, quiet TensorFlow. Subprocesses inherit these.
 os.environ["RETRIEVAL_OFFLINE"] = "1"
 os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="empty-keras-home-")
+os.environ.setdefault("CBIR_MODEL_CACHE", tempfile.mkdtemp(prefix="cbir-model-cache-"))  # converted models
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MILVUS_SERVER_VENV", str(REPO / ".milvus-server"))  # scripts/setup.sh --dev makes it
 

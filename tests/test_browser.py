@@ -878,7 +878,7 @@ def test_server_without_an_index_says_so_and_starts_when_it_appears(browser, ser
             staging = tmp_path / "staging.h5"
             shutil.copy(server.index, staging)
             os.replace(staging, watched)
-            expect(first_path(page)).to_have_attribute("data-path", "rocket/original.jpg", timeout=30_000)
+            expect(first_path(page)).to_have_attribute("data-path", "rocket/original.jpg", timeout=90_000)  # polls back off to 15 s; the model loads first
             expect(page.locator("#grid .card")).to_have_count(SIZE)
             expect(page.locator("#k-select")).to_have_value("20")
             assert f"id={rocket}&k=20" in page.url and "rocket/original.jpg" in page.inner_text("#query-caption")

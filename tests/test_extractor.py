@@ -51,6 +51,7 @@ def test_shape_and_argument_checks(effnet_extractor):
 
 def test_precision_resolution(monkeypatch):
     assert encoder_module.resolve_precision("float32") == "float32"
+    monkeypatch.setenv("CBIR_RUNTIME", "keras")  # the OpenVINO side: tests/test_runtime.py
     monkeypatch.setattr(encoder_module, "cpu_has_bf16", lambda: True)
     assert encoder_module.resolve_precision("auto") == "bfloat16"
     with pytest.raises(ValueError, match="unknown precision"):

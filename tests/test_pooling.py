@@ -125,7 +125,7 @@ def test_crow_default_a2_b2_and_zero_map():
 def test_every_pooling_has_defaults_and_gives_float32_n_by_c():
     rng = np.random.default_rng(0)
     x = np.maximum(rng.normal(size=(3, 5, 7, 6)), 0).astype(np.float32)
-    assert set(pooling.POOLINGS) == set(pooling.POOLING_DEFAULTS)
+    assert set(pooling.POOLINGS) == set(pooling.POOLING_DEFAULTS) - set(pooling.CODEBOOK_POOLINGS)
     for name in pooling.POOLINGS:
         out = pooling.pool(name, x, **pooling.POOLING_DEFAULTS[name])
         assert out.shape == (3, 6) and out.dtype == np.float32 and np.isfinite(out).all(), name
@@ -159,3 +159,39 @@ def test_combine_scales_normalises_each_scale_then_sums():
         pooling.combine_scales([a, np.ones((2, 3))])
     with pytest.raises(ValueError, match="at least one"):
         pooling.combine_scales([])
+
+
+# --------------------------------------------------------------------------- the seed article's AVE vs SUM guess
+
+
+def test_avg_and_sum_give_identical_cosines_after_l2_normalisation_and_differ_only_when_mixed_before():
+    """AVE = SUM / (h * w): a positive factor per image that L2 normalisation removes, at any input size (the seed
+    article guessed AVE would beat SUM once images are resized 224 -> 448). Mixing raw vectors before the
+    normalisation (summing a 224 and a 448 map, or centring over maps of several sizes) keeps the factor, and there
+    they differ."""
+    rng = np.random.default_rng(5)
+    big = np.maximum(rng.normal(size=(6, 14, 14, 8)), 0).astype(np.float32)  # a 448 input's 14 x 14 maps
+    small = big[:, ::2, ::2]  # 7 x 7, as from a 224 input
+    n = pooling.l2_normalize
+
+    def cosines(vectors):
+        return vectors @ vectors.T
+
+    for maps in (small, big):
+        np.testing.assert_allclose(cosines(n(pooling.pool("sum", maps))), cosines(n(pooling.pool("avg", maps))), atol=1e-6)
+    # maps of several sizes (aspect-preserving resize), each image normalised on its own: still identical
+    shapes = [(14, 14), (14, 9), (10, 14), (14, 12), (7, 14), (14, 14)]
+    sums = n(np.concatenate([pooling.pool("sum", big[i : i + 1, :h, :w]) for i, (h, w) in enumerate(shapes)]))
+    avgs = n(np.concatenate([pooling.pool("avg", big[i : i + 1, :h, :w]) for i, (h, w) in enumerate(shapes)]))
+    np.testing.assert_allclose(cosines(sums), cosines(avgs), atol=1e-6)
+    # centring over maps of one size: still identical (one common factor)
+    raw_sum, raw_avg = pooling.pool("sum", big), pooling.pool("avg", big)
+    np.testing.assert_allclose(cosines(n(raw_sum - raw_sum.mean(0))), cosines(n(raw_avg - raw_avg.mean(0))), atol=1e-5)
+    # mixed before L2: 224 + 448 summed (SUM weighs the 448 map 4x), or centred over maps of several sizes
+    mixed_sum = n(pooling.pool("sum", small) + pooling.pool("sum", big))
+    mixed_avg = n(pooling.pool("avg", small) + pooling.pool("avg", big))
+    assert np.abs(cosines(mixed_sum) - cosines(mixed_avg)).max() > 1e-3
+    raw_sums = np.concatenate([pooling.pool("sum", big[i : i + 1, :h, :w]) for i, (h, w) in enumerate(shapes)])
+    raw_avgs = np.concatenate([pooling.pool("avg", big[i : i + 1, :h, :w]) for i, (h, w) in enumerate(shapes)])
+    centred_sum, centred_avg = n(raw_sums - raw_sums.mean(0)), n(raw_avgs - raw_avgs.mean(0))
+    assert np.abs(cosines(centred_sum) - cosines(centred_avg)).max() > 1e-3

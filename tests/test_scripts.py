@@ -84,7 +84,30 @@ def test_reference_demo_database_can_be_queried(tmp_path, indexed):
         h5.create_dataset("dataset_1", data=np.ones((2, 512), np.float32))
         h5.create_dataset("dataset_2", data=np.array([b"a.jpg", b"b.jpg"]))
     result = run("query_online.py", "--query", folder / "rocket.jpg", "--index", legacy)
-    assert_one_line_error(result, "VGG16", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
+    assert_one_line_error(result, "VGG16", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", "--weights FILE")
+    assert "--backbone" not in result.stderr  # query_online.py has no such option
+
+
+def test_reference_demo_database_made_with_other_weights_is_queried_with_them(tmp_path, indexed, seeded_vgg16_weights):
+    folder, _, _ = indexed
+    from retrieval.descriptors.extractor import Extractor
+    from retrieval.storage.database import legacy_encoder
+    from retrieval.models.backbones import file_md5
+
+    encoder = legacy_encoder(weights_name="mine", weights_hash=file_md5(seeded_vgg16_weights))
+    extractor = Extractor.for_database(encoder, seeded_vgg16_weights)
+    vectors = extractor.encode_arrays([
+        np.asarray(Image.open(folder / name).convert("RGB").resize((224, 224), Image.Resampling.NEAREST))
+        for name in ("rocket.jpg", "coffee.jpg")
+    ])
+    legacy = tmp_path / "featureCNN.h5"
+    with h5py.File(legacy, "w") as h5:  # what the reference demo writes: its own weights, recorded nowhere
+        h5.create_dataset("dataset_1", data=vectors)
+        h5.create_dataset("dataset_2", data=np.array([b"rocket.jpg", b"coffee.jpg"]))
+    result = run("query_online.py", "--query", folder / "rocket.jpg", "--index", legacy, "--weights", seeded_vgg16_weights)
+    assert result.returncode == 0, result.stderr
+    first = [line.split() for line in result.stdout.splitlines() if line.strip().startswith("1 ")][0]
+    assert first[-1] == "rocket.jpg" and float(first[1]) > 0.999
 
 
 @pytest.mark.parametrize(

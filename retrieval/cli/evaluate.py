@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="query expansion: avg = average QE, alpha = alpha-QE (default: none)")
     parser.add_argument("--qe-top-n", type=positive_int, default=3, metavar="N", help="neighbours used by query expansion (default: 3)")
     parser.add_argument("--qe-alpha", type=non_negative_float, default=3.0, metavar="A", help="alpha-QE exponent (default: 3)")
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                        help="verify the top 100 of each query with local features (default: on for an index built "
+                             "with --preset copy-detection, else off; needs an index with local features)")
     parser.add_argument("--ap", choices=AP_METHODS, default=None,
                         help="AP definition (default: trapezoid, what the official Oxford, Paris, Holidays and "
                              "Revisited code computes, used for every kind; non-interpolated: the TREC AP)")
@@ -155,7 +158,13 @@ def main(argv=None) -> int:
                 pipeline = relearned_pipeline(database, read_database(args.whiten_from), args.whiten_from, args.whiten_dim)
             encoded: dict = {}
             files: dict = {}
-            if any(q.image is not None and q.bbox is None for truth in truths.values() for q in truth.queries):
+            verify = engine.resolve_verify(args.verify)  # the database's default unless told; one line if impossible
+            if engine.copy_search:
+                notes.append(f"copy search: {'regions + query windows' if database.copies.has_regions else 'global'}, "
+                             f"geometric verification of the top 100 {'on' if verify else 'off'}")
+            if not engine.copy_search and any(
+                q.image is not None and q.bbox is None for truth in truths.values() for q in truth.queries
+            ):
                 engine.load_extractor(args.weights)  # query files (--queries): encoded in batches up front
                 files = encode_query_files(engine, [q for truth in truths.values() for q in truth.queries], args.queries)
 
@@ -178,7 +187,7 @@ def main(argv=None) -> int:
                 results[label] = evaluate_queries(
                     pipeline, prepared.queries, ks=args.k, expansion=expansion, ap_method=ap_method,
                     precision=precision, ns_score=kind == "ukbench",
-                    micro_ap=MICRO_AP_DEPTH if args.queries and kind == "folders" else None,
+                    micro_ap=MICRO_AP_DEPTH if args.queries and kind == "folders" else None, verify=verify,
                 )
         finally:
             engine.close()

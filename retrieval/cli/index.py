@@ -16,7 +16,7 @@ import sys
 def parse_args(argv=None) -> argparse.Namespace:
     from ..descriptors.encoder import PRECISIONS
     from ..descriptors.extractor import DEFAULT_BATCH_SIZE
-    from ..descriptors.pooling import POOLING_DEFAULTS, POOLINGS
+    from ..descriptors.pooling import POOLING_DEFAULTS
     from ..images import RESIZE_RULES
     from ..indexing import CHECKPOINT_EVERY
     from ..indexing.presets import PRESETS, preset_help
@@ -39,8 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     encoder.add_argument("--backbone", choices=BACKBONE_CHOICES, default=None,
                          help="CNN: auto = VGG16 if its ImageNet weights can be had, else EfficientNet-Lite0 (default: auto)")
     encoder.add_argument("--weights", metavar="FILE", help="VGG16 weights file (.h5 or .weights.h5) instead of the Keras cache")
-    encoder.add_argument("--pooling", choices=list(POOLINGS), default=None,
-                         help="how conv activations become one vector (default: max, or the existing index's)")
+    encoder.add_argument("--pooling", choices=list(POOLING_DEFAULTS), default=None,
+                         help="how conv activations become one vector; mop / mop-fast: multi-scale orderless pooling "
+                              "(Gong et al. 2014) with a codebook learned on this database (default: max, or the "
+                              "existing index's)")
+    encoder.add_argument("--codebook-from", metavar="OTHER.h5",
+                         help="mop / mop-fast: encode with the codebook of another index built with the same settings "
+                              "instead of learning one on a sample of these images (kept at updates; --rebuild re-learns)")
     encoder.add_argument("--pooling-param", type=name_value, action="append", metavar="NAME=VALUE",
                          help="pooling parameter, repeatable: " + ", ".join(f"{k}: {v}" for k, v in POOLING_DEFAULTS.items() if v))
     encoder.add_argument("--scales", type=number_list, metavar="S1,S2,...",
@@ -49,7 +54,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                          help="squash to a square (default) or keep the aspect ratio with the longest side = input size")
     encoder.add_argument("--input-size", type=positive_int, metavar="PX", help="input side, or longest side for aspect (default: 224)")
     encoder.add_argument("--precision", choices=PRECISIONS, default=None,
-                         help="compute precision; auto = bfloat16 for VGG16 on CPUs with bf16 units or a GPU (default: auto)")
+                         help="compute precision; int8 = post-training quantization calibrated on a seeded sample of these "
+                              "images (OpenVINO + NNCF); auto = the fastest precision whose quality gate passed for the "
+                              "backbone on this machine (default: auto)")
+    copies = parser.add_argument_group("copy detection (stored per image; see --preset copy-detection)")
+    copies.add_argument("--regions", action=argparse.BooleanOptionalAction, default=None,
+                        help="also store region vectors, searched beside the global one (finds crops; default: off, "
+                             "or the existing index's)")
+    copies.add_argument("--local-features", action=argparse.BooleanOptionalAction, default=None,
+                        help="also store SIFT local features for geometric verification (query_online.py --verify; "
+                             "about 34 KB per image; default: off, or the existing index's)")
     whitening = parser.add_argument_group("whitening (applied to database and queries alike)")
     whitening.add_argument("--whiten", action="store_true", help="learn PCA-whitening on this database (re-learned at updates)")
     whitening.add_argument("--whiten-from", metavar="OTHER.h5", help="learn PCA-whitening on another index built with the same settings")
@@ -84,6 +98,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="Ray model actors (default: one per GPU, else one per 4 CPUs of the cluster)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
+
+
+def copy_options(preset: dict, args) -> dict:
+    """regions / local_features / verify for ``IndexRequest.create``: the preset's, overridden by explicit flags."""
+    options = dict(preset.get("copies", {}))
+    for name in ("regions", "local_features"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if options.get("local_features") is False:
+        options.pop("verify", None)
+    return options
 
 
 def main(argv=None) -> int:
@@ -124,6 +149,8 @@ def main(argv=None) -> int:
         ray=args.ray,
         ray_actors=args.ray_actors,
         rebuild=args.rebuild,
+        codebook_from=args.codebook_from,
+        **copy_options(preset, args),
         batch_size=args.batch_size,
         checkpoint_every=args.checkpoint_every,
         progress=not args.quiet,

@@ -28,6 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="query expansion: avg (average QE) or alpha (alpha-QE) over the first --qe-top-n results (default: none)")
     parser.add_argument("--qe-top-n", type=positive_int, default=3, metavar="N", help="neighbours used by query expansion (default: 3)")
     parser.add_argument("--qe-alpha", type=non_negative_float, default=3.0, metavar="A", help="alpha-QE exponent (default: 3)")
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                        help="verify the top 100 with local features and rank verified copies first (default: on for an "
+                             "index built with --preset copy-detection, else off; needs an index with local features)")
     return parser.parse_args(argv)
 
 
@@ -47,7 +50,11 @@ def main(argv=None) -> int:
         query_image = open_image(args.query)  # fail fast on a bad query, before the model is built
         engine = RetrievalEngine.open(args.index, weights_file=args.weights, image_root=args.database)
         try:
-            hits = engine.search(engine.encode_images([query_image])[0], args.top_k, expansion)
+            verify = engine.resolve_verify(args.verify)  # one error line for an index without local features
+            if engine.copy_search:
+                hits = engine.search_features([engine.query_features(query_image)], args.top_k, expansion, verify=verify)[0]
+            else:
+                hits = engine.search(engine.encode_images([query_image])[0], args.top_k, expansion)
         finally:
             engine.close()
         if args.json:
@@ -58,12 +65,14 @@ def main(argv=None) -> int:
                 "backbone": encoder.backbone,
                 "pooling": encoder.pooling,
                 "query_expansion": args.qe,
+                "verify": verify,
                 "results": [hit.as_dict() for hit in hits],
             }, ensure_ascii=False, indent=2))
         else:
-            print(f"{'rank':>4}  {'score':>7}  path")
+            print(f"{'rank':>4}  {'score':>7}  {'verified':>8}  path" if verify else f"{'rank':>4}  {'score':>7}  path")
             for hit in hits:
-                print(f"{hit.rank:>4}  {hit.score:7.4f}  {hit.path}")
+                mark = f"  {hit.inliers:>8}" if hit.verified else f"  {'-':>8}"
+                print(f"{hit.rank:>4}  {hit.score:7.4f}{mark if verify else ''}  {hit.path}")
         if args.montage:
             from .montage import write_montage
 

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from ..errors import IndexFileError, RetrievalError
-from ..models import backbones
+from ..models import backbones, runtime
 from . import pooling
 
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16", "int8")
+CALIBRATION_IMAGES = 128  # int8: at most this many of the database's images calibrate the quantization
+CALIBRATION_SEED = 0
 DEFAULT_SCALES = (1.0,)
 DEFAULT_POOLING = "max"
 DEFAULT_RESIZE_RULE = "squash-bicubic"
@@ -37,11 +39,14 @@ class EncoderConfig:
     pooling: str  # a name from retrieval.descriptors.pooling.POOLINGS
     input_size: int  # square input side in pixels
     resize_rule: str  # a name from retrieval.images.RESIZE_RULES
-    precision: str  # "float32" | "bfloat16"
+    precision: str  # "float32" | "bfloat16" | "int8"
     dim: int  # descriptor dimension
     pooling_params: dict = field(default_factory=dict)  # e.g. {"p": 3.0} for GeM
     scales: list = field(default_factory=lambda: [1.0])  # multi-scale extraction: factors of input_size
     weights_path: str = ""  # where the weights were read from when indexing (a hint for readers, not identity)
+    codebook: str = ""  # MOP poolings: "sha256:<hex>" of the codebook stored in the database (retrieval.descriptors.mop)
+    # int8: the calibration sample {"method", "images", "seed", "paths" (relative), "digest" (md5 of names + bytes)}
+    calibration: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -84,20 +89,71 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_precision(precision: str, backbone: str = "vgg16") -> str:
-    """``auto`` -> ``bfloat16`` for backbones that gain from it (``BackboneSpec.bf16_pays``) on CPUs with bf16 units
-    or when a GPU is visible, else ``float32``."""
+    """``auto`` -> the fastest precision whose quality gate passed for the backbone (``BackboneSpec.gated``) that
+    this machine runs faster than float32.
+
+    With OpenVINO (the CPU runtime): int8 when the CPU plugin has INT8 and NNCF is installed, bfloat16 when it has
+    BF16, else float32. With Keras (a GPU, or no OpenVINO): bfloat16 for backbones it speeds up there
+    (``bf16_pays``) on CPUs with bf16 units or a GPU, else float32.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
-    if not backbones.BACKBONES[backbone].bf16_pays:
+    spec = backbones.BACKBONES[backbone]
+    if runtime.runtime_name(precision) == "keras":
+        if spec.bf16_pays and (cpu_has_bf16() or runtime.gpu_for_tensorflow()):
+            return "bfloat16"
         return "float32"
-    if cpu_has_bf16():
-        return "bfloat16"
-    backbones.quiet_tensorflow()
-    import tensorflow as tf
+    capabilities = runtime.openvino_capabilities()
+    for candidate in spec.gated:
+        if candidate == "int8" and "INT8" in capabilities and runtime.nncf_available():
+            return "int8"
+        if candidate == "bfloat16" and "BF16" in capabilities:
+            return "bfloat16"
+    return "float32"
 
-    return "bfloat16" if tf.config.list_physical_devices("GPU") else "float32"
+
+def calibration_sample(paths: Sequence[str], count: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED) -> list[str]:
+    """A bounded, seeded sample of the database's relative paths (sorted first, so the order they came in does not
+    matter), in sorted order."""
+    ordered = sorted(paths)
+    if len(ordered) <= count:
+        return ordered
+    import numpy as np
+
+    picked = np.random.default_rng(seed).choice(len(ordered), size=count, replace=False)
+    return [ordered[i] for i in sorted(picked)]
+
+
+def calibration_files_digest(names: Sequence[str], files: Sequence[str | os.PathLike]) -> str:
+    """md5 over each calibration file's relative name and bytes, in order. Raises OSError for an unreadable file."""
+    import hashlib
+
+    digest = hashlib.md5(usedforsecurity=False)
+    for name, path in zip(names, files):
+        digest.update(name.encode("utf-8", "surrogateescape") + b"\0")
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return "md5:" + digest.hexdigest()
+
+
+def with_calibration(encoder: EncoderConfig, image_root: str | os.PathLike, paths: Sequence[str]) -> EncoderConfig:
+    """int8 settings with their calibration sample recorded (other precisions unchanged). Raises RetrievalError."""
+    if encoder.precision != "int8" or encoder.calibration:
+        return encoder
+    sample = calibration_sample(paths)
+    if not sample:
+        raise RetrievalError("precision int8 calibrates on the database's images, and there are none")
+    try:
+        digest = calibration_files_digest(sample, [os.path.join(image_root, rel) for rel in sample])
+    except OSError as exc:
+        raise RetrievalError(f"{exc.filename}: cannot read this calibration image ({exc.strerror})") from None
+    record = {"method": "nncf post-training quantization", "images": len(sample), "seed": CALIBRATION_SEED,
+              "paths": sample, "digest": digest}
+    return dataclasses.replace(encoder, calibration=record)
 
 
 def check_encoder_options(
@@ -110,6 +166,8 @@ def check_encoder_options(
     scales = [float(scale) for scale in scales]
     if not scales or any(not 0.1 <= scale <= 1.0 for scale in scales) or len(set(scales)) != len(scales):
         raise ValueError(f"scales must be distinct factors in [0.1, 1], got {scales}")
+    if pooling_name in pooling.CODEBOOK_POOLINGS and scales != [1.0]:
+        raise ValueError(f"pooling {pooling_name} makes its own scales (patches or input scales): leave --scales at 1")
     if resize_rule not in RESIZE_RULES:
         raise ValueError(f"unknown resize rule {resize_rule!r}; choose from {', '.join(RESIZE_RULES)}")
     low, high = INPUT_SIZE_RANGE

@@ -9,17 +9,17 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from ..errors import ImageError
+from ..errors import ImageError, RetrievalError
 from ..images import MIN_SIDE, load_for_backbone, load_sized_for_backbone, resize_for_backbone
-from ..models import backbones
+from ..models import backbones, runtime
 from ..vectors import l2_normalize
-from . import pooling
-from .encoder import EncoderConfig, weights_for
+from . import mop, mop_extract, pooling
+from .encoder import EncoderConfig, calibration_files_digest, weights_for
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -44,36 +44,81 @@ def rescale_image(image: np.ndarray, scale: float) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(target, Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
+def calibration_for(encoder: EncoderConfig, image_root: str | os.PathLike | None) -> runtime.Calibration | None:
+    """The int8 calibration sample the encoder settings record, read from ``image_root`` when it is needed; None for
+    other precisions. The recorded digest of the files is checked before they are used."""
+    if encoder.precision != "int8":
+        return None
+    sample = list(encoder.calibration.get("paths", []))
+    digest = encoder.calibration.get("digest", "")
+
+    def images() -> list[np.ndarray]:
+        if image_root is None or not sample:
+            raise RetrievalError(
+                "the int8 model has to be calibrated again (no cached conversion here) and needs the database's "
+                "images: give the image folder (--database DIR) or rebuild the index", kind="unavailable",
+            )
+        files = [os.path.join(image_root, rel) for rel in sample]
+        try:
+            actual = calibration_files_digest(sample, files)
+        except OSError as exc:
+            raise RetrievalError(f"int8 calibration image missing or unreadable ({exc.filename}): rebuild the index", kind="not_found") from None
+        if actual != digest:
+            raise RetrievalError("the int8 calibration images have changed since the database was built: rebuild the index", kind="conflict")
+        return [load_for_backbone(path, encoder.input_size, encoder.resize_rule) for path in files]
+
+    return runtime.Calibration(digest, images)
+
+
 class Extractor:
     """Backbone + pooling + L2 normalisation for one ``EncoderConfig``; build once, call many times (thread-safe).
 
-    The forward pass is one ``tf.function`` traced at construction with a dynamic batch and spatial shape, so
-    batches of any size (and aspect-preserving inputs) reuse it; it is warmed up before the first real call.
+    The forward pass runs through ``retrieval.models.runtime`` (OpenVINO from a cached conversion on CPUs, else the
+    Keras ``tf.function``), with a dynamic batch and spatial shape, so batches of any size (and aspect-preserving
+    inputs) reuse it; it is warmed up before the first real call. ``image_root``: the folder the database's images
+    are in, for an int8 model whose cached conversion has to be rebuilt from the recorded calibration sample.
     """
 
-    def __init__(self, encoder: EncoderConfig, weights: backbones.Weights):
+    def __init__(
+        self,
+        encoder: EncoderConfig,
+        weights: backbones.Weights,
+        *,
+        image_root: str | os.PathLike | None = None,
+        notice: Callable[[str], None] | None = None,
+    ):
         if weights.hash != encoder.weights_hash:
             raise ValueError("weights do not match the encoder settings")
-        backbones.quiet_tensorflow()
-        import tensorflow as tf
-
         self.encoder = encoder
         self.spec = backbones.BACKBONES[encoder.backbone]
-        self.model = backbones.build_feature_model(weights, encoder.precision)
-        model = self.model
-
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
-        def forward(batch):
-            return tf.cast(model(batch, training=False), tf.float32)
-
-        self._forward = forward
+        calibration = calibration_for(encoder, image_root)
+        self.runtime = runtime.load_runtime(weights, encoder.precision, calibration, notice or runtime.stderr_notice)
         size = encoder.input_size
-        forward(np.zeros((1, size, size, 3), np.float32))  # trace and warm up here, not on the first request
+        self.runtime(self.spec.preprocess(np.zeros((1, size, size, 3), np.uint8)))  # warm up here, not on a request
+
+    codebook = None  # MOP poolings: the database's ``mop.MopCodebook`` (``use_codebook``)
 
     @classmethod
-    def for_database(cls, encoder: EncoderConfig, weights_file: str | os.PathLike | None = None) -> "Extractor":
-        """An extractor that encodes exactly like the database whose settings are ``encoder``."""
-        return cls(encoder, weights_for(encoder, weights_file))
+    def for_database(
+        cls, encoder: EncoderConfig, weights_file: str | os.PathLike | None = None, codebook=None,
+        image_root: str | os.PathLike | None = None,
+    ) -> "Extractor":
+        """An extractor that encodes exactly like the database whose settings are ``encoder`` (and, for MOP, whose
+        codebook is ``codebook``)."""
+        extractor = cls(encoder, weights_for(encoder, weights_file), image_root=image_root)
+        return extractor.use_codebook(codebook) if codebook is not None else extractor
+
+    def use_codebook(self, codebook) -> "Extractor":
+        """Encode MOP against ``codebook``; ValueError unless it is the one the encoder settings name."""
+        if codebook.digest() != self.encoder.codebook or codebook.dim != self.encoder.dim:
+            raise ValueError("the MOP codebook is not the one these encoder settings were made with")
+        self.codebook = codebook
+        return self
+
+    def mop_material(self, images: Sequence[np.ndarray]):
+        """MOP's material (``mop.Material``) of uint8 RGB arrays resized by the database's rule."""
+        return mop_extract.material(self.encoder.pooling, self.feature_maps, list(images), rescale_image,
+                                    self.encoder.pooling_params)
 
     @property
     def dim(self) -> int:
@@ -81,7 +126,7 @@ class Extractor:
 
     def feature_maps(self, images: np.ndarray) -> np.ndarray:
         """uint8 RGB (N, H, W, 3) -> float32 conv maps (N, h, w, C)."""
-        return self._forward(self.spec.preprocess(images)).numpy()
+        return self.runtime(self.spec.preprocess(images))
 
     def _pooled(self, images: list[np.ndarray]) -> np.ndarray:
         """Pool a list of uint8 (H, W, 3) arrays, batching those of equal shape. -> float32 (N, C), not normalised."""
@@ -105,6 +150,10 @@ class Extractor:
                 raise ValueError(f"expected RGB images of shape (H, W, 3), got {image.shape}")
         if not images:
             return np.empty((0, self.dim), np.float32)
+        if self.encoder.pooling in pooling.CODEBOOK_POOLINGS:
+            if self.codebook is None:
+                raise ValueError(f"pooling {self.encoder.pooling} needs the database's codebook (Extractor.use_codebook)")
+            return mop.encode(self.mop_material(images), self.codebook)
         per_scale = [self._pooled([rescale_image(image, scale) for image in images]) for scale in self.encoder.scales]
         combined = per_scale[0] if len(per_scale) == 1 else pooling.combine_scales(per_scale)
         return l2_normalize(combined)

@@ -18,7 +18,13 @@ name        method                                                 parameters (d
 ``gem``     generalised mean (Radenović, Tolias, Chum 2018)         ``p`` (3.0)
 ``rmac``    regional MAC (Tolias, Sicre, Jégou, ICLR 2016)          ``levels`` (3)
 ``crow``    cross-dimensional weighting (Kalantidis et al. 2016)   ``a`` (2.0), ``b`` (2.0)
+``mop``     multi-scale orderless pooling (Gong et al. 2014)        ``k`` (100), ``local_dim`` (64),
+            of patches: needs a codebook, see ``descriptors.mop``   ``level_dim`` (256), ``power`` (0.5)
+``mop-fast`` MOP of conv-map columns at two input scales            the same + ``fast_scale`` (2.0)
 ==========  =====================================================  ==========================
+
+``mop`` and ``mop-fast`` (``CODEBOOK_POOLINGS``) are in the vocabulary (``POOLING_DEFAULTS``) but not in ``POOLINGS``:
+they are not a function of one feature map; the extractor encodes them against the database's codebook.
 """
 
 from __future__ import annotations
@@ -165,8 +171,16 @@ POOLING_DEFAULTS: dict[str, dict] = {
     "gem": {"p": 3.0},
     "rmac": {"levels": 3},
     "crow": {"a": 2.0, "b": 2.0},
+    # MOP (retrieval.descriptors.mop): codebook size, local PCA dim, per-level PCA dim, VLAD power; fast: the scale
+    # of the finest level's input
+    "mop": {"k": 100, "local_dim": 64, "level_dim": 256, "power": 0.5},
+    "mop-fast": {"k": 100, "local_dim": 64, "level_dim": 256, "power": 0.5, "fast_scale": 2.0},
 }
 """Pooling name -> its keyword parameters and their defaults (JSON-safe: store them with the database)."""
+
+CODEBOOK_POOLINGS = ("mop", "mop-fast")
+"""Poolings that are not a function of one feature map: they encode patches or several maps against a codebook
+learned on the database (``retrieval.descriptors.mop``); the extractor runs them, ``pool`` does not."""
 
 
 def resolve_pooling_params(name: str, params: dict | None = None) -> dict:
@@ -176,8 +190,8 @@ def resolve_pooling_params(name: str, params: dict | None = None) -> dict:
     Raises ValueError for an unknown pooling, a parameter the pooling does not take, or a value that is not a
     positive finite number (an integer where the default is one).
     """
-    if name not in POOLINGS:
-        raise ValueError(f"unknown pooling {name!r}; choose from {', '.join(POOLINGS)}")
+    if name not in POOLING_DEFAULTS:
+        raise ValueError(f"unknown pooling {name!r}; choose from {', '.join(POOLING_DEFAULTS)}")
     defaults = POOLING_DEFAULTS[name]
     params = dict(params or {})
     unknown = sorted(set(params) - set(defaults))
@@ -197,6 +211,8 @@ def resolve_pooling_params(name: str, params: dict | None = None) -> dict:
             resolved[key] = int(value)
         else:
             resolved[key] = float(value)
+    if name in CODEBOOK_POOLINGS and not (resolved["power"] <= 1.0 and resolved.get("fast_scale", 2.0) <= 4.0):
+        raise ValueError(f"pooling {name!r}: power must be at most 1 and fast_scale at most 4, got {resolved}")
     return resolved
 
 
@@ -206,6 +222,8 @@ def pool(name: str, feature_maps: np.ndarray, **params) -> np.ndarray:
     (N, H, W, C) -> float32 (N, C). Unknown names or parameters raise ValueError listing the choices.
     """
     resolved = resolve_pooling_params(name, params)
+    if name in CODEBOOK_POOLINGS:
+        raise ValueError(f"pooling {name!r} needs a codebook and the image itself: the extractor encodes it")
     return POOLINGS[name](feature_maps, **resolved)
 
 

@@ -21,12 +21,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..errors import ImageError, RetrievalError
 from ..search.expansion import NO_EXPANSION, QueryExpansion
+from ..search.copies import QueryFeatures
 from ..search.pipeline import QueryPipeline
 from . import metrics
 from .groundtruth import GroundTruth, Query
@@ -84,6 +85,7 @@ class PreparedQuery:
     n_relevant: int
     exclude: int | None = None
     own_row: int | None = None
+    features: Any = None  # copy search: the query's retrieval.search.copies.QueryFeatures (windows, local features)
 
 
 @dataclass
@@ -127,6 +129,7 @@ def prepare_queries(
         junk_rows = [row for row in map(resolver.row, query.junk) if row is not None]
         own = None if query.image is not None else resolver.row(query.path)
         mentioned.update(relevant_rows, junk_rows, () if own is None else (own,))
+        features = None
         if query.bbox is None and own is not None:
             vector, exclude = np.asarray(vectors[own], dtype=np.float32), own
         elif encode is None:
@@ -134,7 +137,9 @@ def prepare_queries(
             continue
         else:
             try:
-                vector, exclude = np.asarray(encode(query, own), dtype=np.float32).reshape(-1), None
+                encoded, exclude = encode(query, own), None
+                features = encoded if isinstance(encoded, QueryFeatures) else None
+                vector = np.asarray(encoded.vector if features is not None else encoded, dtype=np.float32).reshape(-1)
             except ImageError as exc:
                 skipped.append((query.path, str(exc)))
                 continue
@@ -147,6 +152,7 @@ def prepare_queries(
                 n_relevant=len(query.relevant),
                 exclude=exclude,
                 own_row=own,
+                features=features,
             )
         )
     return Preparation(prepared, skipped, sorted(missing), len(paths), len(paths) - len(mentioned))
@@ -229,27 +235,39 @@ QUERY_BLOCK = 256  # queries ranked per batched pipeline call
 FIRST_DEPTH = 1000  # results ranked at first; a query whose relevant images are not all among them is ranked again
 
 
-def _rankings(pipeline: QueryPipeline, block: list[PreparedQuery], k: int, expansion: QueryExpansion):
-    """One batched pipeline search for ``block``: per query (full ranking with its own row, similarities), -1 dropped."""
+def _rankings(pipeline: QueryPipeline, block: list[PreparedQuery], k: int, expansion: QueryExpansion, verify: bool = False):
+    """One batched pipeline search for ``block``: per query (full ranking with its own row, similarities), -1 dropped.
+    A database with copy features is searched as the server searches it (``QueryPipeline.search_copies``)."""
     excluded = [query.exclude for query in block]
     extra = 1 if any(row is not None for row in excluded) else 0
+    if pipeline.copies is not None:
+        features = [
+            query.features if query.features is not None
+            else pipeline.stored_query(query.vector, query.own_row) if query.own_row is not None
+            else QueryFeatures(query.vector)
+            for query in block
+        ]
+        rows, similarities, _ = pipeline.search_copies(
+            features, min(k + extra, len(pipeline)), expansion, query_rows=excluded, verify=verify
+        )
+        return [(ranking[ranking >= 0], similarity[ranking >= 0]) for ranking, similarity in zip(rows, similarities)]
     rows, similarities = pipeline.search(
         np.stack([query.vector for query in block]), min(k + extra, len(pipeline)), expansion, query_rows=excluded
     )
     return [(ranking[ranking >= 0], similarity[ranking >= 0]) for ranking, similarity in zip(rows, similarities)]
 
 
-def _ranked_blocks(pipeline, queries, depth: int, first: int, expansion):
+def _ranked_blocks(pipeline, queries, depth: int, first: int, expansion, verify: bool = False):
     """(query, ranking, similarities) for every query, ``depth`` deep: each block is searched ``first`` deep, and
     only the queries with a relevant image below that are searched again, ``depth`` deep. The rankings are the
     same as one search ``depth`` deep (the backends rank ties by row), minus most of the sorting."""
     for start in range(0, len(queries), QUERY_BLOCK):
         block = list(queries[start : start + QUERY_BLOCK])
-        ranked = _rankings(pipeline, block, first, expansion)
+        ranked = _rankings(pipeline, block, first, expansion, verify)
         again = [i for i, (query, (order, _)) in enumerate(zip(block, ranked))
                  if first < depth and np.count_nonzero(np.isin(order, query.relevant)) < query.relevant.size]
         if again:
-            for i, deeper in zip(again, _rankings(pipeline, [block[i] for i in again], depth, expansion)):
+            for i, deeper in zip(again, _rankings(pipeline, [block[i] for i in again], depth, expansion, verify)):
                 ranked[i] = deeper
         for query, (order, similarity) in zip(block, ranked):
             yield query, order, similarity
@@ -267,6 +285,7 @@ def evaluate_queries(
     micro_ap: int | None = None,
     depth: int | None = None,
     recall_levels: np.ndarray = metrics.DEFAULT_RECALL_LEVELS,
+    verify: bool = False,
 ) -> EvaluationResult:
     """Rank the database for every prepared query through ``pipeline`` (the one the server serves: stored whitening,
     the database's backend, query expansion through it) and score the rankings; see the module docstring.
@@ -292,7 +311,7 @@ def evaluate_queries(
     depth = min(depth or count, count)
     first = min(depth, max(FIRST_DEPTH, micro_ap or 0, 4))
     scores_out, curves, ns_counts, pooled = [], [], [], []
-    for query, ranking, similarity in _ranked_blocks(pipeline, queries, depth, first, expansion):
+    for query, ranking, similarity in _ranked_blocks(pipeline, queries, depth, first, expansion, verify):
         order = ranking if query.exclude is None else ranking[ranking != query.exclude]
         similarity = similarity if query.exclude is None else similarity[ranking != query.exclude]
         order, similarity = order[:depth], similarity[:depth]
@@ -318,6 +337,8 @@ def evaluate_queries(
         "qe": expansion.method, "ap": ap_method, "precision": precision,
         "whitening": None if whitening is None else whitening.dim, "search": pipeline.kind, "depth": depth,
     }
+    if pipeline.copies is not None:
+        settings["copy_search"] = {"regions": pipeline.copies.has_regions, "verify": verify}
     if micro_ap:
         settings["micro_ap_depth"] = micro_ap
     if expansion.active:
@@ -404,6 +425,8 @@ def encode_query(engine, query: Query, row: int | None, query_root: str | os.Pat
     image = open_image(source)
     if query.bbox is not None:
         image = crop_to_box(image, query.bbox)
+    if engine.copy_search:  # windows and local features too: the query as the server would search it
+        return engine.query_features(image)
     return engine.encode_images([image])[0]
 
 

@@ -14,6 +14,7 @@ from ..descriptors.whitening import learn_pca_whitening
 from ..errors import RetrievalError
 from ..search.backends import BackendUpdate, SyncJob, finish_backend, prepare_backend
 from ..search.pipeline import searched_matrix
+from ..storage.copy_features import CopyFeatures
 from ..storage.database import FeatureDatabase, new_database_id, now_iso, read_database, write_database
 from .extract import Extraction
 from .plan import Plan
@@ -66,6 +67,30 @@ def whitening_for(request: WhiteningRequest, existing: FeatureDatabase | None, e
         raise RetrievalError(f"cannot learn whitening: {exc}") from None
 
 
+def copy_features_for(plan: Plan, extraction: Extraction, order: list[str]) -> CopyFeatures | None:
+    """The regions and local features of the new version, in path order: extracted now, or carried over from the
+    existing database with their unchanged image (removed images take theirs with them)."""
+    settings = plan.copies
+    if not plan.wants_copies:
+        return None
+    existing = plan.existing.copies if plan.existing is not None else None
+    row_of = {rel: row for row, rel in enumerate(plan.existing.paths)} if existing is not None else {}
+    regions, local = [], []
+    for rel in order:
+        if rel in extraction.copies:
+            region, features = extraction.copies[rel]
+        else:  # unchanged: carried over (the plan extracts every image it cannot carry)
+            row = row_of[rel]
+            region = existing.regions_of(row) if existing.has_regions else None
+            features = existing.local_of(row) if existing.has_local else None
+        regions.append(region)
+        local.append(features)
+    return CopyFeatures.assemble(
+        regions if settings["regions"] else None, local if settings["local_features"] else None,
+        plan.encoder.dim, verify_default=settings["verify"],
+    )
+
+
 def new_version(plan: Plan, extraction: Extraction) -> FeatureDatabase:
     """The database to write: kept and extracted descriptors in path order, with its whitening and backend record."""
     request, existing = plan.request, plan.existing
@@ -91,6 +116,9 @@ def new_version(plan: Plan, extraction: Extraction) -> FeatureDatabase:
         whitening_source=source,
         whitening_requested_dim=requested_dim,
         search_backend=plan.record,
+        codebook=plan.codebook,
+        codebook_source=plan.codebook_source,
+        copies=copy_features_for(plan, extraction, order),
     )
 
 

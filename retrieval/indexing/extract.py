@@ -23,6 +23,7 @@ class Extraction:
 
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # (width, height) as displayed
+    copies: dict[str, tuple] = field(default_factory=dict)  # path -> (regions (R, D) or None, LocalFeatures or None)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     mode: str = "local"  # local | ray (with ray, seconds include starting Ray and building the models)
@@ -34,7 +35,15 @@ def encoded_batches(plan: Plan):
     root = plan.scan.root
     if request.ray is None:
         files = [root / rel for rel in plan.todo]
-        return files, Extractor(plan.encoder, plan.weights).encode_files(files, batch_size=request.batch_size), "local"
+        extractor = Extractor(plan.encoder, plan.weights, image_root=root)
+        if plan.codebook is not None:
+            extractor.use_codebook(plan.codebook)
+        if plan.wants_copies:
+            from ..descriptors.copy_encoder import CopyEncoder
+
+            encoder = CopyEncoder(extractor, regions=plan.copies["regions"], local=plan.copies["local_features"])
+            return files, encoder.encode_files(files, batch_size=request.batch_size), "local"
+        return files, extractor.encode_files(files, batch_size=request.batch_size), "local"
     from ..descriptors.distributed import encode_files_ray
 
     files = [root.resolve() / rel for rel in plan.todo]  # workers on other nodes read these names
@@ -83,6 +92,8 @@ def extract(plan: Plan) -> Extraction:
                         result.skipped.append((rel, str(item.error).removeprefix(f"{files[item.position]}: ")))
                         continue
                     result.vectors[rel] = item.vector
+                    if plan.wants_copies:
+                        result.copies[rel] = (getattr(item, "regions", None), getattr(item, "local", None))
                     if item.size is not None:
                         result.image_sizes[rel] = item.size
                     pending.append(rel)

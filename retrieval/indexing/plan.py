@@ -9,12 +9,15 @@ from typing import Callable
 
 import numpy as np
 
-from ..descriptors.encoder import EncoderConfig, weights_for
-from ..errors import IndexFileError
+from ..descriptors.encoder import EncoderConfig, weights_for, with_calibration
+from ..descriptors.mop import MopCodebook
+from ..descriptors.pooling import CODEBOOK_POOLINGS
+from ..errors import IndexFileError, RetrievalError
 from ..models.backbones import Weights
 from ..search.backends import backend_class, normalized_record
 from ..storage.checkpoint import Checkpoint
 from ..storage.database import FeatureDatabase, read_database
+from .codebook import codebook_for
 from .requests import IndexRequest
 from .scan import FileStat, Scan
 
@@ -38,6 +41,13 @@ class Plan:
     removed: int = 0
     todo: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)  # why the database file is rewritten; empty: it is not
+    codebook: MopCodebook | None = None  # MOP poolings: what the vectors are encoded with (indexing/codebook.py)
+    codebook_source: str = ""
+    copies: dict = field(default_factory=dict)  # copy-detection settings of the new version (requests.CopyRequest)
+
+    @property
+    def wants_copies(self) -> bool:
+        return bool(self.copies.get("regions") or self.copies.get("local_features"))
 
     @property
     def previous_record(self) -> dict | None:
@@ -59,6 +69,27 @@ def _existing(request: IndexRequest) -> FeatureDatabase | None:
     return existing
 
 
+def copy_settings(request: IndexRequest, existing: FeatureDatabase | None) -> dict:
+    """The copy-detection settings of the version to write; IndexFileError when an update asks for features the
+    existing database was built without (every image would need them: --rebuild)."""
+    stored = existing.copies.settings() if existing is not None and existing.copies is not None else {}
+    settings = request.copies.settings(stored)
+    if existing is not None:
+        for name, flag in (("regions", "--regions"), ("local_features", "--local-features")):
+            if settings[name] and not stored.get(name, False):
+                raise IndexFileError(
+                    f"{request.index_path}: was built without {name.replace('_', ' ')}; rerun with --rebuild to add them "
+                    f"({flag} or --preset copy-detection)", kind="conflict",
+                )
+        dropped = [name for name in ("regions", "local_features") if stored.get(name) and not settings[name]]
+        if dropped:
+            raise IndexFileError(
+                f"{request.index_path}: was built with {' and '.join(n.replace('_', ' ') for n in dropped)}; "
+                "rerun with --rebuild to leave them out", kind="conflict",
+            )
+    return settings
+
+
 def make_plan(request: IndexRequest, scan: Scan, notice: Callable[[str], None]) -> Plan:
     """Read the existing database, choose the encoder and backend, and decide what to extract and rewrite.
 
@@ -70,15 +101,24 @@ def make_plan(request: IndexRequest, scan: Scan, notice: Callable[[str], None]) 
         weights = weights_for(encoder, request.encoder.weights_file)
     else:
         encoder, weights = request.encoder.new_config(notice)
+        encoder = with_calibration(encoder, scan.root, list(scan.stats))  # int8: the seeded sample, recorded
     record = request.backend.resolve(request.index_path, existing.search_backend if existing is not None else None)
     backend_class(record["backend"]).check_reachable(request.index_path, record)
+    if request.extraction.ray is not None and encoder.pooling in CODEBOOK_POOLINGS:
+        raise RetrievalError(f"--ray does not run pooling {encoder.pooling} (its codebook is not shipped to the workers); "
+                             "index without --ray")
     if request.extraction.ray is not None:
         from ..descriptors.distributed import check_address
 
         check_address(request.extraction.ray)  # an unreachable cluster fails now, in seconds
+    # MOP: learned on a sample (first build), taken from --codebook-from, or the existing one; sets encoder.dim
+    encoder, codebook, codebook_source = codebook_for(
+        request.codebook_from, request.encoder, existing, encoder, weights, scan, notice)
     vector_dtype = request.storage or (str(existing.vectors.dtype) if existing is not None else "float32")
     root = str(scan.root.resolve())
     plan = Plan(request, scan, existing, encoder, weights, record, vector_dtype, Checkpoint(request.index_path, encoder, root))
+    plan.codebook, plan.codebook_source = codebook, codebook_source
+    plan.copies = copy_settings(request, existing)
 
     stats = scan.stats
     if existing is not None:
@@ -88,7 +128,8 @@ def make_plan(request: IndexRequest, scan: Scan, notice: Callable[[str], None]) 
                 plan.kept[rel] = (stat, existing.vectors[i], existing.image_size(i))
         plan.removed = sum(1 for rel in existing.paths if rel not in stats)
     plan.unchanged = frozenset(plan.kept)
-    for rel, (size, mtime, vector, dimensions) in plan.checkpoint.load().items():
+    # an interrupted run's checkpoint holds global vectors only: with copy features those images are extracted again
+    for rel, (size, mtime, vector, dimensions) in (plan.checkpoint.load().items() if not plan.wants_copies else ()):
         stat = stats.get(rel)
         if rel not in plan.kept and stat is not None and stat == FileStat(size, mtime):
             plan.kept[rel] = (stat, vector, dimensions)
@@ -115,6 +156,8 @@ def make_plan(request: IndexRequest, scan: Scan, notice: Callable[[str], None]) 
             reasons.append("search backend changed")
         if not existing.database_id:
             reasons.append("the file carries no version id")
+        if plan.copies.get("verify") != (existing.copies.verify_default if existing.copies is not None else False):
+            reasons.append("the query default for verification changed")
     return plan
 
 

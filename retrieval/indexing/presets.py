@@ -29,6 +29,15 @@ PRESETS: dict[str, dict] = {
         "encoder": {"pooling": "rmac", "pooling_params": {"levels": 3}, "scales": (1.0, 0.707, 0.5), "resize_rule": "squash-bicubic"},
         "whiten": False,
     },
+    "copy-detection": {
+        "description": "find copies (screenshots, crops, captions, rotations, mirrored): classic global max pooling plus "
+        "4 region vectors and 256 SIFT keypoints per image (about 35 KB local features + 10 KB regions per image), "
+        "queries searched with their own windows too and the top 100 verified geometrically by default "
+        "(query_online.py --no-verify, evaluate.py --no-verify, verify=0 turn it off)",
+        "encoder": {"pooling": "max"},
+        "whiten": False,
+        "copies": {"regions": True, "local_features": True, "verify": True},
+    },
 }
 
 

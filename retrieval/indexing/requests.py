@@ -46,6 +46,27 @@ class ExtractionRequest:
 
 
 @dataclass(frozen=True)
+class CopyRequest:
+    """Copy-detection features stored per image (``retrieval.storage.copy_features``): ``regions`` (region vectors
+    searched beside the global one), ``local_features`` (SIFT for geometric verification), ``verify`` (queries verify
+    by default). None: the existing database's, else off."""
+
+    regions: bool | None = None
+    local_features: bool | None = None
+    verify: bool | None = None
+
+    @property
+    def asked(self) -> bool:
+        return any(value is not None for value in (self.regions, self.local_features, self.verify))
+
+    def settings(self, existing: dict | None = None) -> dict:
+        """The settings of the database being written: asked for, else ``existing``'s, else off."""
+        existing = existing or {}
+        chosen = {name: getattr(self, name) for name in ("regions", "local_features", "verify")}
+        return {name: bool(existing.get(name, False)) if value is None else bool(value) for name, value in chosen.items()}
+
+
+@dataclass(frozen=True)
 class IndexRequest:
     """One indexing run: the image folder, the database file, and what to build there."""
 
@@ -57,6 +78,8 @@ class IndexRequest:
     extraction: ExtractionRequest = field(default_factory=ExtractionRequest)
     storage: str | None = None  # float32 | float16; None: the existing database's, else float32
     rebuild: bool = False
+    codebook_from: str | os.PathLike | None = None  # MOP: take the codebook of this index file (indexing/codebook.py)
+    copies: CopyRequest = field(default_factory=CopyRequest)
 
     @classmethod
     def create(
@@ -68,6 +91,7 @@ class IndexRequest:
         storage: str | None = None,
         backend: str | None = None,
         rebuild: bool = False,
+        codebook_from: str | os.PathLike | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         checkpoint_every: int = CHECKPOINT_EVERY,
         ray: str | None = None,
@@ -77,8 +101,10 @@ class IndexRequest:
     ) -> "IndexRequest":
         """The request from flat keyword options: ``EncoderRequest`` fields (backbone, weights_file, pooling,
         pooling_params, scales, resize_rule, input_size, precision) and backend options (ann, faiss_index, milvus_uri,
-        milvus_collection, milvus_index). TypeError for an unknown keyword."""
+        milvus_collection, milvus_index) and copy-detection options (regions, local_features, verify: see
+        ``CopyRequest``). TypeError for an unknown keyword."""
         backend_options = {name: options.pop(name) for name in BACKEND_OPTIONS if name in options}
+        copies = CopyRequest(options.pop("regions", None), options.pop("local_features", None), options.pop("verify", None))
         options.setdefault("backbone", "auto")
         return cls(
             image_root=Path(image_root),
@@ -89,6 +115,8 @@ class IndexRequest:
             extraction=ExtractionRequest(batch_size, checkpoint_every, ray, ray_actors, progress),
             storage=storage,
             rebuild=rebuild,
+            codebook_from=codebook_from,
+            copies=copies,
         )
 
     def check(self) -> None:
@@ -100,6 +128,12 @@ class IndexRequest:
         if self.extraction.batch_size < 1 or self.extraction.checkpoint_every < 1:
             raise RetrievalError("batch size and checkpoint interval must be at least 1")
         self.encoder.check()
+        if self.copies.asked and self.extraction.ray is not None:
+            raise RetrievalError("region vectors and local features are computed in this process only: leave out --ray")
+        if self.copies.verify and self.copies.local_features is False:
+            raise RetrievalError("verification by default needs local features")
         self.backend.check()
         if self.whitening.source is not None:
             check_readable_file(self.whitening.source, "index file")
+        if self.codebook_from is not None:
+            check_readable_file(self.codebook_from, "index file")

@@ -50,15 +50,24 @@ class BackboneSpec:
     channels: int
     input_size: int
     preprocess: Callable[[np.ndarray], np.ndarray]
-    bf16_pays: bool  # measured: bf16 speeds VGG16 up ~2x; it slows EfficientNet-Lite0's depthwise convs down
+    bf16_pays: bool  # Keras: bf16 speeds VGG16 up ~2x; it slows EfficientNet-Lite0's depthwise convs down
+    # precisions whose quality gate passed (cosine with float32 on a calibration set, top-10 overlap and mAP on
+    # bench/quality.py's sets; bench/run.py measures them again), fastest first: what ``auto`` may choose
+    gated: tuple[str, ...] = ("float32",)
 
 
 
 
 BACKBONES = {
-    "vgg16": BackboneSpec("vgg16", "block5_conv3", 512, 224, preprocess_vgg16, bf16_pays=True),
+    # VGG16 int8 (NNCF): cosine with fp32 min 0.998, top-10 overlap 0.94; bf16: cosine min > 0.999
+    "vgg16": BackboneSpec(
+        "vgg16", "block5_conv3", 512, 224, preprocess_vgg16, bf16_pays=True, gated=("int8", "bfloat16", "float32")
+    ),
+    # EfficientNet-Lite0 int8 fails the gate (cosine min 0.56-0.87, top-10 overlap 0.79); OpenVINO bf16 passes
+    # (cosine mean 0.996, mAP 0.507 vs 0.509), Keras bf16 is slower than fp32 (bf16_pays=False)
     "efficientnet-lite0": BackboneSpec(
-        "efficientnet-lite0", "_relu_head", 1280, 224, preprocess_efficientnet_lite, bf16_pays=False
+        "efficientnet-lite0", "_relu_head", 1280, 224, preprocess_efficientnet_lite, bf16_pays=False,
+        gated=("bfloat16", "float32"),
     ),
 }
 
@@ -187,7 +196,11 @@ def weights_for_database(
         if standard is not None and standard.hash == weights_hash:
             return standard
         if backbone == "vgg16" and standard is None:
-            raise WeightsError("the database was built with VGG16; " + missing_vgg16_message())
+            raise WeightsError(
+                f"the database was built with VGG16 ImageNet weights, which are not here: put {VGG16_IMAGENET_FILE} "
+                f"(md5 {VGG16_IMAGENET_MD5}) in {keras_models_dir()}, or pass the weights file it was built with "
+                "(--weights FILE)"
+            )
     raise WeightsError(
         f"cannot find the {backbone} weights the database was built with ({weights_name}, {weights_hash}); "
         "pass them with --weights FILE"

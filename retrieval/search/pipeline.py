@@ -18,7 +18,9 @@ import numpy as np
 from ..descriptors.whitening import Whitening, apply_whitening
 from ..vectors import as_query_matrix, l2_normalize
 from .backends.base import Backend
+from .copies import NO_LOCAL_FEATURES, NoLocalFeatures, QueryFeatures, RegionIndex, fuse, stored_query, verified_ranking
 from .expansion import NO_EXPANSION, QueryExpansion, expand
+from .verification import VERIFY_TOP
 
 
 def searched_matrix(vectors: np.ndarray, whitening: Whitening | None) -> np.ndarray:
@@ -31,10 +33,23 @@ def searched_matrix(vectors: np.ndarray, whitening: Whitening | None) -> np.ndar
 class QueryPipeline:
     """Transform -> backend -> expansion -> backend, over one database version's searched ``matrix`` (N, d)."""
 
-    def __init__(self, backend: Backend, matrix: np.ndarray, whitening: Whitening | None = None):
+    def __init__(self, backend: Backend, matrix: np.ndarray, whitening: Whitening | None = None, copies=None):
         self.backend = backend
         self.matrix = matrix
         self.whitening = whitening
+        # copy detection (retrieval.search.copies): the database's storage.copy_features.CopyFeatures, or None
+        self.copies = copies
+        self.regions = None
+        if copies is not None and copies.has_regions:
+            self.regions = RegionIndex(self.transform(copies.region_vectors), copies.region_image, matrix.shape[0])
+
+    @property
+    def can_verify(self) -> bool:
+        return self.copies is not None and self.copies.has_local
+
+    @property
+    def verifies_by_default(self) -> bool:
+        return self.can_verify and self.copies.verify_default
 
     def __len__(self) -> int:
         return len(self.backend)
@@ -79,6 +94,63 @@ class QueryPipeline:
             valid &= np.cumsum(valid, axis=1) <= expansion.top_n
         neighbours = np.asarray(self.matrix[np.where(valid, rows, 0)], dtype=np.float32)
         return expand(expansion, queries, neighbours, scores, valid)
+
+    def search_copies(
+        self,
+        queries: Sequence[QueryFeatures],
+        k: int,
+        expansion: QueryExpansion = NO_EXPANSION,
+        query_rows: Sequence[int | None] | None = None,
+        *,
+        verify: bool = False,
+        verify_top: int = VERIFY_TOP,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copy search (``retrieval.search.copies``) for ``queries`` -> (rows, scores, inliers), each (M, k), best first,
+        -1 / -inf / -1 padded; ``inliers`` is the inlier count of verified results, 0 where verification found none,
+        -1 where it did not run. Raises ``NoLocalFeatures`` when ``verify`` is asked of a database without them."""
+        if verify and not self.can_verify:
+            raise NoLocalFeatures(NO_LOCAL_FEATURES)
+        if query_rows is not None and len(query_rows) != len(queries):
+            raise ValueError(f"query_rows has {len(query_rows)} entries for {len(queries)} queries")
+        count = len(self.backend)
+        out_rows = np.full((len(queries), k), -1, np.int64)
+        out_scores = np.full((len(queries), k), -np.inf, np.float32)
+        out_inliers = np.full((len(queries), k), -1, np.int64)
+        if not queries or count == 0:
+            return out_rows, out_scores, out_inliers
+        rows_of = query_rows or [None] * len(queries)
+        prepared = list(queries)
+        vectors = as_query_matrix(self.transform(np.stack([q.vector for q in prepared])), self.matrix.shape[1])
+        if expansion.active:
+            vectors = self._expanded(vectors, expansion, query_rows)
+        depth = min(count, max(k, verify_top if verify else k))
+        global_rows, global_scores = self.backend.search(vectors, depth)
+        windows = [np.zeros((0, vectors.shape[1]), np.float32) if q.windows is None or not len(q.windows) else self.transform(q.windows) for q in prepared]
+        sizes = [len(w) for w in windows]
+        window_rows = window_scores = None
+        if sum(sizes):
+            window_rows, window_scores = self.backend.search(np.concatenate(windows), depth)
+        region_scores = self.regions.image_scores(vectors) if self.regions is not None else None
+        start = 0
+        for i, query in enumerate(prepared):
+            lists = [(global_rows[i], global_scores[i])]
+            if sizes[i]:
+                lists += list(zip(window_rows[start : start + sizes[i]], window_scores[start : start + sizes[i]]))
+            start += sizes[i]
+            fused = fuse(self.matrix.shape[0], lists, () if region_scores is None else (region_scores[i],))
+            if verify and query.local is not None:
+                order, scores, inliers = verified_ranking(fused, query.local, self.copies, verify_top, rows_of[i])
+            else:
+                order = np.argsort(-fused, kind="stable")
+                order = order[np.isfinite(fused[order])]
+                scores, inliers = fused[order], np.full(len(order), -1, np.int64)
+            n = min(k, len(order))
+            out_rows[i, :n], out_scores[i, :n], out_inliers[i, :n] = order[:n], scores[:n], inliers[:n]
+        return out_rows, out_scores, out_inliers
+
+    def stored_query(self, vector: np.ndarray, row: int) -> QueryFeatures:
+        """Database image ``row`` (stored descriptor ``vector``) as a copy-search query (``copies.stored_query``)."""
+        return stored_query(vector, self.copies, row)
 
     def close(self) -> None:
         self.backend.close()

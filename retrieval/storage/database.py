@@ -10,6 +10,11 @@ Layout of a database file (format ``cbir-feature-database``, version ``FORMAT_VE
                       rotation); -1 where unknown (files written before it was recorded, reference-demo files)
     /whitening        optional group: PCA-whitening learned at indexing (mean, projection, eigenvalues + attributes),
                       applied by readers to database and query vectors alike
+    /regions, /local  optional groups: region vectors and local features for copy detection (see
+                      ``retrieval.storage.copy_features``); attribute copy_detection = 1 makes queries verify by default
+    /codebook         MOP poolings only: per finer level ``level<l>/`` the local PCA, k-means centroids and VLAD PCA
+                      (float32, fletcher32) + attributes (method, power, images, level_dims, k, source); its SHA-256
+                      is the encoder's ``codebook`` field, checked at every read (``retrieval.descriptors.mop``)
     attributes        format, format_version, encoder (JSON of ``EncoderConfig``), image_root, created_at,
                       updated_at, database_id (new random id at every write), vector_dtype (float32 | float16),
                       software (JSON of library versions), search_backend (optional JSON: how the database is
@@ -43,7 +48,10 @@ import h5py
 import numpy as np
 
 from ..descriptors.encoder import EncoderConfig
+from ..descriptors.mop import MopCodebook, codebook_from_arrays, codebook_to_arrays
+from ..descriptors.pooling import CODEBOOK_POOLINGS
 from ..descriptors.whitening import Whitening, whitening_from_arrays, whitening_to_arrays
+from .copy_features import CopyFeatures, read_copy_features, write_copy_features
 from ..errors import IndexFileError, RetrievalError
 from ..files import atomic_replace, check_readable_file, describe_os_error, remove_leftovers
 from ..models.backbones import VGG16_IMAGENET_MD5
@@ -72,7 +80,10 @@ class FeatureDatabase:
     whitening_requested_dim: int = 0  # --whiten-dim asked for when it was learned (0: automatic), kept across updates
     database_id: str = ""  # changes at every write: derived files (an ANN index) record which version they match
     search_backend: dict = field(default_factory=dict)  # how it is searched (see retrieval.search.backends); {} = memory
+    codebook: MopCodebook | None = None  # MOP poolings: the codebook the vectors were encoded with (encoder.codebook)
+    codebook_source: str = ""  # "database" (learned on a sample of its images) or the index file it was taken from
     image_sizes: np.ndarray | None = None  # int64 (N, 2) width, height in pixels; -1 where unknown; None: not recorded
+    copies: CopyFeatures | None = None  # regions / local features for copy detection (storage.copy_features)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -98,7 +109,7 @@ def software_versions() -> dict:
     import importlib.metadata as md
 
     versions = {"numpy": np.__version__, "h5py": h5py.__version__}
-    for package in ("keras", "tensorflow-cpu", "tensorflow", "pillow"):
+    for package in ("keras", "tensorflow-cpu", "tensorflow", "pillow", "openvino", "nncf"):
         try:
             versions[package] = md.version(package)
         except md.PackageNotFoundError:
@@ -200,6 +211,7 @@ def _read_current(h5: h5py.File, path: Path) -> FeatureDatabase:
         if image_sizes.shape != (len(paths), 2):
             raise IndexFileError(f"{path}: image_sizes has shape {image_sizes.shape}, expected ({len(paths)}, 2)")
     check_vectors(vectors, path)
+    codebook = _read_codebook(h5, encoder, path)
     whitening = None
     if "whitening" in h5:
         group = h5["whitening"]
@@ -225,8 +237,40 @@ def _read_current(h5: h5py.File, path: Path) -> FeatureDatabase:
         whitening_requested_dim=int(h5["whitening"].attrs.get("requested_dim", 0)) if whitening is not None else 0,
         database_id=str(h5.attrs.get("database_id", "")),
         search_backend=_read_json_attribute(h5, "search_backend", path),
+        codebook=codebook,
+        codebook_source=str(h5["codebook"].attrs.get("source", "")) if codebook is not None else "",
         image_sizes=image_sizes,
+        copies=read_copy_features(h5, path, len(paths), encoder.dim),
     )
+
+
+def _read_codebook(h5: h5py.File, encoder: EncoderConfig, path: Path) -> MopCodebook | None:
+    """The MOP codebook, checked against the digest and dimension the encoder settings record; None when the
+    encoder names none. A missing, damaged or foreign codebook is refused (kind ``corrupt``)."""
+    if not encoder.codebook:
+        if encoder.pooling in CODEBOOK_POOLINGS:
+            raise _corrupt(path, f"pooling {encoder.pooling} needs a codebook, and the settings name none")
+        return None
+    if "codebook" not in h5 or not isinstance(h5["codebook"], h5py.Group):
+        raise _corrupt(path, f"pooling {encoder.pooling} needs its codebook, and the file has none")
+    group = h5["codebook"]
+    arrays = {}
+    group.visititems(lambda name, item: arrays.__setitem__(name, item[...]) if isinstance(item, h5py.Dataset) else None)
+    try:
+        codebook = codebook_from_arrays(arrays, {key: _attribute_value(value) for key, value in group.attrs.items()})
+    except ValueError as exc:
+        raise _corrupt(path, f"unusable codebook: {exc}") from None
+    if codebook.digest() != encoder.codebook or codebook.dim != encoder.dim:
+        raise _corrupt(path, "the codebook is not the one the vectors were encoded with")
+    return codebook
+
+
+def _attribute_value(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def _read_json_attribute(h5: h5py.File, name: str, path: Path) -> dict:
@@ -254,6 +298,21 @@ def legacy_encoder(weights_name: str = "imagenet", weights_hash: str = f"md5:{VG
         precision="float32",
         dim=512,
     )
+
+
+def with_legacy_weights(database: FeatureDatabase, weights_file: str | os.PathLike | None) -> FeatureDatabase:
+    """A reference-demo file records no weights: with ``weights_file`` given, the database is taken to be made with
+    that file (VGG16 architecture, any weights), so queries encode with it. Other databases are returned as they are."""
+    if not database.legacy or weights_file is None:
+        return database
+    from ..models.backbones import file_md5
+
+    try:
+        digest = file_md5(weights_file)
+    except OSError as exc:
+        raise IndexFileError(f"{weights_file}: cannot read the weights file ({describe_os_error(exc)})", kind="not_found") from None
+    encoder = legacy_encoder(weights_name=Path(weights_file).name, weights_hash=digest)
+    return dataclasses.replace(database, encoder=encoder)
 
 
 def _read_legacy(h5: h5py.File, path: Path) -> FeatureDatabase:
@@ -342,7 +401,7 @@ def write_database(path: str | os.PathLike, database: FeatureDatabase, *, databa
                     h5.attrs["search_backend"] = json.dumps(database.search_backend, sort_keys=True)
                 # readable summary attributes for h5dump / other tools; the JSON above is what readers use
                 for name, value in dataclasses.asdict(database.encoder).items():
-                    if name not in ("pooling_params", "scales"):
+                    if name not in ("pooling_params", "scales") and not isinstance(value, (dict, list)):
                         h5.attrs[f"encoder_{name}"] = value
                 h5.create_dataset("vectors", data=vectors, chunks=True if count else None, **checksummed)
                 h5.create_dataset("paths", data=list(database.paths), dtype=h5py.string_dtype("utf-8"), shape=(count,))
@@ -353,6 +412,7 @@ def write_database(path: str | os.PathLike, database: FeatureDatabase, *, databa
                         "image_sizes", data=np.asarray(database.image_sizes, dtype=np.int64).reshape(count, 2),
                         shape=(count, 2), **checksummed,
                     )
+                write_copy_features(h5, database.copies, count)
                 if database.whitening is not None:
                     arrays, attributes = whitening_to_arrays(database.whitening)
                     group = h5.create_group("whitening")
@@ -361,6 +421,13 @@ def write_database(path: str | os.PathLike, database: FeatureDatabase, *, databa
                     group.attrs.update(attributes)
                     group.attrs["source"] = database.whitening_source
                     group.attrs["requested_dim"] = database.whitening_requested_dim
+                if database.codebook is not None:
+                    arrays, attributes = codebook_to_arrays(database.codebook)
+                    group = h5.create_group("codebook")
+                    for name, array in arrays.items():
+                        group.create_dataset(name, data=array, chunks=True, fletcher32=True)
+                    group.attrs.update(attributes)
+                    group.attrs["source"] = database.codebook_source
             if in_memory:
                 with open(temporary, "wb") as out:
                     out.write(image.getbuffer())

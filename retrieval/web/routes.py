@@ -11,6 +11,8 @@ engine does encode + search; errors are ``ApiError`` or ``RetrievalError`` whose
                               ``?download=1``: its original bytes as an attachment
     GET  /thumb/<id>          its thumbnail (JPEG, generated once, LRU-cached)
     GET  /healthz             200 when an index is loaded, 503 when not
+    GET  /api/duplicates?threshold=&k=&limit=   groups of duplicate images (``retrieval.search.duplicates``); the
+                              neighbour graph is computed once per served version and k, so another threshold is instant
 
 The folder filter (``folder=a/b``) keeps the engine as it is: the route asks the engine for more ranked hits than the
 page needs and keeps those under the folder, at most ``FOLDER_SCAN_LIMIT`` hits deep (the answer says ``truncated``
@@ -31,6 +33,7 @@ import os
 import random
 import re
 import shlex
+import threading
 import time
 import warnings
 from collections import Counter
@@ -43,6 +46,9 @@ from flask import Blueprint, Response, current_app, jsonify, render_template, re
 from ..engine import RetrievalEngine
 from ..errors import ImageError
 from ..images import open_image
+from ..search.duplicates import DEFAULT_K as DUPLICATES_K
+from ..search.duplicates import DEFAULT_THRESHOLD as DUPLICATES_THRESHOLD
+from ..search.duplicates import DuplicateFinder, cache_path
 from ..search.expansion import QUERY_EXPANSIONS, QueryExpansion
 from .live import ThumbnailCache, lease
 
@@ -117,6 +123,20 @@ def _int_param(name: str, default: int | None, low: int, high: int) -> int:
     value = int(raw)
     if not low <= value <= high:
         raise ApiError(400, f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+VERIFY_VALUES = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
+
+
+def _verify_param() -> bool | None:
+    """``verify`` = 1 | 0 (true/false, on/off, yes/no) or absent (None: the database's default); 400 otherwise."""
+    raw = request.values.get("verify")
+    if raw is None or raw.strip() == "":
+        return None
+    value = VERIFY_VALUES.get(raw.strip().lower())
+    if value is None:
+        raise ApiError(400, f"verify must be 1 or 0, got {raw[:40]!r}")
     return value
 
 
@@ -357,6 +377,7 @@ def api_search():
     expansion = _expansion_param()
     folder = _folder_param()
     engine, version = _engine()
+    verify = engine.resolve_verify(_verify_param())  # 400 with one line for an index without local features
     encode_ms = 0.0
     if request.method == "POST":
         upload = request.files.get("image")
@@ -369,7 +390,12 @@ def api_search():
         if len(data) > limit:
             raise ApiError(413, f"file too large: {len(data)} bytes, the limit is {limit} bytes ({limit / 1048576:.0f} MB)")
         try:
-            vector = engine.encode(data)
+            if engine.copy_search:  # windows and local features of the upload, computed once for every page
+                from ..images import open_image
+
+                features = engine.query_features(open_image(data))
+            else:
+                vector = engine.encode(data)
         except ImageError as exc:
             raise _image_error(exc) from None
         encode_ms = (time.perf_counter() - started) * 1000
@@ -388,10 +414,12 @@ def api_search():
     searched = time.perf_counter()
     if request.method == "POST":
         def ranked(n: int):
+            if engine.copy_search:
+                return engine.search_features([features], n, expansion, verify=verify)[0]
             return engine.search(vector, n, expansion)
     else:
         def ranked(n: int):
-            return engine.search_id(row, n, expansion)
+            return engine.search_id(row, n, expansion, verify=verify)
     scope: dict = {}
     if folder is None:
         hits = ranked(offset + k)[offset:]
@@ -415,6 +443,7 @@ def api_search():
         k=k,
         offset=offset,
         qe=expansion.method,
+        verify=verify,
         results=results,
         total=total,
         has_more=has_more,
@@ -491,3 +520,59 @@ def thumb(id: str):
         data = out.getvalue()
         cache.put(key, data)
     return _cacheable(Response(data, mimetype="image/jpeg"), tag, version)
+
+
+# ---------------------------------------------------------------------------------------------------- duplicates
+
+DUPLICATE_GROUPS_LISTED = 200  # groups one answer lists at most (``limit``)
+DUPLICATE_MEMBERS_LISTED = 100  # members listed per group at most
+_DUPLICATE_FINDERS: dict[str, DuplicateFinder] = {}
+_duplicate_lock = threading.Lock()
+
+
+def _duplicate_finder(engine: RetrievalEngine, version: str, k: int) -> DuplicateFinder:
+    """The finder (neighbour graph) of the served version for ``k``, computed once; the graph the command line
+    cached beside the index is used when it matches (read only: the server never writes beside the index)."""
+    key = f"{version}:{k}"
+    with _duplicate_lock:
+        finder = _DUPLICATE_FINDERS.get(key)
+        if finder is None:
+            watched = current_app.extensions["retrieval"].path
+            finder = DuplicateFinder(
+                engine.database, engine.pipeline.backend, engine.pipeline.matrix, k=k,
+                cache=cache_path(watched) if watched is not None else None, write_cache=False,
+                image_root=engine.image_root,
+            )
+            _remember(_DUPLICATE_FINDERS, key, finder)
+        return finder
+
+
+@bp.get("/api/duplicates")
+def api_duplicates():
+    raw = (request.args.get("threshold") or "").strip() or str(DUPLICATES_THRESHOLD)
+    try:
+        threshold = float(raw)
+    except ValueError:
+        raise ApiError(400, f"threshold must be a number, got {raw[:40]!r}") from None
+    if not (math.isfinite(threshold) and 0 < threshold <= 1):
+        raise ApiError(400, f"threshold must be a cosine similarity in (0, 1], got {raw[:40]!r}")
+    k = _int_param("k", DUPLICATES_K, 1, 100)
+    limit = _int_param("limit", 50, 1, DUPLICATE_GROUPS_LISTED)
+    engine, version = _engine()
+    started = time.perf_counter()
+    report = _duplicate_finder(engine, version, k).report(threshold)
+    groups = []
+    for group in report.groups[:limit]:
+        members = [
+            {**_item(engine, version, member.id), "score": round(member.score, 6), "keep": member.keep, "match": member.match}
+            for member in group.members[:DUPLICATE_MEMBERS_LISTED]
+        ]
+        groups.append({
+            "size": len(group.members), "min_score": round(group.score, 6),
+            "max_score": round(max(s for _, _, s in group.pairs), 6), "members": members,
+        })
+    return jsonify(
+        threshold=threshold, k=k, images=report.images, groups_count=len(report.groups), duplicates=report.duplicates,
+        pairs=report.pairs, saturated=report.saturated, search=report.search, groups=groups,
+        truncated=len(report.groups) > limit, took_ms=round((time.perf_counter() - started) * 1000, 2), version=version,
+    )

@@ -7,6 +7,11 @@ exact.
 Why 250,000: exact search costs ~0.11 ms per 1,000 512-d vectors here (11 ms at 100k, ~90 ms at 1M), which stays
 below ~30 ms (small beside a 30-300 ms CNN forward pass) up to about 250k vectors; exact results are worth keeping
 until then. Above it, HNSW answers in under 2 ms at recall@10 ~0.99 (efSearch 256; bench/scale.py).
+
+A float16 matrix (``index.py --storage float16``) is searched exactly by faiss' fp16 scalar quantizer
+(``QT_fp16``, inner product), whose codes are the same IEEE halves: numpy has no fast float16 product (it converts
+block by block, 30-60x slower than float32), faiss decodes halves in registers at memory speed. bench/run.py
+measures both and the recall (1.0 but for ties). A float32 matrix keeps numpy's matmul + argpartition.
 """
 
 from __future__ import annotations
@@ -31,12 +36,25 @@ def wants_ann(ann: str | None, count: int) -> bool:
     return ann == "hnsw" or (ann == "auto" and count >= ANN_THRESHOLD)
 
 
+def float16_scanner(matrix: np.ndarray):
+    """A faiss ``IndexScalarQuantizer`` (QT_fp16, inner product) holding the bytes of a float16 matrix (N, d)."""
+    import faiss
+
+    index = faiss.IndexScalarQuantizer(matrix.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    if matrix.shape[0]:
+        codes = np.ascontiguousarray(matrix, dtype="<f2").view(np.uint8).reshape(-1)
+        faiss.copy_array_to_vector(codes, index.codes)
+        index.ntotal = matrix.shape[0]
+    return index
+
+
 def hnsw_path(index_path, database_id: str) -> Path:
     return sidecar(index_path, database_id, GRAPH_SUFFIX)
 
 
 class MemoryBackend(Backend):
-    """Exact cosine top-k over the matrix in memory (float32 or float16), or its HNSW graph when one was built."""
+    """Exact cosine top-k over the matrix in memory (float32: numpy; float16: faiss QT_fp16 over the same halves),
+    or its HNSW graph when one was built."""
 
     name = "memory"
     options = {"ann": "--ann"}
@@ -45,6 +63,7 @@ class MemoryBackend(Backend):
         self.matrix = matrix
         self.graph = graph
         self.kind = "hnsw" if graph is not None else "exact"
+        self._scanner = None
 
     def __len__(self) -> int:
         return self.matrix.shape[0]
@@ -88,7 +107,13 @@ class MemoryBackend(Backend):
 
     def search_batch(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.graph is None:
-            return top_k(self.matrix, queries, k)
+            if self.matrix.dtype != np.float16 or self.matrix.shape[0] == 0:
+                return top_k(self.matrix, queries, k)
+            if self._scanner is None:
+                self._scanner = float16_scanner(self.matrix)  # built on the first search (a benign race: same result)
+            width = min(k, self.matrix.shape[0])
+            scores, rows = self._scanner.search(np.ascontiguousarray(queries, dtype=np.float32), width)
+            return rows.astype(np.int64), scores.astype(np.float32)
         scores, rows = self.graph.search(queries, k, params=search_params({"kind": "hnsw", "ef_search": HNSW_EF_SEARCH}, k))
         found = rows >= 0
         return rows.astype(np.int64), np.where(found, scores, -np.inf).astype(np.float32)

@@ -1,0 +1,108 @@
+"""Index-time encoding for copy detection: the global descriptor plus region vectors and local features per file.
+
+``CopyEncoder`` wraps an ``Extractor`` and yields the same ``EncodedItem`` batches as ``Extractor.encode_files`` (the
+global vector is the one a plain index stores), with ``regions`` (R, D) and ``local`` (``LocalFeatures``) added.
+For a single-scale encoder with one of the plain poolings the regions come from the same conv maps as the global
+descriptor (one forward pass); otherwise the global descriptor is the extractor's and the regions need a second
+pass at scale 1. The local features are computed from the file decoded at up to ``DATABASE_SIDE`` pixels.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from ..errors import ImageError
+from ..images import load_sized_for_backbone, open_image
+from ..vectors import l2_normalize
+from . import pooling
+from .extractor import DEFAULT_BATCH_SIZE, EncodedItem, Extractor
+from .local_features import DATABASE_KEYPOINTS, DATABASE_SIDE, LocalFeatures, extract_local_features
+from .regions import region_vectors
+
+SHARED_MAP_POOLINGS = ("max", "avg", "sum", "gem", "rmac", "crow")
+
+
+@dataclass
+class CopyItem(EncodedItem):
+    """An ``EncodedItem`` with the image's region vectors and local features (None when not asked for)."""
+
+    regions: np.ndarray | None = None
+    local: LocalFeatures | None = None
+
+
+class CopyEncoder:
+    """Global descriptors + regions + local features of files, in batches (see the module docstring)."""
+
+    def __init__(self, extractor: Extractor, *, regions: bool = True, local: bool = True):
+        self.extractor = extractor
+        self.regions = regions
+        self.local = local
+        encoder = extractor.encoder
+        self.shared_maps = list(encoder.scales) == [1.0] and encoder.pooling in SHARED_MAP_POOLINGS
+
+    def encode_arrays(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """uint8 arrays resized by the database's rule -> (global descriptors (N, D), per image regions (R, D) or None)."""
+        extractor = self.extractor
+        encoder = extractor.encoder
+        if not self.regions:
+            return extractor.encode_arrays(arrays), [None] * len(arrays)
+        vectors = None if self.shared_maps else extractor.encode_arrays(arrays)
+        out = np.empty((len(arrays), extractor.dim), np.float32) if vectors is None else vectors
+        regions: list[np.ndarray | None] = [None] * len(arrays)
+        groups: dict[tuple, list[int]] = {}
+        for i, array in enumerate(arrays):
+            groups.setdefault(array.shape, []).append(i)
+        for rows in groups.values():
+            maps = extractor.feature_maps(np.stack([arrays[i] for i in rows]))
+            if vectors is None:
+                out[rows] = l2_normalize(pooling.pool(encoder.pooling, maps, **encoder.pooling_params))
+            for i, per_image in zip(rows, region_vectors(maps)):
+                regions[i] = per_image
+        return out, regions
+
+    def encode_files(
+        self, paths: Iterable[str | os.PathLike], batch_size: int = DEFAULT_BATCH_SIZE, workers: int = 2
+    ) -> Iterator[list[CopyItem]]:
+        """Like ``Extractor.encode_files``: one list of ``CopyItem`` per batch, in input order; unusable files are items
+        with ``error`` set."""
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        encoder = self.extractor.encoder
+        size, rule = encoder.input_size, encoder.resize_rule
+
+        def load(path):
+            try:
+                array, dimensions = load_sized_for_backbone(path, size, rule)
+                local = None
+                if self.local:
+                    local = extract_local_features(np.asarray(open_image(path, draft_size=DATABASE_SIDE)), DATABASE_SIDE, DATABASE_KEYPOINTS)
+                return (array, dimensions, local), None
+            except ImageError as exc:
+                return None, exc
+
+        paths = list(paths)
+        window = batch_size * 3
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool_:
+            pending = [pool_.submit(load, p) for p in paths[:window]]
+            submitted = len(pending)
+            for start in range(0, len(paths), batch_size):
+                results = [future.result() for future in pending[:batch_size]]
+                pending = pending[batch_size:]
+                while submitted < len(paths) and len(pending) < window:
+                    pending.append(pool_.submit(load, paths[submitted]))
+                    submitted += 1
+                good = [i for i, (loaded, _) in enumerate(results) if loaded is not None]
+                vectors, regions = self.encode_arrays([results[i][0][0] for i in good]) if good else (None, [])
+                items = [CopyItem(start + i, None, error) for i, (_, error) in enumerate(results)]
+                for row, i in enumerate(good):
+                    _, dimensions, local = results[i][0]
+                    items[i].vector = vectors[row]
+                    items[i].size = tuple(int(side) for side in dimensions)
+                    items[i].regions = regions[row]
+                    items[i].local = local
+                yield items

@@ -1,0 +1,145 @@
+"""Local features for geometric verification: SIFT keypoints (OpenCV) in a compact, bounded form. Images in, arrays out.
+
+One image gives ``LocalFeatures``: at most ``max_keypoints`` keypoints, chosen spread over the picture (the strongest
+of each cell of a ``GRID`` x ``GRID`` grid in turn, so a busy frame or a caption cannot take them all), each with
+
+* ``keypoints`` float16 (n, 4): x, y (pixels of the image resized to ``max_side`` on its longest side), size, angle;
+* ``descriptors`` uint8 (n, 128): RootSIFT (Arandjelović & Zisserman 2012: OpenCV's SIFT descriptor L1-normalised
+  and square-rooted, which compares better than raw SIFT), a unit vector stored as ``round(255 * value)``.
+
+A database image stores ``DATABASE_KEYPOINTS`` (256) of them: 256 x (128 + 8) bytes = 34.8 KB per image. A query is
+not stored and keeps up to ``QUERY_KEYPOINTS`` (512) at a larger ``QUERY_SIDE`` (640), so the photo inside a
+screenshot still gets keypoints of its own; the mirrored query is the same image flipped left-right: the keypoints
+found once, mirrored (x -> W - 1 - x, angle -> 180 - angle) and described again on the flipped pixels (SIFT
+descriptors are not mirror-invariant; detection is, so it is not repeated).
+
+OpenCV (``opencv-python-headless``) is imported on first use, so a database without local features never needs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DATABASE_SIDE = 512
+DATABASE_KEYPOINTS = 256
+QUERY_SIDE = 640
+QUERY_KEYPOINTS = 512
+GRID = 4  # keypoints are chosen round-robin over GRID x GRID cells, strongest first in each
+DETECT_FACTOR = 4  # SIFT is asked for this many times the kept count, before the spread-out choice
+DESCRIPTOR_BYTES = 128
+KEYPOINT_FIELDS = 4  # x, y, size, angle
+
+
+@dataclass(frozen=True)
+class LocalFeatures:
+    """The local features of one image (see the module docstring); ``size`` is (width, height) of the resized image
+    the coordinates refer to."""
+
+    keypoints: np.ndarray  # float16 (n, 4)
+    descriptors: np.ndarray  # uint8 (n, 128)
+    size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return int(self.descriptors.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.keypoints.nbytes + self.descriptors.nbytes)
+
+    @classmethod
+    def empty(cls, size: tuple[int, int] = (0, 0)) -> "LocalFeatures":
+        return cls(np.zeros((0, KEYPOINT_FIELDS), np.float16), np.zeros((0, DESCRIPTOR_BYTES), np.uint8), size)
+
+
+def _grey(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """uint8 RGB (H, W, 3) -> uint8 grey resized so its longest side is at most ``max_side`` (area filter), scale."""
+    import cv2
+
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}")
+    grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+    height, width = grey.shape
+    scale = min(1.0, max_side / max(height, width))
+    if scale < 1.0:
+        grey = cv2.resize(grey, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    return grey, scale
+
+
+def spread_choice(points: np.ndarray, responses: np.ndarray, size: tuple[int, int], count: int, grid: int = GRID) -> np.ndarray:
+    """Indices of ``count`` keypoints spread over a ``grid`` x ``grid`` cell grid: the strongest of every non-empty
+    cell, then the second strongest of each, and so on. ``points`` (n, 2) x, y; ``responses`` (n,)."""
+    n = len(points)
+    if n <= count:
+        return np.argsort(-responses, kind="stable")
+    width, height = size
+    cx = np.minimum((points[:, 0] * grid / max(width, 1)).astype(int), grid - 1)
+    cy = np.minimum((points[:, 1] * grid / max(height, 1)).astype(int), grid - 1)
+    cell = cy * grid + cx
+    order = np.lexsort((-responses, cell))  # by cell, strongest first inside each cell
+    sorted_cells = cell[order]
+    starts = np.searchsorted(sorted_cells, sorted_cells, side="left")
+    rank_in_cell = np.arange(n) - starts
+    chosen = order[np.lexsort((-responses[order], rank_in_cell))][:count]
+    return chosen
+
+
+def _detect(grey: np.ndarray, max_keypoints: int):
+    import cv2
+
+    sift = cv2.SIFT_create(nfeatures=max_keypoints * DETECT_FACTOR)
+    size = (int(grey.shape[1]), int(grey.shape[0]))
+    keypoints = sift.detect(grey, None) if min(size) >= 16 else ()
+    if not keypoints:
+        return sift, []
+    points = np.array([kp.pt for kp in keypoints], np.float32)
+    responses = np.array([kp.response for kp in keypoints], np.float32)
+    return sift, [keypoints[i] for i in spread_choice(points, responses, size, max_keypoints)]
+
+
+def _described(sift, grey: np.ndarray, keypoints) -> LocalFeatures:
+    size = (int(grey.shape[1]), int(grey.shape[0]))
+    if not keypoints:
+        return LocalFeatures.empty(size)
+    keypoints, descriptors = sift.compute(grey, keypoints)
+    if descriptors is None or not keypoints:
+        return LocalFeatures.empty(size)
+    table = np.array([(kp.pt[0], kp.pt[1], kp.size, kp.angle) for kp in keypoints], np.float32)
+    quantized = np.clip(np.rint(root_sift(descriptors) * 255.0), 0, 255).astype(np.uint8)
+    return LocalFeatures(table.astype(np.float16), quantized, size)
+
+
+def extract_local_features(image: np.ndarray, max_side: int = DATABASE_SIDE, max_keypoints: int = DATABASE_KEYPOINTS) -> LocalFeatures:
+    """uint8 RGB (H, W, 3) -> ``LocalFeatures`` with at most ``max_keypoints`` SIFT keypoints (none for a flat image)."""
+    grey, _ = _grey(image, max_side)
+    sift, keypoints = _detect(grey, max_keypoints)
+    return _described(sift, grey, keypoints)
+
+
+def query_local_features(image: np.ndarray) -> tuple[LocalFeatures, LocalFeatures]:
+    """A query's local features and those of its mirror image (flipped left-right), at the query resolution."""
+    import cv2
+
+    grey, _ = _grey(image, QUERY_SIDE)
+    sift, keypoints = _detect(grey, QUERY_KEYPOINTS)
+    direct = _described(sift, grey, keypoints)
+    width = grey.shape[1]
+    flipped = [
+        cv2.KeyPoint(width - 1 - kp.pt[0], kp.pt[1], kp.size, (180.0 - kp.angle) % 360.0, kp.response, kp.octave, kp.class_id)
+        for kp in keypoints
+    ]
+    return direct, _described(sift, np.ascontiguousarray(grey[:, ::-1]), flipped)
+
+
+def as_root_sift(descriptors: np.ndarray) -> np.ndarray:
+    """Stored uint8 RootSIFT (..., 128) -> float32 unit rows (approximately: quantised)."""
+    return np.asarray(descriptors, np.float32) * np.float32(1.0 / 255.0)
+
+
+def root_sift(descriptors: np.ndarray) -> np.ndarray:
+    """uint8 / float SIFT (n, 128) -> float32 RootSIFT: L1-normalised, square-rooted (unit L2 rows; zero rows stay 0)."""
+    values = np.asarray(descriptors, np.float32)
+    total = values.sum(axis=1, keepdims=True)
+    return np.sqrt(values / np.maximum(total, 1e-12))

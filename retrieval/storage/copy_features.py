@@ -1,0 +1,193 @@
+"""The optional copy-detection part of a feature database: region vectors and local features, stored per image.
+
+Two optional HDF5 groups (a file without them is an ordinary database; readers that do not know them ignore them)::
+
+    /regions          vectors  float16 (M, D)   L2-normalised region descriptors (retrieval.descriptors.regions)
+                      image    int32 (M,)       the database row each region belongs to, non-decreasing
+    /local            keypoints   float16 (K, 4)   x, y, size, angle (retrieval.descriptors.local_features)
+                      descriptors uint8 (K, 128)   RootSIFT, quantised
+                      image       int32 (K,)       the database row of each keypoint, non-decreasing
+                      frame       int32 (N, 2)     width, height of the resized image the coordinates refer to
+                      attributes  method ("sift"), max_keypoints, max_side, verify_default (1: queries verify
+                                  unless told not to, the ``copy-detection`` preset)
+
+Every dataset has fletcher32 checksums like the rest of the file; rows out of range, a decreasing image column, too
+many regions or keypoints for one image, or non-finite values are refused as a corrupt file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..descriptors.local_features import DATABASE_KEYPOINTS, DATABASE_SIDE, DESCRIPTOR_BYTES, KEYPOINT_FIELDS, LocalFeatures
+from ..descriptors.regions import MAX_DATABASE_REGIONS
+from ..errors import IndexFileError
+
+
+@dataclass
+class CopyFeatures:
+    """Regions and/or local features of every image of a database (row order = the database's)."""
+
+    count: int  # images
+    region_vectors: np.ndarray | None = None  # float16 (M, D)
+    region_image: np.ndarray | None = None  # int32 (M,)
+    keypoints: np.ndarray | None = None  # float16 (K, 4)
+    descriptors: np.ndarray | None = None  # uint8 (K, 128)
+    keypoint_image: np.ndarray | None = None  # int32 (K,)
+    frames: np.ndarray | None = None  # int32 (N, 2)
+    verify_default: bool = False
+    max_keypoints: int = DATABASE_KEYPOINTS
+    max_side: int = DATABASE_SIDE
+
+    @property
+    def has_regions(self) -> bool:
+        return self.region_vectors is not None
+
+    @property
+    def has_local(self) -> bool:
+        return self.descriptors is not None
+
+    def __post_init__(self):
+        self._local_starts = None
+        self._region_starts = None
+
+    # ------------------------------------------------------------------ per image
+
+    def _starts(self, image: np.ndarray) -> np.ndarray:
+        return np.searchsorted(image, np.arange(self.count + 1), side="left")
+
+    def regions_of(self, row: int) -> np.ndarray:
+        """float16 (R, D) regions of image ``row`` (possibly none)."""
+        if self._region_starts is None:
+            self._region_starts = self._starts(self.region_image)
+        return self.region_vectors[self._region_starts[row] : self._region_starts[row + 1]]
+
+    def local_of(self, row: int) -> LocalFeatures:
+        """The stored local features of image ``row``."""
+        if self._local_starts is None:
+            self._local_starts = self._starts(self.keypoint_image)
+        start, end = self._local_starts[row], self._local_starts[row + 1]
+        width, height = (int(v) for v in self.frames[row])
+        return LocalFeatures(self.keypoints[start:end], self.descriptors[start:end], (width, height))
+
+    def local_bytes_per_image(self) -> float:
+        if not self.has_local or not self.count:
+            return 0.0
+        return (self.keypoints.nbytes + self.descriptors.nbytes + self.keypoint_image.nbytes + self.frames.nbytes) / self.count
+
+    def region_bytes_per_image(self) -> float:
+        if not self.has_regions or not self.count:
+            return 0.0
+        return (self.region_vectors.nbytes + self.region_image.nbytes) / self.count
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def assemble(
+        cls,
+        regions: Sequence[np.ndarray] | None,
+        local: Sequence[LocalFeatures] | None,
+        dim: int,
+        *,
+        verify_default: bool = False,
+    ) -> "CopyFeatures":
+        """From per-image parts, in database row order (``regions[i]`` (R_i, D), ``local[i]``)."""
+        count = len(regions) if regions is not None else len(local)
+        features = cls(count=count, verify_default=verify_default)
+        if regions is not None:
+            parts = [np.asarray(r, np.float16).reshape(-1, dim) for r in regions]
+            features.region_vectors = np.concatenate(parts) if parts else np.zeros((0, dim), np.float16)
+            features.region_image = np.concatenate([np.full(len(p), i, np.int32) for i, p in enumerate(parts)]) if parts else np.zeros(0, np.int32)
+        if local is not None:
+            features.keypoints = np.concatenate([f.keypoints for f in local]) if local else np.zeros((0, KEYPOINT_FIELDS), np.float16)
+            features.descriptors = np.concatenate([f.descriptors for f in local]) if local else np.zeros((0, DESCRIPTOR_BYTES), np.uint8)
+            features.keypoint_image = (
+                np.concatenate([np.full(len(f), i, np.int32) for i, f in enumerate(local)]) if local else np.zeros(0, np.int32)
+            )
+            features.frames = np.array([f.size for f in local], np.int32).reshape(-1, 2)
+        return features
+
+    def settings(self) -> dict:
+        """What a rebuild must reproduce: which parts there are, and the query default."""
+        return {"regions": self.has_regions, "local_features": self.has_local, "verify": self.verify_default}
+
+
+# ---------------------------------------------------------------------- file
+
+
+def write_copy_features(h5, features: CopyFeatures | None, count: int) -> None:
+    """Add the optional groups to an open ``h5py.File`` being written (nothing when ``features`` is None)."""
+    if features is None:
+        return
+    if features.count != count:
+        raise ValueError(f"copy features describe {features.count} images, the database has {count}")
+    if features.has_regions:
+        group = h5.create_group("regions")
+        for name, data in (("vectors", features.region_vectors), ("image", features.region_image)):
+            group.create_dataset(name, data=data, chunks=True if len(data) else None, fletcher32=bool(len(data)))
+        group.attrs["max_per_image"] = MAX_DATABASE_REGIONS
+    if features.has_local:
+        group = h5.create_group("local")
+        for name, data in (
+            ("keypoints", features.keypoints), ("descriptors", features.descriptors),
+            ("image", features.keypoint_image), ("frame", features.frames),
+        ):
+            group.create_dataset(name, data=data, chunks=True if len(data) else None, fletcher32=bool(len(data)))
+        group.attrs["method"] = "sift"
+        group.attrs["max_keypoints"] = features.max_keypoints
+        group.attrs["max_side"] = features.max_side
+    h5.attrs["copy_detection"] = int(features.verify_default)
+
+
+def _image_column(data: np.ndarray, count: int, path: Path, what: str, limit: int) -> np.ndarray:
+    image = np.asarray(data, np.int64)
+    if image.ndim != 1 or (len(image) and (image.min() < 0 or image.max() >= count or np.any(np.diff(image) < 0))):
+        raise IndexFileError(f"{path}: the index file is corrupt ({what} rows out of order or range); rebuild it with index.py --rebuild", kind="corrupt")
+    if len(image) and np.bincount(image, minlength=count).max() > limit:
+        raise IndexFileError(f"{path}: the index file is corrupt (more than {limit} {what} for one image); rebuild it with index.py --rebuild", kind="corrupt")
+    return image.astype(np.int32)
+
+
+def read_copy_features(h5, path: Path, count: int, dim: int) -> CopyFeatures | None:
+    """The optional groups of an open database file, checked; None when it has neither."""
+    if "regions" not in h5 and "local" not in h5:
+        return None
+    features = CopyFeatures(count=count, verify_default=bool(int(h5.attrs.get("copy_detection", 0))))
+    if "regions" in h5:
+        group = h5["regions"]
+        vectors = np.asarray(group["vectors"][...])
+        if vectors.dtype != np.float16 or vectors.ndim != 2 or vectors.shape[1] != dim:
+            raise IndexFileError(f"{path}: regions have shape {vectors.shape} {vectors.dtype}, expected float16 (M, {dim})")
+        if not np.isfinite(vectors).all():
+            raise IndexFileError(f"{path}: the index file is corrupt (region vectors hold NaN or infinite values); rebuild it with index.py --rebuild", kind="corrupt")
+        image = _image_column(group["image"][...], count, path, "regions", MAX_DATABASE_REGIONS)
+        if len(image) != len(vectors):
+            raise IndexFileError(f"{path}: {len(vectors)} region vectors but {len(image)} region image ids")
+        features.region_vectors, features.region_image = vectors, image
+    if "local" in h5:
+        group = h5["local"]
+        keypoints = np.asarray(group["keypoints"][...])
+        descriptors = np.asarray(group["descriptors"][...])
+        frames = np.asarray(group["frame"][...])
+        limit = int(group.attrs.get("max_keypoints", DATABASE_KEYPOINTS))
+        image = _image_column(group["image"][...], count, path, "keypoints", max(limit, 1))
+        if (
+            keypoints.dtype != np.float16 or keypoints.shape != (len(image), KEYPOINT_FIELDS)
+            or descriptors.dtype != np.uint8 or descriptors.shape != (len(image), DESCRIPTOR_BYTES)
+            or frames.shape != (count, 2)
+        ):
+            raise IndexFileError(
+                f"{path}: local features have shapes {keypoints.shape} {descriptors.shape} {frames.shape}, "
+                f"expected ({len(image)}, {KEYPOINT_FIELDS}) float16, ({len(image)}, {DESCRIPTOR_BYTES}) uint8, ({count}, 2)"
+            )
+        if not np.isfinite(keypoints).all():
+            raise IndexFileError(f"{path}: the index file is corrupt (keypoints hold NaN or infinite values); rebuild it with index.py --rebuild", kind="corrupt")
+        features.keypoints, features.descriptors, features.keypoint_image = keypoints, descriptors, image
+        features.frames = frames.astype(np.int32)
+        features.max_keypoints = limit
+        features.max_side = int(group.attrs.get("max_side", DATABASE_SIDE))
+    return features

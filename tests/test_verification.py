@@ -1,0 +1,149 @@
+"""Local features and geometric verification (retrieval.descriptors.local_features, retrieval.search.verification):
+copies pasted into a frame, mirrored copies, a frame shared by unrelated images, images without keypoints, and the
+stored form in the HDF5 file."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval.descriptors.local_features import (
+    DATABASE_KEYPOINTS, LocalFeatures, extract_local_features, query_local_features, spread_choice,
+)
+from retrieval.errors import IndexFileError
+from retrieval.search.verification import QueryLocalFeatures, verify
+
+from conftest import DEMO_DATABASE
+
+PHOTOS = ["chelsea", "coffee", "rocket", "astronaut"]
+
+
+def photo(name: str, width: int = 400) -> Image.Image:
+    image = Image.open(DEMO_DATABASE / name / "original.jpg").convert("RGB")
+    return image.resize((width, round(image.height * width / image.width)), Image.Resampling.BICUBIC)
+
+
+def frame(seed: int = 3, size=(900, 640)) -> Image.Image:
+    """A busy 'screenshot template': text-like blocks and icons that give many keypoints, the same for every seed."""
+    rng = np.random.default_rng(seed)
+    canvas = np.full((size[1], size[0], 3), 245, np.uint8)
+    for _ in range(260):
+        x, y = rng.integers(0, size[0] - 40), rng.integers(0, size[1] - 14)
+        w, h = rng.integers(8, 40), rng.integers(4, 14)
+        canvas[y : y + h, x : x + w] = rng.integers(0, 200, 3)
+    return Image.fromarray(canvas)
+
+
+def pasted(inner: Image.Image, scale: float = 0.9, at=(300, 200)) -> np.ndarray:
+    """``inner`` resized by ``scale`` and pasted into the shared frame at ``at`` (a screenshot of it)."""
+    shot = frame()
+    small = inner.resize((round(inner.width * scale), round(inner.height * scale)), Image.Resampling.BICUBIC)
+    shot.paste(small, at)
+    return np.asarray(shot)
+
+
+def as_query(image: np.ndarray) -> QueryLocalFeatures:
+    return QueryLocalFeatures(*query_local_features(image))
+
+
+def test_stored_form_is_bounded_and_compact():
+    features = extract_local_features(np.asarray(photo("astronaut", 512)))
+    assert 0 < len(features) <= DATABASE_KEYPOINTS
+    assert features.descriptors.dtype == np.uint8 and features.descriptors.shape[1] == 128
+    assert features.keypoints.dtype == np.float16 and features.keypoints.shape == (len(features), 4)
+    assert features.nbytes <= 40_000  # the issue's budget per image
+    width, height = features.size
+    assert max(width, height) == 512
+    points = features.keypoints[:, :2].astype(np.float32)
+    assert (points >= 0).all() and (points[:, 0] < width).all() and (points[:, 1] < height).all()
+    # RootSIFT rows: close to unit length after the uint8 quantisation
+    norms = np.linalg.norm(features.descriptors.astype(np.float32) / 255.0, axis=1)
+    assert np.allclose(norms, 1.0, atol=0.05)
+
+
+def test_spread_choice_takes_every_cell_before_the_second_best_of_any():
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.uniform(0, 25, (100, 2)), rng.uniform(75, 100, (4, 2))])  # a busy corner, a quiet one
+    responses = np.concatenate([np.full(100, 10.0), np.full(4, 1.0)])
+    chosen = spread_choice(points, responses, (100, 100), 8, grid=4)
+    assert set(range(100, 104)) <= set(chosen.tolist())  # the weak keypoints of the quiet corner are kept
+
+
+def test_a_copy_pasted_into_a_frame_is_verified_and_unrelated_images_are_not():
+    query = as_query(pasted(photo("chelsea")))
+    candidates = [extract_local_features(np.asarray(photo(name, 512))) for name in PHOTOS]
+    result = verify(query, candidates)
+    assert result.verified[0] and result.inliers[0] >= 12
+    assert not result.verified[1:].any()
+    assert (result.scores()[result.verified] > 1.0).all()
+
+
+def test_a_shared_frame_is_not_evidence_of_a_copy():
+    """Unrelated photos in the same frame share hundreds of inliers with the query; the original wins anyway."""
+    query = as_query(pasted(photo("chelsea")))
+    others = [extract_local_features(pasted(photo(name))) for name in ("coffee", "rocket", "astronaut")]
+    original = extract_local_features(np.asarray(photo("chelsea", 512)))
+    result = verify(query, others + [original])
+    assert result.inliers[:3].max() > result.inliers[3]  # raw counts would rank a frame-sharing image first
+    assert result.verified[3]
+    assert result.strength[3] > result.strength[:3].max()
+
+
+def test_the_mirrored_query_finds_a_mirrored_copy():
+    flipped = np.ascontiguousarray(np.asarray(photo("coffee"))[:, ::-1])
+    candidate = [extract_local_features(np.asarray(photo("coffee", 512)))]
+    direct, mirrored = query_local_features(flipped)
+    with_mirror = verify(QueryLocalFeatures(direct, mirrored), candidate)
+    assert with_mirror.verified[0] and with_mirror.mirrored[0]
+    without = verify(QueryLocalFeatures(direct, LocalFeatures.empty()), candidate)
+    assert not without.verified[0]
+
+
+@pytest.mark.parametrize("pixels", [np.zeros((300, 400, 3), np.uint8), np.full((8, 8, 3), 200, np.uint8)])
+def test_images_without_keypoints(pixels):
+    features = extract_local_features(pixels)
+    assert len(features) == 0 and features.descriptors.shape == (0, 128)
+    query = as_query(pixels)
+    result = verify(query, [features, extract_local_features(np.asarray(photo("rocket", 512)))])
+    assert not result.verified.any() and (result.inliers == 0).all()
+    assert verify(as_query(np.asarray(photo("rocket"))), [features]).verified.tolist() == [False]
+    assert len(verify(query, []).verified) == 0
+
+
+def test_copy_features_round_trip_and_damage(tmp_path):
+    from retrieval.descriptors.encoder import EncoderConfig
+    from retrieval.storage.copy_features import CopyFeatures
+    from retrieval.storage.database import FeatureDatabase, read_database, write_database
+
+    rng = np.random.default_rng(1)
+    dim, count = 8, 3
+    vectors = rng.normal(size=(count, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    regions = [vectors[i : i + 1].repeat(2, axis=0) for i in range(count - 1)] + [np.zeros((0, dim), np.float32)]
+    local = [extract_local_features(np.asarray(photo(name, 256))) for name in PHOTOS[:count]]
+    encoder = EncoderConfig("efficientnet-lite0", "imagenet", "md5:0", "top", "max", 224, "squash-bicubic", "float32", dim)
+    database = FeatureDatabase(
+        encoder=encoder, vectors=vectors, paths=["a.jpg", "b.jpg", "c.jpg"],
+        file_sizes=np.ones(count, np.int64), file_mtimes_ns=np.ones(count, np.int64),
+        copies=CopyFeatures.assemble(regions, local, dim, verify_default=True),
+    )
+    path = tmp_path / "db.h5"
+    write_database(path, database)
+    back = read_database(path).copies
+    assert back.verify_default and back.has_regions and back.has_local
+    assert back.regions_of(2).shape == (0, dim)
+    np.testing.assert_allclose(back.regions_of(1).astype(np.float32), regions[1], atol=1e-3)
+    for row in range(count):
+        np.testing.assert_array_equal(back.local_of(row).descriptors, local[row].descriptors)
+        np.testing.assert_array_equal(back.local_of(row).keypoints, local[row].keypoints)
+        assert back.local_of(row).size == local[row].size
+    # an image column out of order is refused as corruption, with one line
+    with h5py.File(path, "r+") as h5:
+        column = h5["local/image"][...]
+        del h5["local/image"]
+        h5.create_dataset("local/image", data=column[::-1])
+    with pytest.raises(IndexFileError) as caught:
+        read_database(path)
+    assert caught.value.kind == "corrupt" and "\n" not in str(caught.value)
