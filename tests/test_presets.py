@@ -32,7 +32,8 @@ def encoder_config(spec: dict):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_builds_a_valid_encoder(name):
     spec = PRESETS[name]
-    assert set(spec) == {"description", "encoder", "whiten"}
+    assert {"description", "encoder", "whiten"} <= set(spec) <= {"description", "encoder", "whiten", "copies"}
+    assert set(spec.get("copies", {})) <= {"regions", "local_features", "verify"}
     assert isinstance(spec["description"], str) and spec["description"].strip()
     assert isinstance(spec["whiten"], bool)
     assert set(spec["encoder"]) <= ENCODER_FIELDS, f"{name}: not EncoderRequest fields: {set(spec['encoder']) - ENCODER_FIELDS}"
@@ -61,7 +62,9 @@ def test_a_measured_preset_beside_classic():
     assert others
     classic = encoder_config(PRESETS["classic"])
     for name in others:
-        assert encoder_config(PRESETS[name]).identity() != classic.identity() or PRESETS[name]["whiten"]
+        spec = PRESETS[name]
+        # a preset differs by its global encoder, its whitening, or what it stores for copy detection
+        assert encoder_config(spec).identity() != classic.identity() or spec["whiten"] or any(spec.get("copies", {}).values())
 
 
 def test_index_help_lists_every_preset():
