@@ -504,7 +504,7 @@ def test_reload_is_checked_at_most_once_per_interval(tmp_path, indexed, engine):
 def test_index_that_appears_later_or_changes_encoder_builds_a_matching_extractor(tmp_path, indexed, engine, monkeypatch):
     built = []
 
-    def fake_for_database(encoder, weights_file=None):
+    def fake_for_database(encoder, *args, **kwargs):  # weights file, codebook, image root: unused by the stand-in
         built.append(encoder.pooling)
         return engine.extractor  # stands in for a newly built model (building one costs seconds)
 
