@@ -671,9 +671,9 @@ def test_folder_search_asks_the_engine_for_more_hits_but_only_so_deep(app, clien
     asked = []
     real = engine.search_id
 
-    def recording(row, k, expansion=None):
+    def recording(row, k, expansion=None, **options):  # options: verify
         asked.append(k)
-        return real(row, k, expansion) if expansion is not None else real(row, k)
+        return real(row, k, expansion, **options) if expansion is not None else real(row, k, **options)
 
     monkeypatch.setattr(engine, "search_id", recording)
     row = engine.database.paths.index("coffee/original.jpg")
