@@ -187,9 +187,10 @@ def test_server_restarted_during_indexing_loses_nothing(corpus, tmp_path, milvus
     assert "Traceback" not in output, output
     assert code == 0 or output.strip().splitlines()[-1].startswith("error: "), output
     rerun = subprocess.run(
-        [sys.executable, str(REPO / "index.py"), "--database", str(many), "--index", str(path), "--backbone",
-         "efficientnet-lite0", "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=600,
-    )
+        [sys.executable, str(REPO / "index.py"), "--database", str(many), "--index", str(path), "--backend", "milvus",
+         "--milvus-uri", milvus_server.uri, "--backbone", "efficientnet-lite0", "--quiet"],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )  # the same command again: the first run may have failed before it wrote the file that records the backend
     assert rerun.returncode == 0, rerun.stderr
     assert len(read_database(path)) == 72 and collection_state(milvus_server, "cbir_m")[0] == 72
     assert score_agreement(path) < 1e-4  # three copies of each photo tie: compare scores, not ids

@@ -42,7 +42,7 @@ def indexed(tmp_path_factory):
         shutil.copy(DEMO_DATABASE / group / "original.jpg", folder / group / "original.jpg")
         shutil.copy(DEMO_DATABASE / group / "view-01.jpg", folder / group / "vue é.jpg")
     index = root / "index.h5"
-    build_index(folder, index, backbone="efficientnet-lite0", progress=False)
+    build_index(folder, index, backbone="efficientnet-lite0", precision="float32", progress=False)
     return folder, index
 
 
