@@ -287,18 +287,10 @@ def encode_all(extractor, arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([extractor.encode_arrays(arrays[i : i + 16]) for i in range(0, len(arrays), 16)])
 
 
-def vgg16_part(work: Path, quick: bool, seconds: float, capabilities: set[str]) -> dict:
-    from retrieval.images import load_for_backbone
-    from retrieval.models.backbones import custom_weights
-
-    images = make_images(work / "vgg-images", 24 if quick else 64)
-    weights_file = make_seeded_vgg16(work / "seeded_vgg16.weights.h5")
-    weights = custom_weights("vgg16", weights_file)
-    arrays = [load_for_backbone(p, 224) for p in images]
-    batch = np.stack(arrays[:16])
-    result = {"images": len(images), "gflop_per_image": VGG16_GFLOP}
-    print("  VGG16 reference loop (Keras fp32, one predict() per image, decode included) ...", flush=True)
-    result["reference_img_s"] = reference_loop(weights_file, images[: 6 if quick else 16])
+def runtime_rows(label, weights, calibration_folder, batch, arrays, seconds, capabilities, end_to_end) -> list[dict]:
+    """One row per runtime x precision this CPU has (Keras fp32, OpenVINO fp32/bf16/int8): forward images/s on
+    ``batch``, first build s, ``end_to_end(runtime, precision)`` images/s (None: not measured), and agreement of the
+    vectors of ``arrays`` with Keras fp32's."""
     runs = [("keras", "float32"), ("openvino", "float32")]
     if "BF16" in capabilities:
         runs.append(("openvino", "bfloat16"))
@@ -306,21 +298,42 @@ def vgg16_part(work: Path, quick: bool, seconds: float, capabilities: set[str]) 
         runs.append(("openvino", "int8"))
     rows, vectors = [], {}
     for runtime_name, precision in runs:
-        print(f"  VGG16 {runtime_name} {precision} ...", flush=True)
-        extractor, build_s = extractor_for(weights, precision, runtime_name, work / "vgg-images")
+        print(f"  {label} {runtime_name} {precision} ...", flush=True)
+        extractor, build_s = extractor_for(weights, precision, runtime_name, calibration_folder)
         row = {"runtime": runtime_name, "precision": precision,
                "forward_img_s": forward_rate(extractor, batch, seconds), "first_build_s": build_s}
-        vectors[(runtime_name, precision)] = encode_all(extractor, arrays[:32])
+        vectors[(runtime_name, precision)] = encode_all(extractor, arrays)
         del extractor
-        row["end_to_end_img_s"] = index_end_to_end(
-            work / "vgg-images", work / f"vgg-{runtime_name}-{precision}.h5", weights_file, "vgg16", precision, runtime_name
-        )
+        rate = end_to_end(runtime_name, precision)
+        if rate is not None:
+            row["end_to_end_img_s"] = rate
         rows.append(row)
         print(f"    {row}", flush=True)
     reference = vectors[("keras", "float32")]
     for row in rows:
         row["agreement_with_keras_fp32"] = agreement(reference, vectors[(row["runtime"], row["precision"])])
-    result["rows"] = rows
+    return rows
+
+
+def vgg16_part(work: Path, quick: bool, seconds: float, capabilities: set[str]) -> dict:
+    from retrieval.images import load_for_backbone
+    from retrieval.models.backbones import custom_weights
+
+    folder = work / "vgg-images"
+    images = make_images(folder, 24 if quick else 64)
+    weights_file = make_seeded_vgg16(work / "seeded_vgg16.weights.h5")
+    weights = custom_weights("vgg16", weights_file)
+    arrays = [load_for_backbone(p, 224) for p in images]
+    batch = np.stack(arrays[:16])
+    result = {"images": len(images), "gflop_per_image": VGG16_GFLOP}
+    print("  VGG16 reference loop (Keras fp32, one predict() per image, decode included) ...", flush=True)
+    result["reference_img_s"] = reference_loop(weights_file, images[: 6 if quick else 16])
+    result["rows"] = runtime_rows(
+        "VGG16", weights, folder, batch, arrays[:32], seconds, capabilities,
+        lambda runtime_name, precision: index_end_to_end(
+            folder, work / f"vgg-{runtime_name}-{precision}.h5", weights_file, "vgg16", precision, runtime_name
+        ),
+    )
     return result
 
 
@@ -337,28 +350,12 @@ def lite0_part(work: Path, quick: bool, seconds: float, capabilities: set[str]) 
         shutil.copy(path, target)
     arrays = [load_for_backbone(p, 224) for p in demo]
     batch = np.stack(arrays[:16])
-    runs = [("keras", "float32"), ("openvino", "float32")]
-    if "BF16" in capabilities:
-        runs.append(("openvino", "bfloat16"))
-    if "INT8" in capabilities:
-        runs.append(("openvino", "int8"))
-    rows, vectors = [], {}
-    for runtime_name, precision in runs:
-        print(f"  EfficientNet-Lite0 {runtime_name} {precision} ...", flush=True)
-        extractor, build_s = extractor_for(weights, precision, runtime_name, folder)
-        row = {"runtime": runtime_name, "precision": precision,
-               "forward_img_s": forward_rate(extractor, batch, seconds), "first_build_s": build_s}
-        vectors[(runtime_name, precision)] = encode_all(extractor, arrays)
-        del extractor
-        if precision == "float32" or not quick:
-            row["end_to_end_img_s"] = index_end_to_end(
-                folder, work / f"lite0-{runtime_name}-{precision}.h5", None, "efficientnet-lite0", precision, runtime_name
-            )
-        rows.append(row)
-        print(f"    {row}", flush=True)
-    reference = vectors[("keras", "float32")]
-    for row in rows:
-        row["agreement_with_keras_fp32"] = agreement(reference, vectors[(row["runtime"], row["precision"])])
+    rows = runtime_rows(
+        "EfficientNet-Lite0", weights, folder, batch, arrays, seconds, capabilities,
+        lambda runtime_name, precision: index_end_to_end(
+            folder, work / f"lite0-{runtime_name}-{precision}.h5", None, "efficientnet-lite0", precision, runtime_name
+        ) if precision == "float32" or not quick else None,
+    )
     return {"images": len(demo), "rows": rows}
 
 

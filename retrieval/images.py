@@ -12,12 +12,16 @@ import os
 import struct
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+
+Loaded = TypeVar("Loaded")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MAX_PIXELS = 80_000_000  # width * height accepted before decoding; larger is treated as a decompression bomb
@@ -196,3 +200,33 @@ def load_sized_for_backbone(
     draft = None if rule == "squash-nearest" else size
     image = open_image(source, draft_size=draft)
     return resize_for_backbone(image, size, rule), image.info["source_size"]
+
+
+def prefetched_batches(
+    paths: Sequence, load: Callable[[object], Loaded], batch_size: int, workers: int = 2
+) -> Iterator[tuple[int, list[tuple[Loaded | None, ImageError | None]]]]:
+    """(first row, [(loaded, None) or (None, ImageError)] * batch) for consecutive batches of ``paths``, in order.
+
+    ``load`` runs on ``workers`` threads up to three batches ahead of the consumer (bounded memory, enough to keep a
+    model busy); an ImageError it raises becomes that file's entry and never stops the run.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+
+    def guarded(path):
+        try:
+            return load(path), None
+        except ImageError as exc:
+            return None, exc
+
+    window = batch_size * 3
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending = [pool.submit(guarded, p) for p in paths[:window]]
+        submitted = len(pending)
+        for start in range(0, len(paths), batch_size):
+            results = [future.result() for future in pending[:batch_size]]
+            pending = pending[batch_size:]
+            while submitted < len(paths) and len(pending) < window:
+                pending.append(pool.submit(guarded, paths[submitted]))
+                submitted += 1
+            yield start, results

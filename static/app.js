@@ -58,17 +58,7 @@
 
   // ------------------------------------------------------------------ small helpers
 
-  function el(tag, attrs = {}, children = []) {
-    const node = document.createElement(tag);
-    for (const [key, value] of Object.entries(attrs)) {
-      if (value === undefined || value === null || value === false) continue;
-      if (key === 'text') node.textContent = value;
-      else if (key === 'className') node.className = value;
-      else node.setAttribute(key, value === true ? '' : String(value));
-    }
-    for (const child of children) node.append(child);
-    return node;
-  }
+  const { el } = window.cbir;
 
   function formatBytes(bytes) {
     if (bytes >= 1024 * 1024) {
@@ -140,25 +130,14 @@
     els.more.setAttribute('aria-disabled', busy ? 'true' : 'false');
   }
 
+  // the JSON API, with the upload limit named when the server refuses a file as too large without saying why
   async function api(url, options) {
-    let response;
     try {
-      response = await fetch(url, { headers: { Accept: 'application/json' }, ...options });
+      return await window.cbir.api(url, options);
     } catch (err) {
-      throw Object.assign(new Error('the server cannot be reached (is it still running?)'), { status: 0 });
+      if (err.status === 413 && !(err.body && err.body.error)) err.message = `file too large: the limit is ${exactBytes(maxUpload)}`;
+      throw err;
     }
-    let body = null;
-    try {
-      body = await response.json();
-    } catch (err) {
-      body = null;
-    }
-    if (!response.ok) {
-      let message = body && body.error ? body.error : `the request failed (${response.status} ${response.statusText})`;
-      if (response.status === 413 && !(body && body.error)) message = `file too large: the limit is ${exactBytes(maxUpload)}`;
-      throw Object.assign(new Error(message), { status: response.status, body });
-    }
-    return body;
   }
 
   // ------------------------------------------------------------------ database info and folders

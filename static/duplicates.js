@@ -18,17 +18,7 @@
   const close = $('duplicates-close');
   let seq = 0;
 
-  function el(tag, attrs = {}, children = []) {
-    const node = document.createElement(tag);
-    for (const [key, value] of Object.entries(attrs)) {
-      if (value === undefined || value === null || value === false) continue;
-      if (key === 'text') node.textContent = value;
-      else if (key === 'className') node.className = value;
-      else node.setAttribute(key, value === true ? '' : String(value));
-    }
-    for (const child of children) node.append(child);
-    return node;
-  }
+  const { el, api } = window.cbir;
 
   function plural(n, one, many) {
     return `${n.toLocaleString()} ${n === 1 ? one : many}`;
@@ -70,22 +60,19 @@
     error.hidden = true;
     list.setAttribute('aria-busy', 'true');
     status.textContent = 'Comparing every image with the others…';
-    let response, body = null;
+    let body;
     try {
-      response = await fetch(`/api/duplicates?${params}`, { headers: { Accept: 'application/json' } });
-      body = await response.json().catch(() => null);
+      body = await api(`/api/duplicates?${params}`);
     } catch (err) {
-      response = null;
-    }
-    if (mine !== seq) return;
-    list.removeAttribute('aria-busy');
-    if (!response || !response.ok) {
-      errorText.textContent = body && body.error ? `Cannot find duplicates: ${body.error}.`.replace(/\.\.$/, '.')
-        : 'Cannot find duplicates: the server cannot be reached (is it still running?).';
+      if (mine !== seq) return;
+      list.removeAttribute('aria-busy');
+      errorText.textContent = `Cannot find duplicates: ${err.message}.`.replace(/\.\.$/, '.');
       error.hidden = false;
       status.textContent = '';
       return;
     }
+    if (mine !== seq) return;
+    list.removeAttribute('aria-busy');
     input.value = String(body.threshold);
     render(body);
   }

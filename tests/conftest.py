@@ -65,6 +65,30 @@ def image_folder(tmp_path) -> Path:
     return folder
 
 
+def copy_demo_pairs(folder: Path) -> Path:
+    """``folder``/<group>/{original,view-01}.jpg for every demo group (24 photos: 12 originals, 12 views)."""
+    for group in sorted(p for p in DEMO_DATABASE.iterdir() if p.is_dir()):
+        (folder / group.name).mkdir(parents=True)
+        for name in ("original.jpg", "view-01.jpg"):
+            shutil.copy2(group / name, folder / group.name / name)
+    return folder
+
+
+def copy_duplicate_photos(folder: Path) -> Path:
+    """Two groups of copies and two unrelated photos: coffee, rocket, astronaut, camera at the top; in backup/ an
+    exact copy of coffee and of rocket, and coffee at half size."""
+    from PIL import Image
+
+    (folder / "backup").mkdir(parents=True)
+    for name in ("coffee", "rocket", "astronaut", "camera"):
+        shutil.copy(DEMO_DATABASE / name / "original.jpg", folder / f"{name}.jpg")
+    shutil.copy(DEMO_DATABASE / "coffee" / "original.jpg", folder / "backup" / "coffee copy.jpg")
+    shutil.copy(DEMO_DATABASE / "rocket" / "original.jpg", folder / "backup" / "rocket.jpg")
+    with Image.open(DEMO_DATABASE / "coffee" / "original.jpg") as image:
+        image.resize((image.width // 2, image.height // 2)).save(folder / "backup" / "coffee small.jpg", quality=90)
+    return folder
+
+
 def write_rgb(path: Path, seed: int = 0, size=(64, 48), fmt: str | None = None) -> Path:
     """A small random-noise RGB image file."""
     from PIL import Image

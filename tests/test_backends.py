@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import DEMO_DATABASE, REPO
+from conftest import DEMO_DATABASE, REPO, copy_demo_pairs
 from retrieval.engine import RetrievalEngine
 from retrieval.errors import IndexFileError, RetrievalError
 from retrieval.indexing import build_index
@@ -37,11 +37,7 @@ def build(folder, path, **options):
 def corpus(tmp_path_factory):
     """24 demo photos (12 originals, 12 views) indexed once in memory; other backends are built from this file."""
     root = tmp_path_factory.mktemp("backends")
-    folder = root / "images"
-    for group in sorted(p for p in DEMO_DATABASE.iterdir() if p.is_dir()):
-        (folder / group.name).mkdir(parents=True)
-        for name in ("original.jpg", "view-01.jpg"):
-            shutil.copy2(group / name, folder / group.name / name)
+    folder = copy_demo_pairs(root / "images")
     build(folder, root / "memory.h5")
     return folder, root
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import DEMO_DATABASE, REPO
+from conftest import DEMO_DATABASE, REPO, copy_duplicate_photos
 from retrieval.descriptors.encoder import EncoderConfig
 from retrieval.errors import RetrievalError
 from retrieval.search.backends.faiss import FaissBackend
@@ -287,14 +287,7 @@ def assert_one_line_error(result, *fragments, code=1):
 @pytest.fixture(scope="module")
 def photo_index(tmp_path_factory):
     """A folder with exact copies, a half-size copy and unrelated photos, indexed by the real index.py."""
-    folder = tmp_path_factory.mktemp("dups") / "photos"
-    (folder / "backup").mkdir(parents=True)
-    for name in ("coffee", "rocket", "astronaut", "camera"):
-        shutil.copy(DEMO_DATABASE / name / "original.jpg", folder / f"{name}.jpg")
-    shutil.copy(DEMO_DATABASE / "coffee" / "original.jpg", folder / "backup" / "coffee copy.jpg")
-    shutil.copy(DEMO_DATABASE / "rocket" / "original.jpg", folder / "backup" / "rocket.jpg")
-    with Image.open(DEMO_DATABASE / "coffee" / "original.jpg") as image:
-        image.resize((image.width // 2, image.height // 2)).save(folder / "backup" / "coffee small.jpg", quality=90)
+    folder = copy_duplicate_photos(tmp_path_factory.mktemp("dups") / "photos")
     index = folder.parent / "photos.h5"
     result = run("index.py", "--database", folder, "--index", index, "--quiet", "--backbone", "efficientnet-lite0")
     assert result.returncode == 0, result.stderr

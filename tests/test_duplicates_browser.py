@@ -5,12 +5,10 @@ to the search, a member link searches with it, and no critical or serious axe-co
 from __future__ import annotations
 
 import re
-import shutil
 
 import pytest
-from PIL import Image
 
-from conftest import DEMO_DATABASE, start_server, stop
+from conftest import copy_duplicate_photos, start_server, stop
 from retrieval.indexing import build_index
 from test_browser import assert_accessible, axe_script, browser, expect, open_page  # noqa: F401 (fixtures)
 
@@ -19,14 +17,7 @@ from test_browser import assert_accessible, axe_script, browser, expect, open_pa
 def dup_server(tmp_path_factory):
     """server.py around an index with two groups of copies (one with a half-size copy) and two unrelated photos."""
     root = tmp_path_factory.mktemp("dup-browser")
-    folder = root / "images"
-    (folder / "backup").mkdir(parents=True)
-    for name in ("coffee", "rocket", "astronaut", "camera"):
-        shutil.copy(DEMO_DATABASE / name / "original.jpg", folder / f"{name}.jpg")
-    shutil.copy(DEMO_DATABASE / "coffee" / "original.jpg", folder / "backup" / "coffee copy.jpg")
-    shutil.copy(DEMO_DATABASE / "rocket" / "original.jpg", folder / "backup" / "rocket.jpg")
-    with Image.open(DEMO_DATABASE / "coffee" / "original.jpg") as image:
-        image.resize((image.width // 2, image.height // 2)).save(folder / "backup" / "coffee small.jpg", quality=90)
+    folder = copy_duplicate_photos(root / "images")
     index = root / "index.h5"
     build_index(folder, index, backbone="efficientnet-lite0", progress=False)
     log = root / "server.log"

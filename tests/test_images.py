@@ -146,3 +146,34 @@ def test_load_for_backbone_uses_jpeg_draft_but_keeps_quality(tmp_path):
     exact = images.resize_for_backbone(big, 224).astype(float)
     assert fast.shape == (224, 224, 3)
     assert np.abs(fast.mean() - exact.mean()) < 3
+
+
+def test_prefetched_batches_keep_order_bound_the_window_and_turn_image_errors_into_entries():
+    import threading
+
+    started, lock = [], threading.Lock()
+
+    def load(n):
+        with lock:
+            started.append(n)
+        if n % 4 == 3:
+            raise ImageError(f"bad {n}")
+        return n * 10
+
+    seen = []
+    for start, results in images.prefetched_batches(list(range(11)), load, batch_size=2, workers=2):
+        assert max(started) < start + 2 * 4  # never more than three batches ahead of the one handed out
+        seen.append((start, [(value, str(error) if error else None) for value, error in results]))
+    assert [start for start, _ in seen] == [0, 2, 4, 6, 8, 10]
+    flat = [entry for _, batch in seen for entry in batch]
+    assert flat == [(None, f"bad {n}") if n % 4 == 3 else (n * 10, None) for n in range(11)]
+    with pytest.raises(ValueError, match="at least 1"):
+        next(images.prefetched_batches([1], load, batch_size=0))
+
+
+def test_prefetched_batches_let_other_errors_through():
+    def load(n):
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(images.prefetched_batches([1, 2], load, batch_size=1))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import DEMO_DATABASE, write_rgb
+from conftest import DEMO_DATABASE
 from retrieval.errors import IndexFileError, RetrievalError
 from retrieval.indexing import build_index
 from retrieval.storage.checkpoint import Checkpoint

@@ -3,9 +3,7 @@ fixture on loopback ports), as it runs against the embedded Milvus Lite in test_
 the collection's state on the server, terminal queries, and faults (server down at query time, restarted during
 indexing, restarted between runs)."""
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import DEMO_DATABASE, REPO, start_server, stop
+from conftest import DEMO_DATABASE, REPO, copy_demo_pairs, start_server, stop
 from retrieval.engine import RetrievalEngine
 from retrieval.indexing import build_index
 from retrieval.storage.database import read_database
@@ -30,11 +28,7 @@ def build(folder, path, **options):
 def corpus(tmp_path_factory):
     """24 demo photos (12 originals, 12 views), indexed once in memory."""
     root = tmp_path_factory.mktemp("server-corpus")
-    folder = root / "images"
-    for group in sorted(p for p in DEMO_DATABASE.iterdir() if p.is_dir()):
-        (folder / group.name).mkdir(parents=True)
-        for name in ("original.jpg", "view-01.jpg"):
-            shutil.copy2(group / name, folder / group.name / name)
+    folder = copy_demo_pairs(root / "images")
     build(folder, root / "memory.h5")
     return folder, root
 

@@ -1,7 +1,6 @@
 """End-to-end: the real index.py and query_online.py in subprocesses, on temporary folders."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -78,7 +77,6 @@ def test_query_json_montage_and_reference_flags(indexed, tmp_path):
 
 def test_reference_demo_database_can_be_queried(tmp_path, indexed):
     folder, index, _ = indexed
-    db = read_database(index)
     legacy = tmp_path / "featureCNN.h5"
     with h5py.File(legacy, "w") as h5:  # the reference's layout; its vectors are VGG16 ImageNet (none here)
         h5.create_dataset("dataset_1", data=np.ones((2, 512), np.float32))

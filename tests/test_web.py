@@ -100,7 +100,8 @@ def test_page_shows_database_info_and_loads_only_local_assets(client):
     assert response.status_code == 200 and response.mimetype == "text/html"
     html = response.get_data(as_text=True)
     assert 'id="info-size">8<' in html and "efficientnet-lite0" in html and 'id="info-pooling">max<' in html
-    assert '<script src="/static/app.js" defer></script>' in html
+    scripts = re.findall(r'<script src="/static/([a-z]+\.js)" defer></script>', html)
+    assert scripts == ["common.js", "app.js", "duplicates.js"]  # the shared helpers first
     assert "<script>" not in html and " on" + "click=" not in html and "style=" not in html  # CSP: no inline code
     assert "http://" not in html and "https://" not in html  # no CDN: works offline
     assert 'for="k-select"' in html and 'type="file"' in html and 'id="choose-button"' in html
@@ -108,7 +109,8 @@ def test_page_shows_database_info_and_loads_only_local_assets(client):
     accept = re.search(r'accept="([^"]*)"', html).group(1)
     assert "svg" not in accept and "image/*" not in accept and ".tiff" in accept  # what the server reads, no SVG
     assert html.index("<noscript>") < html.index("<main") < html.index("<footer")  # not hidden under the footer
-    for asset, mimetype in (("app.js", "text/javascript"), ("style.css", "text/css"), ("favicon.svg", "image/svg+xml")):
+    assets = [(script, "text/javascript") for script in scripts] + [("style.css", "text/css"), ("favicon.svg", "image/svg+xml")]
+    for asset, mimetype in assets:
         static = client.get(f"/static/{asset}")
         assert static.status_code == 200 and static.mimetype == mimetype
         assert_security_headers(static)

@@ -113,7 +113,7 @@ def copy_options(preset: dict, args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ..indexing import IndexRequest, WhiteningRequest, describe, run_index
+    from ..indexing import IndexRequest, WhiteningRequest, run_index
     from ..indexing.presets import PRESETS
     from . import run
 

@@ -20,7 +20,7 @@ DEFAULT_INDEX = "index/demo.h5"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from . import nonempty_path, positive_int
+    from . import positive_int
 
     parser = argparse.ArgumentParser(description="Serve the image search page and JSON API for a feature database.")
     parser.add_argument("--index", "-index", default=DEFAULT_INDEX, metavar="FILE.h5",

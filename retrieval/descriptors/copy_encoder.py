@@ -10,14 +10,12 @@ pass at scale 1. The local features are computed from the file decoded at up to 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..errors import ImageError
-from ..images import load_sized_for_backbone, open_image
+from ..images import load_sized_for_backbone, open_image, prefetched_batches
 from ..vectors import l2_normalize
 from . import pooling
 from .extractor import DEFAULT_BATCH_SIZE, EncodedItem, Extractor
@@ -70,39 +68,24 @@ class CopyEncoder:
     ) -> Iterator[list[CopyItem]]:
         """Like ``Extractor.encode_files``: one list of ``CopyItem`` per batch, in input order; unusable files are items
         with ``error`` set."""
-        if batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {batch_size}")
         encoder = self.extractor.encoder
         size, rule = encoder.input_size, encoder.resize_rule
 
         def load(path):
-            try:
-                array, dimensions = load_sized_for_backbone(path, size, rule)
-                local = None
-                if self.local:
-                    local = extract_local_features(np.asarray(open_image(path, draft_size=DATABASE_SIDE)), DATABASE_SIDE, DATABASE_KEYPOINTS)
-                return (array, dimensions, local), None
-            except ImageError as exc:
-                return None, exc
+            array, dimensions = load_sized_for_backbone(path, size, rule)
+            local = None
+            if self.local:
+                local = extract_local_features(np.asarray(open_image(path, draft_size=DATABASE_SIDE)), DATABASE_SIDE, DATABASE_KEYPOINTS)
+            return array, dimensions, local
 
-        paths = list(paths)
-        window = batch_size * 3
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool_:
-            pending = [pool_.submit(load, p) for p in paths[:window]]
-            submitted = len(pending)
-            for start in range(0, len(paths), batch_size):
-                results = [future.result() for future in pending[:batch_size]]
-                pending = pending[batch_size:]
-                while submitted < len(paths) and len(pending) < window:
-                    pending.append(pool_.submit(load, paths[submitted]))
-                    submitted += 1
-                good = [i for i, (loaded, _) in enumerate(results) if loaded is not None]
-                vectors, regions = self.encode_arrays([results[i][0][0] for i in good]) if good else (None, [])
-                items = [CopyItem(start + i, None, error) for i, (_, error) in enumerate(results)]
-                for row, i in enumerate(good):
-                    _, dimensions, local = results[i][0]
-                    items[i].vector = vectors[row]
-                    items[i].size = tuple(int(side) for side in dimensions)
-                    items[i].regions = regions[row]
-                    items[i].local = local
-                yield items
+        for start, results in prefetched_batches(list(paths), load, batch_size, workers):
+            good = [i for i, (loaded, _) in enumerate(results) if loaded is not None]
+            vectors, regions = self.encode_arrays([results[i][0][0] for i in good]) if good else (None, [])
+            items = [CopyItem(start + i, None, error) for i, (_, error) in enumerate(results)]
+            for row, i in enumerate(good):
+                _, dimensions, local = results[i][0]
+                items[i].vector = vectors[row]
+                items[i].size = tuple(int(side) for side in dimensions)
+                items[i].regions = regions[row]
+                items[i].local = local
+            yield items

@@ -7,7 +7,6 @@ PIL images, files or upload bytes. ``encode_files`` decodes the next batch on wo
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -15,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ImageError, RetrievalError
-from ..images import MIN_SIDE, load_for_backbone, load_sized_for_backbone, resize_for_backbone
+from ..images import MIN_SIDE, load_for_backbone, load_sized_for_backbone, prefetched_batches, resize_for_backbone
 from ..models import backbones, runtime
 from ..vectors import l2_normalize
 from . import mop, mop_extract, pooling
@@ -176,31 +175,16 @@ class Extractor:
         Decoding and resizing of the next batches run on ``workers`` threads while the model computes; an unusable
         file becomes an item with ``error`` set and never stops the run.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {batch_size}")
         size, rule = self.encoder.input_size, self.encoder.resize_rule
 
         def load(path):
-            try:
-                return load_sized_for_backbone(path, size, rule), None
-            except ImageError as exc:
-                return None, exc
+            return load_sized_for_backbone(path, size, rule)
 
-        paths = list(paths)
-        window = batch_size * 3  # decoded images in flight: bounded memory, enough to keep the model busy
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool_:
-            pending = [pool_.submit(load, p) for p in paths[:window]]
-            submitted = len(pending)
-            for start in range(0, len(paths), batch_size):
-                results = [future.result() for future in pending[:batch_size]]
-                pending = pending[batch_size:]
-                while submitted < len(paths) and len(pending) < window:
-                    pending.append(pool_.submit(load, paths[submitted]))
-                    submitted += 1
-                good = [i for i, (loaded, _) in enumerate(results) if loaded is not None]
-                vectors = self.encode_arrays([results[i][0][0] for i in good]) if good else None
-                items = [EncodedItem(start + i, None, error) for i, (_, error) in enumerate(results)]
-                for row, i in enumerate(good):
-                    items[i].vector = vectors[row]
-                    items[i].size = tuple(int(side) for side in results[i][0][1])
-                yield items
+        for start, results in prefetched_batches(list(paths), load, batch_size, workers):
+            good = [i for i, (loaded, _) in enumerate(results) if loaded is not None]
+            vectors = self.encode_arrays([results[i][0][0] for i in good]) if good else None
+            items = [EncodedItem(start + i, None, error) for i, (_, error) in enumerate(results)]
+            for row, i in enumerate(good):
+                items[i].vector = vectors[row]
+                items[i].size = tuple(int(side) for side in results[i][0][1])
+            yield items

@@ -4,7 +4,6 @@ removed, and in one place whether the file will be rewritten and why."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
