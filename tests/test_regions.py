@@ -1,0 +1,102 @@
+"""Regional search for copy detection: the stored regions (retrieval.descriptors.regions), the query windows, and how
+their scores become image scores (retrieval.search.copies). Pure numpy; the end-to-end copy search is in
+tests/test_copy_detection.py and tests/test_verification.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.descriptors import regions
+from retrieval.search.copies import RegionIndex, fuse
+
+
+def test_database_regions_of_a_7x7_map_are_four_overlapping_thirds():
+    boxes = regions.database_region_boxes(7, 7)
+    assert len(boxes) == 4
+    assert {(h, w) for _, _, h, w in boxes} == {(4, 4)}  # R-MAC level 2: side floor(2 * 7 / 3)
+    assert {(y, x) for y, x, _, _ in boxes} == {(0, 0), (0, 3), (3, 0), (3, 3)}  # the corners, overlapping by one cell
+
+
+@pytest.mark.parametrize("height, width", [(7, 7), (7, 10), (10, 7), (5, 14), (14, 14), (2, 3)])
+def test_database_regions_lie_inside_the_map_and_are_bounded(height, width):
+    boxes = regions.database_region_boxes(height, width)
+    assert 0 < len(boxes) <= regions.MAX_DATABASE_REGIONS
+    for y, x, h, w in boxes:
+        assert 0 <= y and 0 <= x and y + h <= height and x + w <= width
+        assert h < height or w < width  # a region is never the whole map (the global descriptor is that)
+
+
+def test_a_one_cell_map_has_no_regions():
+    assert regions.database_region_boxes(1, 1) == []
+    vectors = regions.region_vectors(np.ones((2, 1, 1, 8), np.float32))
+    assert [v.shape for v in vectors] == [(0, 8), (0, 8)]
+
+
+def test_region_vectors_are_the_unit_max_of_each_box():
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 7, 7, 16)).astype(np.float32)
+    vectors = regions.region_vectors(maps)
+    boxes = regions.database_region_boxes(7, 7)
+    assert len(vectors) == 3
+    for image, per_image in enumerate(vectors):
+        assert per_image.shape == (len(boxes), 16) and per_image.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(per_image, axis=1), 1.0, rtol=1e-6)
+        for row, (y, x, h, w) in enumerate(boxes):
+            expected = maps[image, y : y + h, x : x + w].max(axis=(0, 1))
+            np.testing.assert_allclose(per_image[row], expected / np.linalg.norm(expected), rtol=1e-6)
+
+
+def test_a_region_sees_a_corner_the_global_maximum_misses():
+    maps = np.zeros((1, 7, 7, 4), np.float32)
+    maps[0, :, :, 0] = 1.0  # everywhere: what the whole image is about
+    maps[0, 0:3, 0:3, 1] = 5.0  # only in the top-left corner
+    top_left = regions.region_vectors(maps)[0][0]
+    bottom_right = regions.region_vectors(maps)[0][3]
+    assert top_left[1] > 0.9 and bottom_right[1] == 0.0
+
+
+def test_query_windows_cover_the_picture_at_two_scales():
+    boxes = regions.window_boxes(640, 480)
+    assert len(boxes) == len(regions.QUERY_WINDOWS) == 13
+    for left, top, right, bottom in boxes:
+        assert 0 <= left < right <= 640 and 0 <= top < bottom <= 480
+    widths = sorted({right - left for left, _, right, _ in boxes})
+    assert widths == [288, 384]  # 0.45 and 0.6 of the width
+    covered = np.zeros((480, 640), bool)
+    for left, top, right, bottom in boxes:
+        covered[top:bottom, left:right] = True
+    assert covered.all()
+
+
+def test_windows_too_small_to_encode_are_left_out():
+    assert regions.window_boxes(12, 12) == []  # the 0.6 windows are 7 px: under 8
+    boxes = regions.window_boxes(14, 14)
+    assert len(boxes) == 4 and all(right - left == 8 for left, _, right, _ in boxes)  # only the 0.6 ones
+
+
+def test_region_index_scores_each_image_by_its_best_region():
+    rng = np.random.default_rng(1)
+    matrix = rng.standard_normal((7, 5)).astype(np.float32)
+    image = np.array([0, 0, 0, 2, 2, 3, 3])  # image 1 has no regions
+    queries = rng.standard_normal((2, 5)).astype(np.float32)
+    scores = RegionIndex(matrix, image, count=5).image_scores(queries)
+    assert scores.shape == (2, 5)
+    brute = queries @ matrix.T
+    for q in range(2):
+        for row in (0, 2, 3):
+            assert scores[q, row] == pytest.approx(brute[q, image == row].max())
+        assert scores[q, 1] == -np.inf and scores[q, 4] == -np.inf
+
+
+def test_an_empty_region_index_scores_nothing():
+    scores = RegionIndex(np.zeros((0, 5), np.float32), np.zeros(0, np.int64), count=3).image_scores(np.ones((1, 5)))
+    assert scores.shape == (1, 3) and np.isneginf(scores).all()
+
+
+def test_fuse_takes_each_images_best_evidence_and_ignores_padding():
+    ranked = (np.array([2, 0, -1]), np.array([0.9, 0.5, 0.0]))  # a backend's top-k, padded with -1
+    windows = (np.array([0, 1]), np.array([0.7, 0.2]))
+    regional = np.array([0.1, -np.inf, 0.95, -np.inf], np.float32)
+    scores = fuse(4, [ranked, windows], [regional])
+    np.testing.assert_allclose(scores, [0.7, 0.2, 0.95, -np.inf])
