@@ -9,6 +9,7 @@ Shared by ``query_online.py``, ``evaluate.py``, the web app and the Python API. 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -153,16 +154,31 @@ class RetrievalEngine:
         the descriptors of its windows (one batch with it) when the database has regions, and its local features
         and its mirror image's when the database has local features."""
         from .descriptors.local_features import query_local_features
-        from .descriptors.regions import window_boxes
+        from .descriptors.regions import PAGE_WEIGHT, content_boxes, window_boxes
         from .search.verification import QueryLocalFeatures
 
         image = image.convert("RGB")
-        crops = [image]
+        crops, weights = [image], []
         if self.pipeline.copies is not None and self.pipeline.copies.has_regions:
-            crops += [image.crop(box) for box in window_boxes(*image.size)]
-        vectors = self.encode_images(crops)
-        local = QueryLocalFeatures(*query_local_features(np.asarray(image))) if self.pipeline.can_verify else None
-        return QueryFeatures(vectors[0], vectors[1:] if len(crops) > 1 else None, local)
+            contents = content_boxes(np.asarray(image))
+            if contents:  # a picture inside a page (a screenshot): its content stands for the query, the page counts less
+                page = image
+                image = page.crop(contents[0])
+                crops = [image, page, *(page.crop(box) for box in contents[1:])]
+                weights = [PAGE_WEIGHT] + [1.0] * (len(contents) - 1)
+            windows = window_boxes(*image.size)
+            crops += [image.crop(box) for box in windows]
+            weights += [1.0] * len(windows)
+        if self.pipeline.can_verify:  # SIFT on a second thread while the model encodes (both release the GIL)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-features") as pool:
+                pending = pool.submit(query_local_features, np.asarray(image))
+                vectors = self.encode_images(crops)
+                local = QueryLocalFeatures(*pending.result())
+        else:
+            vectors, local = self.encode_images(crops), None
+        if len(crops) == 1:
+            return QueryFeatures(vectors[0], None, local)
+        return QueryFeatures(vectors[0], vectors[1:], local, np.asarray(weights, np.float32))
 
     @property
     def copy_search(self) -> bool:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from retrieval.descriptors import regions
-from retrieval.search.copies import RegionIndex, fuse
+from retrieval.search.copies import RegionIndex, fuse, weighted_lists
 
 
 def test_database_regions_of_a_7x7_map_are_four_overlapping_thirds():
@@ -100,3 +100,56 @@ def test_fuse_takes_each_images_best_evidence_and_ignores_padding():
     regional = np.array([0.1, -np.inf, 0.95, -np.inf], np.float32)
     scores = fuse(4, [ranked, windows], [regional])
     np.testing.assert_allclose(scores, [0.7, 0.2, 0.95, -np.inf])
+
+
+def test_a_photo_in_a_page_is_its_content_box():
+    from test_verification import frame, photo
+
+    page = np.asarray(frame(size=(900, 640))).copy()
+    page[:] = 246  # a plain page with a little clutter: a header bar and lines of text
+    page[0:40] = (40, 60, 90)
+    rng = np.random.default_rng(0)
+    for row in range(60, 600, 24):
+        page[row : row + 6, 20 : 20 + int(rng.integers(80, 260))] = 90
+    inner = np.asarray(photo("chelsea", 360))
+    page[200 : 200 + inner.shape[0], 400 : 400 + inner.shape[1]] = inner
+    boxes = regions.content_boxes(page)
+    assert len(boxes) >= 1
+    left, top, right, bottom = boxes[0]
+    expected = (400, 200, 400 + inner.shape[1], 200 + inner.shape[0])
+    assert all(abs(a - b) <= 8 for a, b in zip(boxes[0], expected)), (boxes[0], expected)
+
+
+def test_letterbox_bars_are_trimmed_from_a_content_box():
+    from test_verification import photo
+
+    page = np.full((700, 420, 3), 250, np.uint8)
+    inner = np.asarray(photo("coffee", 380))
+    page[300:560, 20:400] = 0  # black bars above and below the photo
+    page[330 : 330 + 200, 20:400] = inner[:200]
+    (box,) = regions.content_boxes(page)
+    assert abs(box[1] - 330) <= 6 and abs(box[3] - 530) <= 6 and abs(box[0] - 20) <= 6 and abs(box[2] - 400) <= 6
+
+
+@pytest.mark.parametrize("name", ["chelsea", "coffee", "rocket", "astronaut"])
+def test_a_plain_photo_has_no_content_box(name):
+    from test_verification import photo
+
+    assert regions.content_boxes(np.asarray(photo(name, 512))) == []
+
+
+def test_content_boxes_of_tiny_flat_and_blank_pictures():
+    assert regions.content_boxes(np.zeros((10, 10, 3), np.uint8)) == []
+    assert regions.content_boxes(np.full((300, 400, 3), 255, np.uint8)) == []
+    assert regions.content_boxes(np.zeros((300, 400, 3), np.uint8)) == []
+
+
+def test_a_page_view_counts_less_than_the_content_it_holds():
+    """The whole screenshot matches a distractor made with the same frame (0.95) a little better than its content
+    matches the original (0.93); weighted at 0.9, the page view no longer wins."""
+    rows = np.array([[7, 3], [3, 7]])  # window 0: the content crop; window 1: the whole page
+    scores = np.array([[0.93, 0.40], [0.95, 0.50]], np.float32)
+    plain = fuse(8, weighted_lists(rows, scores, None))
+    assert np.argmax(plain) == 3
+    weighted = fuse(8, weighted_lists(rows, scores, np.array([1.0, regions.PAGE_WEIGHT], np.float32)))
+    assert np.argmax(weighted) == 7 and weighted[3] == pytest.approx(0.95 * regions.PAGE_WEIGHT)

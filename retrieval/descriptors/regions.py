@@ -6,9 +6,13 @@ Two kinds, one per side (the search is asymmetric, ``retrieval.search.regions``)
   global descriptor is pooled from, so they cost no extra forward pass): 4 boxes of 4 x 4 cells on EfficientNet-
   Lite0's 7 x 7 map at 224 px (a third of the picture each, overlapping), up to 6 on an aspect-preserving map,
   bounded by ``MAX_DATABASE_REGIONS`` (8); 10 KB per image in float16 at 1280-d. A small crop of a database image (the query) meets the region it was cut from.
-* **query windows** (computed per query, never stored): ``QUERY_WINDOWS`` boxes of the query picture, each resized and
-  encoded like a whole image (one batched forward pass). The photo pasted into a screenshot, or the original inside
-  a padded and rotated copy, meets the database image's global descriptor.
+* **query windows** (computed per query, never stored): ``QUERY_WINDOWS`` boxes of the query picture, each resized
+  and encoded like a whole image (one batched forward pass). The original inside a padded and rotated copy, or a
+  crop of it with an overlay, meets the database image's global descriptor.
+* **content boxes** (``content_boxes``): a query that is a page around a picture (a screenshot of an app or a web
+  page) is searched as that picture: its largest content box becomes the query and the windows are cut from it; the
+  whole page stays a window with weight ``PAGE_WEIGHT``, so a page frame that unrelated screenshots share does not
+  outweigh the photo inside it.
 
 Both are L2-normalised like every descriptor; whitening, when the database has one, applies to them too.
 """
@@ -69,3 +73,82 @@ def window_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
         if right - left >= 8 and bottom - top >= 8:
             boxes.append((left, top, right, bottom))
     return boxes
+
+
+# content boxes: the picture at this many pixels on its longest side; colours in 8 levels per channel
+CONTENT_SIDE = 256
+CONTENT_MIN_AREA, CONTENT_MAX_AREA = 0.10, 0.85  # fractions of the picture
+CONTENT_MIN_FILL = 0.6  # of its bounding box a content region covers: photos are rectangles; blobs, UI clutter are not
+MAX_CONTENT_BOXES = 2
+FLAT_LEVELS, NEUTRAL_LEVELS = 3, 16  # page background: grey range over 5 x 5 pixels, spread of R, G, B (of 255)
+CONTENT_MIN_BACKGROUND = 0.15  # a picture with less page background than this is all content
+PAGE_WEIGHT = 0.9  # a query with content boxes: the cosines of the whole page (frame included) count this much
+
+
+def content_boxes(pixels: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Rectangles of an RGB uint8 (H, W, 3) picture that hold content rather than page background, as PIL crop boxes
+    (left, top, right, bottom), largest first, at most ``MAX_CONTENT_BOXES``; [] for a picture that is all content.
+
+    The background of a screenshot or a web page is made of a few flat colours that reach its border (white, light
+    grey); the photo shown in it is the largest rectangle of other colours. Colours covering >= 3 % of the picture and
+    >= 5 % of its outer 3 % frame are background; the rest, opened with a square of 1/40 of the side (text and icons
+    go), falls into connected regions; a region whose bounding box covers 4-85 % of the picture and is >= 60 % filled
+    is content. Flat bars at the box's edges (letterboxing) are trimmed.
+    """
+    import cv2
+
+    pixels = np.asarray(pixels)
+    height, width = pixels.shape[:2]
+    if min(height, width) < 16:
+        return []
+    scale = CONTENT_SIDE / max(height, width)
+    small = cv2.resize(pixels, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    levels = (small // 32).astype(np.int32)
+    codes = (levels[..., 0] << 6) | (levels[..., 1] << 3) | levels[..., 2]
+    values, counts = np.unique(codes, return_counts=True)
+    edge = max(1, round(min(codes.shape) * 0.03))
+    border = np.concatenate([codes[:edge].ravel(), codes[-edge:].ravel(), codes[:, :edge].ravel(), codes[:, -edge:].ravel()])
+    grey = small.astype(np.int16).mean(axis=2)
+    flat = (cv2.dilate(grey, np.ones((5, 5))) - cv2.erode(grey, np.ones((5, 5)))) <= FLAT_LEVELS
+    neutral = (small.max(axis=2).astype(np.int16) - small.min(axis=2)) <= NEUTRAL_LEVELS
+    background = np.zeros(codes.shape, bool)
+    for value in values[counts >= 0.03 * codes.size]:
+        if np.mean(border == value) >= 0.05:
+            background |= codes == value
+    background &= flat & neutral
+    if background.mean() < CONTENT_MIN_BACKGROUND:
+        return []
+    side = max(3, round(CONTENT_SIDE / 40))
+    content = cv2.morphologyEx((~background).astype(np.uint8), cv2.MORPH_OPEN, np.ones((side, side), np.uint8))
+    count, _, stats, _ = cv2.connectedComponentsWithStats(content, connectivity=4)
+    rows, cols = codes.shape
+    boxes = []
+    for label in np.argsort(-stats[1:, cv2.CC_STAT_AREA]) + 1 if count > 1 else []:
+        x, y, w, h, area = (int(v) for v in stats[label])
+        if area < CONTENT_MIN_FILL * w * h:
+            continue
+        y, x, h, w = _trimmed(small, y, x, h, w)
+        if not CONTENT_MIN_AREA <= w * h / (rows * cols) <= CONTENT_MAX_AREA:
+            continue
+        boxes.append((round(x / scale), round(y / scale), min(width, round((x + w) / scale)), min(height, round((y + h) / scale))))
+        if len(boxes) == MAX_CONTENT_BOXES:
+            break
+    return boxes
+
+
+def _trimmed(small: np.ndarray, y: int, x: int, h: int, w: int) -> tuple[int, int, int, int]:
+    """(y, x, h, w) without the flat rows and columns at its edges (>= 95 % of their pixels within 8 grey levels of
+    their median: letterbox bars), unless that leaves less than half of it."""
+    grey = small[y : y + h, x : x + w].astype(np.float32).mean(axis=2)
+
+    def busy(lines: np.ndarray) -> np.ndarray:
+        off = np.abs(lines - np.median(lines, axis=1, keepdims=True)) > 8
+        return np.flatnonzero(off.mean(axis=1) > 0.05)
+
+    busy_rows, busy_cols = busy(grey), busy(grey.T)
+    if len(busy_rows) == 0 or len(busy_cols) == 0:
+        return y, x, h, w
+    top, bottom, left, right = busy_rows[0], busy_rows[-1] + 1, busy_cols[0], busy_cols[-1] + 1
+    if (bottom - top) * 2 < h or (right - left) * 2 < w:
+        return y, x, h, w
+    return y + int(top), x + int(left), int(bottom - top), int(right - left)

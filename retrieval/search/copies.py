@@ -5,7 +5,8 @@ parts of the query encoded like whole images) and its local features. Against a 
 (``retrieval.storage.copy_features``) the score of image ``i`` is the best of
 
 * global query . global image          (the backend: exact, faiss or Milvus)
-* each query window . global image     (the same backend: the photo inside a screenshot meets its original)
+* each query window . global image     (the same backend; a window's cosines times its weight: the whole page of a
+                                        screenshot counts less than the photo inside it)
 * global query . each region of image  (``RegionIndex``, exact in memory: a crop meets the part it was cut from)
 
 so several vectors stand for one image and the results are always images (each at most once). Taking the maximum
@@ -32,11 +33,13 @@ from .verification import VERIFY_TOP, QueryLocalFeatures, verify
 @dataclass(frozen=True)
 class QueryFeatures:
     """What a copy search compares: ``vector`` (D,) the extractor descriptor, ``windows`` (W, D) descriptors of parts of
-    the query (or None), ``local`` its local features and its mirror image's (or None)."""
+    the query (or None), ``local`` its local features and its mirror image's (or None). ``window_weights`` (W,) scale
+    each window's cosines before they are fused (None: all 1): a view dominated by page furniture counts for less."""
 
     vector: np.ndarray
     windows: np.ndarray | None = None
     local: QueryLocalFeatures | None = None
+    window_weights: np.ndarray | None = None
 
 
 class NoLocalFeatures(RetrievalError):
@@ -95,6 +98,14 @@ def fuse(count: int, lists: Sequence[tuple[np.ndarray, np.ndarray]], dense: Sequ
     for values in dense:
         np.maximum(scores, values, out=scores)
     return scores
+
+
+def weighted_lists(rows: np.ndarray, scores: np.ndarray, weights: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One query's window searches (W, k) rows and scores -> W ranked lists for ``fuse``, each window's cosines times
+    its weight (``QueryFeatures.window_weights``; None: unweighted)."""
+    if weights is None:
+        return list(zip(rows, scores))
+    return [(r, s * np.float32(w)) for r, s, w in zip(rows, scores, weights)]
 
 
 def verified_ranking(

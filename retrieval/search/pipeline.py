@@ -18,7 +18,9 @@ import numpy as np
 from ..descriptors.whitening import Whitening, apply_whitening
 from ..vectors import as_query_matrix, l2_normalize
 from .backends.base import Backend
-from .copies import NO_LOCAL_FEATURES, NoLocalFeatures, QueryFeatures, RegionIndex, fuse, stored_query, verified_ranking
+from .copies import (
+    NO_LOCAL_FEATURES, NoLocalFeatures, QueryFeatures, RegionIndex, fuse, stored_query, verified_ranking, weighted_lists,
+)
 from .expansion import NO_EXPANSION, QueryExpansion, expand
 from .verification import VERIFY_TOP
 
@@ -135,7 +137,8 @@ class QueryPipeline:
         for i, query in enumerate(prepared):
             lists = [(global_rows[i], global_scores[i])]
             if sizes[i]:
-                lists += list(zip(window_rows[start : start + sizes[i]], window_scores[start : start + sizes[i]]))
+                part = slice(start, start + sizes[i])
+                lists += weighted_lists(window_rows[part], window_scores[part], query.window_weights)
             start += sizes[i]
             fused = fuse(self.matrix.shape[0], lists, () if region_scores is None else (region_scores[i],))
             if verify and query.local is not None:
