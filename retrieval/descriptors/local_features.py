@@ -86,17 +86,27 @@ def spread_choice(points: np.ndarray, responses: np.ndarray, size: tuple[int, in
     return chosen
 
 
-def _detect(grey: np.ndarray, max_keypoints: int):
+def _detect_described(grey: np.ndarray, max_keypoints: int):
+    """(the SIFT object, the chosen keypoints, their ``LocalFeatures``): detected and described in one pass over one
+    scale space (``detectAndCompute``), then ``spread_choice`` keeps ``max_keypoints`` of them."""
     import cv2
 
     sift = cv2.SIFT_create(nfeatures=max_keypoints * DETECT_FACTOR)
     size = (int(grey.shape[1]), int(grey.shape[0]))
-    keypoints = sift.detect(grey, None) if min(size) >= 16 else ()
-    if not keypoints:
-        return sift, []
+    keypoints, descriptors = sift.detectAndCompute(grey, None) if min(size) >= 16 else ((), None)
+    if not keypoints or descriptors is None:
+        return sift, [], LocalFeatures.empty(size)
     points = np.array([kp.pt for kp in keypoints], np.float32)
     responses = np.array([kp.response for kp in keypoints], np.float32)
-    return sift, [keypoints[i] for i in spread_choice(points, responses, size, max_keypoints)]
+    chosen = spread_choice(points, responses, size, max_keypoints)
+    kept = [keypoints[i] for i in chosen]
+    return sift, kept, _local_features(kept, descriptors[chosen], size)
+
+
+def _local_features(keypoints, descriptors: np.ndarray, size: tuple[int, int]) -> LocalFeatures:
+    table = np.array([(kp.pt[0], kp.pt[1], kp.size, kp.angle) for kp in keypoints], np.float32)
+    quantized = np.clip(np.rint(root_sift(descriptors) * 255.0), 0, 255).astype(np.uint8)
+    return LocalFeatures(table.astype(np.float16), quantized, size)
 
 
 def _described(sift, grey: np.ndarray, keypoints) -> LocalFeatures:
@@ -106,16 +116,13 @@ def _described(sift, grey: np.ndarray, keypoints) -> LocalFeatures:
     keypoints, descriptors = sift.compute(grey, keypoints)
     if descriptors is None or not keypoints:
         return LocalFeatures.empty(size)
-    table = np.array([(kp.pt[0], kp.pt[1], kp.size, kp.angle) for kp in keypoints], np.float32)
-    quantized = np.clip(np.rint(root_sift(descriptors) * 255.0), 0, 255).astype(np.uint8)
-    return LocalFeatures(table.astype(np.float16), quantized, size)
+    return _local_features(keypoints, descriptors, size)
 
 
 def extract_local_features(image: np.ndarray, max_side: int = DATABASE_SIDE, max_keypoints: int = DATABASE_KEYPOINTS) -> LocalFeatures:
     """uint8 RGB (H, W, 3) -> ``LocalFeatures`` with at most ``max_keypoints`` SIFT keypoints (none for a flat image)."""
     grey, _ = _grey(image, max_side)
-    sift, keypoints = _detect(grey, max_keypoints)
-    return _described(sift, grey, keypoints)
+    return _detect_described(grey, max_keypoints)[2]
 
 
 def query_local_features(image: np.ndarray) -> tuple[LocalFeatures, LocalFeatures]:
@@ -123,8 +130,7 @@ def query_local_features(image: np.ndarray) -> tuple[LocalFeatures, LocalFeature
     import cv2
 
     grey, _ = _grey(image, QUERY_SIDE)
-    sift, keypoints = _detect(grey, QUERY_KEYPOINTS)
-    direct = _described(sift, grey, keypoints)
+    sift, keypoints, direct = _detect_described(grey, QUERY_KEYPOINTS)
     width = grey.shape[1]
     flipped = [
         cv2.KeyPoint(width - 1 - kp.pt[0], kp.pt[1], kp.size, (180.0 - kp.angle) % 360.0, kp.response, kp.octave, kp.class_id)
