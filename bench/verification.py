@@ -73,7 +73,8 @@ def grown(database, count: int, seed: int = 0):
         file_mtimes_ns=np.asarray(database.file_mtimes_ns)[source][order],
         image_sizes=None if database.image_sizes is None else np.asarray(database.image_sizes)[source][order],
         copies=CopyFeatures.assemble([regions[i] for i in order], [local[i] for i in order], database.encoder.dim,
-                                     verify_default=copies.verify_default),
+                                     verify_default=copies.verify_default,
+                                     pages=[copies.is_page(int(source[i])) for i in order]),
         database_id="",
     )
     return type(database)(**fields)

@@ -102,20 +102,23 @@ def test_fuse_takes_each_images_best_evidence_and_ignores_padding():
     np.testing.assert_allclose(scores, [0.7, 0.2, 0.95, -np.inf])
 
 
-def test_a_photo_in_a_page_is_its_content_box():
-    from test_verification import frame, photo
-
-    page = np.asarray(frame(size=(900, 640))).copy()
-    page[:] = 246  # a plain page with a little clutter: a header bar and lines of text
+def web_page(inner: np.ndarray, at=(400, 200), size=(900, 640)) -> np.ndarray:
+    """A plain page with a little clutter (a header bar, lines of text) and the picture ``inner`` at ``at``."""
+    page = np.full((size[1], size[0], 3), 246, np.uint8)
     page[0:40] = (40, 60, 90)
     rng = np.random.default_rng(0)
-    for row in range(60, 600, 24):
+    for row in range(60, size[1] - 40, 24):
         page[row : row + 6, 20 : 20 + int(rng.integers(80, 260))] = 90
+    page[at[1] : at[1] + inner.shape[0], at[0] : at[0] + inner.shape[1]] = inner
+    return page
+
+
+def test_a_photo_in_a_page_is_its_content_box():
+    from test_verification import photo
+
     inner = np.asarray(photo("chelsea", 360))
-    page[200 : 200 + inner.shape[0], 400 : 400 + inner.shape[1]] = inner
-    boxes = regions.content_boxes(page)
+    boxes = regions.content_boxes(web_page(inner))
     assert len(boxes) >= 1
-    left, top, right, bottom = boxes[0]
     expected = (400, 200, 400 + inner.shape[1], 200 + inner.shape[0])
     assert all(abs(a - b) <= 8 for a, b in zip(boxes[0], expected)), (boxes[0], expected)
 
@@ -153,3 +156,75 @@ def test_a_page_view_counts_less_than_the_content_it_holds():
     assert np.argmax(plain) == 3
     weighted = fuse(8, weighted_lists(rows, scores, np.array([1.0, regions.PAGE_WEIGHT], np.float32)))
     assert np.argmax(weighted) == 7 and weighted[3] == pytest.approx(0.95 * regions.PAGE_WEIGHT)
+
+
+def page_database(pages):
+    """A 3-image FeatureDatabase whose first two images have two regions each; ``pages`` flags them."""
+    from retrieval.descriptors.encoder import EncoderConfig
+    from retrieval.storage.copy_features import CopyFeatures
+    from retrieval.storage.database import FeatureDatabase
+
+    rng = np.random.default_rng(2)
+    dim = 8
+    vectors = rng.normal(size=(3, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    regions = [np.eye(dim, dtype=np.float32)[[i, i + 1]] for i in range(2)] + [np.zeros((0, dim), np.float32)]
+    encoder = EncoderConfig("efficientnet-lite0", "imagenet", "md5:0", "top", "max", 224, "squash-bicubic", "float32", dim)
+    return FeatureDatabase(
+        encoder=encoder, vectors=vectors, paths=["a.jpg", "b.jpg", "c.jpg"],
+        file_sizes=np.ones(3, np.int64), file_mtimes_ns=np.ones(3, np.int64),
+        copies=CopyFeatures.assemble(regions, None, dim, pages=pages),
+    )
+
+
+def test_page_flags_round_trip_and_older_files_have_none(tmp_path):
+    import h5py
+
+    from retrieval.errors import IndexFileError
+    from retrieval.storage.database import read_database, write_database
+
+    path = tmp_path / "db.h5"
+    write_database(path, page_database([True, False, True]))  # the third has no region: it cannot be a page
+    back = read_database(path).copies
+    assert [back.is_page(row) for row in range(3)] == [True, False, False]
+    with h5py.File(path, "r+") as h5:
+        del h5["regions/page"]  # a file from before page flags
+    assert not any(read_database(path).copies.is_page(row) for row in range(3))
+    with h5py.File(path, "r+") as h5:
+        h5["regions"].create_dataset("page", data=np.array([2, 0, 0], np.uint8))
+    with pytest.raises(IndexFileError, match="corrupt"):
+        read_database(path)
+
+
+def test_a_stored_page_is_searched_as_the_picture_inside_it():
+    from retrieval.search.copies import stored_query
+
+    database = page_database([True, False, False])
+    copies = database.copies
+    page = stored_query(database.vectors[0], copies, 0)
+    np.testing.assert_allclose(page.vector, copies.regions_of(0)[-1].astype(np.float32))  # the picture, not the page
+    np.testing.assert_allclose(page.windows[0], database.vectors[0])  # the page itself is one view ...
+    assert len(page.windows) == 2 and (page.window_weights == regions.PAGE_WEIGHT).all()  # ... and counts less
+    plain = stored_query(database.vectors[1], copies, 1)
+    np.testing.assert_allclose(plain.vector, database.vectors[1])
+    assert len(plain.windows) == 2 and plain.window_weights is None
+
+
+def test_index_time_pages_get_the_picture_as_one_more_region(tmp_path):
+    from PIL import Image
+
+    from retrieval.indexing import build_index
+    from retrieval.storage.database import read_database
+    from test_verification import photo
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(web_page(np.asarray(photo("chelsea", 360)))).save(folder / "screenshot.png")
+    photo("coffee", 512).save(folder / "coffee.jpg")
+    index = tmp_path / "copies.h5"
+    build_index(folder, index, backbone="efficientnet-lite0", regions=True, progress=False, notice=lambda line: None)
+    database = read_database(index)
+    row = {path: i for i, path in enumerate(database.paths)}
+    copies = database.copies
+    assert copies.is_page(row["screenshot.png"]) and not copies.is_page(row["coffee.jpg"])
+    assert len(copies.regions_of(row["screenshot.png"])) == len(copies.regions_of(row["coffee.jpg"])) + 1

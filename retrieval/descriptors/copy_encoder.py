@@ -4,7 +4,9 @@
 global vector is the one a plain index stores), with ``regions`` (R, D) and ``local`` (``LocalFeatures``) added.
 For a single-scale encoder with one of the plain poolings the regions come from the same conv maps as the global
 descriptor (one forward pass); otherwise the global descriptor is the extractor's and the regions need a second
-pass at scale 1. The local features are computed from the file decoded at up to ``DATABASE_SIDE`` pixels.
+pass at scale 1. The local features are computed from the file decoded at up to ``DATABASE_SIDE`` pixels. An image
+that is a page around a picture (a screenshot: ``regions.content_boxes``) gets that picture's descriptor as one more
+region, its last, and is marked ``page``.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..images import load_sized_for_backbone, open_image, prefetched_batches
+from ..images import load_sized_for_backbone, open_image, prefetched_batches, resize_for_backbone
 from ..vectors import l2_normalize
 from . import pooling
 from .extractor import DEFAULT_BATCH_SIZE, EncodedItem, Extractor
 from .local_features import DATABASE_KEYPOINTS, DATABASE_SIDE, LocalFeatures, extract_local_features
-from .regions import region_vectors
+from .regions import content_boxes, region_vectors
 
 SHARED_MAP_POOLINGS = ("max", "avg", "sum", "gem", "rmac", "crow")
 
@@ -31,6 +33,7 @@ class CopyItem(EncodedItem):
 
     regions: np.ndarray | None = None
     local: LocalFeatures | None = None
+    page: bool = False  # a page around a picture (``regions.content_boxes``): its last region is that picture
 
 
 class CopyEncoder:
@@ -73,19 +76,31 @@ class CopyEncoder:
 
         def load(path):
             array, dimensions = load_sized_for_backbone(path, size, rule)
-            local = None
-            if self.local:
-                local = extract_local_features(np.asarray(open_image(path, draft_size=DATABASE_SIDE)), DATABASE_SIDE, DATABASE_KEYPOINTS)
-            return array, dimensions, local
+            local = content = None
+            if self.local or self.regions:
+                picture = open_image(path, draft_size=DATABASE_SIDE)
+                pixels = np.asarray(picture)
+                if self.local:
+                    local = extract_local_features(pixels, DATABASE_SIDE, DATABASE_KEYPOINTS)
+                if self.regions:
+                    boxes = content_boxes(pixels)
+                    content = resize_for_backbone(picture.crop(boxes[0]), size, rule) if boxes else None
+            return array, dimensions, local, content
 
         for start, results in prefetched_batches(list(paths), load, batch_size, workers):
             good = [i for i, (loaded, _) in enumerate(results) if loaded is not None]
             vectors, regions = self.encode_arrays([results[i][0][0] for i in good]) if good else (None, [])
+            pages = [row for row, i in enumerate(good) if results[i][0][3] is not None]
+            if pages:  # the picture inside each page: one more region, encoded like a whole image
+                contents = self.extractor.encode_arrays([results[good[row]][0][3] for row in pages])
+                for row, content in zip(pages, contents):
+                    regions[row] = np.concatenate([regions[row], content[None].astype(regions[row].dtype)])
             items = [CopyItem(start + i, None, error) for i, (_, error) in enumerate(results)]
             for row, i in enumerate(good):
-                _, dimensions, local = results[i][0]
+                _, dimensions, local, content = results[i][0]
                 items[i].vector = vectors[row]
                 items[i].size = tuple(int(side) for side in dimensions)
                 items[i].regions = regions[row]
                 items[i].local = local
+                items[i].page = content is not None
             yield items

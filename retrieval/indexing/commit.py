@@ -75,19 +75,21 @@ def copy_features_for(plan: Plan, extraction: Extraction, order: list[str]) -> C
         return None
     existing = plan.existing.copies if plan.existing is not None else None
     row_of = {rel: row for row, rel in enumerate(plan.existing.paths)} if existing is not None else {}
-    regions, local = [], []
+    regions, local, pages = [], [], []
     for rel in order:
         if rel in extraction.copies:
-            region, features = extraction.copies[rel]
+            region, features, page = extraction.copies[rel]
         else:  # unchanged: carried over (the plan extracts every image it cannot carry)
             row = row_of[rel]
             region = existing.regions_of(row) if existing.has_regions else None
             features = existing.local_of(row) if existing.has_local else None
+            page = existing.is_page(row)
         regions.append(region)
         local.append(features)
+        pages.append(page)
     return CopyFeatures.assemble(
         regions if settings["regions"] else None, local if settings["local_features"] else None,
-        plan.encoder.dim, verify_default=settings["verify"],
+        plan.encoder.dim, verify_default=settings["verify"], pages=pages if settings["regions"] else None,
     )
 
 

@@ -93,7 +93,7 @@ def extract(plan: Plan) -> Extraction:
                         continue
                     result.vectors[rel] = item.vector
                     if plan.wants_copies:
-                        result.copies[rel] = (getattr(item, "regions", None), getattr(item, "local", None))
+                        result.copies[rel] = (getattr(item, "regions", None), getattr(item, "local", None), getattr(item, "page", False))
                     if item.size is not None:
                         result.image_sizes[rel] = item.size
                     pending.append(rel)

@@ -4,6 +4,8 @@ Two optional HDF5 groups (a file without them is an ordinary database; readers t
 
     /regions          vectors  float16 (M, D)   L2-normalised region descriptors (retrieval.descriptors.regions)
                       image    int32 (M,)       the database row each region belongs to, non-decreasing
+                      page     uint8 (N,)       1: the image is a page around a picture (a screenshot), its last
+                                                region is that picture (optional: absent in older files, all 0)
     /local            keypoints   float16 (K, 4)   x, y, size, angle (retrieval.descriptors.local_features)
                       descriptors uint8 (K, 128)   RootSIFT, quantised
                       image       int32 (K,)       the database row of each keypoint, non-decreasing
@@ -35,6 +37,7 @@ class CopyFeatures:
     count: int  # images
     region_vectors: np.ndarray | None = None  # float16 (M, D)
     region_image: np.ndarray | None = None  # int32 (M,)
+    region_page: np.ndarray | None = None  # bool (N,): a page around a picture, whose last region is the picture
     keypoints: np.ndarray | None = None  # float16 (K, 4)
     descriptors: np.ndarray | None = None  # uint8 (K, 128)
     keypoint_image: np.ndarray | None = None  # int32 (K,)
@@ -66,6 +69,10 @@ class CopyFeatures:
             self._region_starts = self._starts(self.region_image)
         return self.region_vectors[self._region_starts[row] : self._region_starts[row + 1]]
 
+    def is_page(self, row: int) -> bool:
+        """Whether image ``row`` is a page around a picture (its last region is that picture's descriptor)."""
+        return bool(self.region_page is not None and self.region_page[row])
+
     def local_of(self, row: int) -> LocalFeatures:
         """The stored local features of image ``row``."""
         if self._local_starts is None:
@@ -94,14 +101,18 @@ class CopyFeatures:
         dim: int,
         *,
         verify_default: bool = False,
+        pages: Sequence[bool] | None = None,
     ) -> "CopyFeatures":
-        """From per-image parts, in database row order (``regions[i]`` (R_i, D), ``local[i]``)."""
+        """From per-image parts, in database row order (``regions[i]`` (R_i, D), ``local[i]``, ``pages[i]``: see
+        ``region_page``)."""
         count = len(regions) if regions is not None else len(local)
         features = cls(count=count, verify_default=verify_default)
         if regions is not None:
             parts = [np.asarray(r, np.float16).reshape(-1, dim) for r in regions]
             features.region_vectors = np.concatenate(parts) if parts else np.zeros((0, dim), np.float16)
             features.region_image = np.concatenate([np.full(len(p), i, np.int32) for i, p in enumerate(parts)]) if parts else np.zeros(0, np.int32)
+            page = np.zeros(count, bool) if pages is None else np.asarray(pages, bool).reshape(count)
+            features.region_page = page & np.array([len(p) > 0 for p in parts], bool).reshape(count)
         if local is not None:
             features.keypoints = np.concatenate([f.keypoints for f in local]) if local else np.zeros((0, KEYPOINT_FIELDS), np.float16)
             features.descriptors = np.concatenate([f.descriptors for f in local]) if local else np.zeros((0, DESCRIPTOR_BYTES), np.uint8)
@@ -127,7 +138,8 @@ def write_copy_features(h5, features: CopyFeatures | None, count: int) -> None:
         raise ValueError(f"copy features describe {features.count} images, the database has {count}")
     if features.has_regions:
         group = h5.create_group("regions")
-        for name, data in (("vectors", features.region_vectors), ("image", features.region_image)):
+        page = features.region_page if features.region_page is not None else np.zeros(count, bool)
+        for name, data in (("vectors", features.region_vectors), ("image", features.region_image), ("page", page.astype(np.uint8))):
             group.create_dataset(name, data=data, chunks=True if len(data) else None, fletcher32=bool(len(data)))
         group.attrs["max_per_image"] = MAX_DATABASE_REGIONS
     if features.has_local:
@@ -167,7 +179,13 @@ def read_copy_features(h5, path: Path, count: int, dim: int) -> CopyFeatures | N
         image = _image_column(group["image"][...], count, path, "regions", MAX_DATABASE_REGIONS)
         if len(image) != len(vectors):
             raise IndexFileError(f"{path}: {len(vectors)} region vectors but {len(image)} region image ids")
-        features.region_vectors, features.region_image = vectors, image
+        page = np.asarray(group["page"][...]) if "page" in group else np.zeros(count, np.uint8)
+        if page.shape != (count,) or (len(page) and page.max() > 1):
+            raise IndexFileError(f"{path}: the index file is corrupt (region page flags of shape {page.shape}); rebuild it with index.py --rebuild", kind="corrupt")
+        page = page.astype(bool)
+        if page.any() and np.bincount(image, minlength=count)[page].min() < 1:
+            raise IndexFileError(f"{path}: the index file is corrupt (a page without regions); rebuild it with index.py --rebuild", kind="corrupt")
+        features.region_vectors, features.region_image, features.region_page = vectors, image, page
     if "local" in h5:
         group = h5["local"]
         keypoints = np.asarray(group["keypoints"][...])
