@@ -154,7 +154,7 @@ class RetrievalEngine:
         the descriptors of its windows (one batch with it) when the database has regions, and, when ``local`` (a
         search that verifies) and the database has local features, its local features and its mirror image's."""
         from .descriptors.local_features import query_local_features
-        from .descriptors.regions import PAGE_WEIGHT, content_boxes, window_boxes
+        from .descriptors.regions import PAGE_WEIGHT, WINDOW_WEIGHT, content_boxes, window_boxes
         from .search.verification import QueryLocalFeatures
 
         image = image.convert("RGB")
@@ -168,7 +168,7 @@ class RetrievalEngine:
                 weights = [PAGE_WEIGHT] + [1.0] * (len(contents) - 1)
             windows = window_boxes(*image.size)
             crops += [image.crop(box) for box in windows]
-            weights += [1.0] * len(windows)
+            weights += [1.0 if contents else WINDOW_WEIGHT] * len(windows)  # a page's picture is all evidence
         if local and self.pipeline.can_verify:  # SIFT on a second thread while the model encodes (both release the GIL)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-features") as pool:
                 pending = pool.submit(query_local_features, np.asarray(image))

@@ -83,6 +83,10 @@ MAX_CONTENT_BOXES = 2
 FLAT_LEVELS, NEUTRAL_LEVELS = 3, 16  # page background: grey range over 5 x 5 pixels, spread of R, G, B (of 255)
 CONTENT_MIN_BACKGROUND = 0.15  # a picture with less page background than this is all content
 PAGE_WEIGHT = 0.9  # a query with content boxes: the cosines of the whole page (frame included) count this much
+# the cosines of a query window and of a database region count this much against the global descriptors': a part
+# of one image that looks like a part of another is weaker evidence than the whole images alike
+WINDOW_WEIGHT = 0.92
+REGION_WEIGHT = 1.0
 
 
 def content_boxes(pixels: np.ndarray) -> list[tuple[int, int, int, int]]:
