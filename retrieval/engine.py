@@ -149,10 +149,10 @@ class RetrievalEngine:
         """RGB PIL images -> descriptors (M, D), encoded like the database."""
         return self._extractor().encode_pil(images)
 
-    def query_features(self, image, local: bool = True) -> QueryFeatures:
+    def query_features(self, image, for_verification: bool = True) -> QueryFeatures:
         """An RGB PIL image -> what a copy search compares (``retrieval.search.copies.QueryFeatures``): its descriptor,
-        the descriptors of its windows (one batch with it) when the database has regions, and, when ``local`` (a
-        search that verifies) and the database has local features, its local features and its mirror image's."""
+        the descriptors of its windows (one batch with it) when the database has regions, and, when
+        ``for_verification`` (a search that verifies) and the database has local features, its local features and its mirror image's."""
         from .descriptors.local_features import query_local_features
         from .descriptors.regions import PAGE_WEIGHT, WINDOW_WEIGHT, content_boxes, window_boxes
         from .search.verification import QueryLocalFeatures
@@ -169,7 +169,7 @@ class RetrievalEngine:
             windows = window_boxes(*image.size)
             crops += [image.crop(box) for box in windows]
             weights += [1.0 if contents else WINDOW_WEIGHT] * len(windows)  # a page's picture is all evidence
-        if local and self.pipeline.can_verify:  # SIFT on a second thread while the model encodes (both release the GIL)
+        if for_verification and self.pipeline.can_verify:  # SIFT on a second thread while the model encodes (both release the GIL)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-features") as pool:
                 pending = pool.submit(query_local_features, np.asarray(image))
                 vectors = self.encode_images(crops)
@@ -265,7 +265,7 @@ class RetrievalEngine:
         if self.copy_search:
             from .images import open_image
 
-            features = self.query_features(open_image(source), local=verify)
+            features = self.query_features(open_image(source), for_verification=verify)
             return self.search_features([features], k, expansion, verify=verify)[0]
         return self.search(self.encode(source), k, expansion)
 

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         try:
             verify = engine.resolve_verify(args.verify)  # one error line for an index without local features
             if engine.copy_search:
-                features = engine.query_features(query_image, local=verify)
+                features = engine.query_features(query_image, for_verification=verify)
                 hits = engine.search_features([features], args.top_k, expansion, verify=verify)[0]
             else:
                 hits = engine.search(engine.encode_images([query_image])[0], args.top_k, expansion)

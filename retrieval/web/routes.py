@@ -393,7 +393,7 @@ def api_search():
             if engine.copy_search:  # windows and local features of the upload, computed once for every page
                 from ..images import open_image
 
-                features = engine.query_features(open_image(data), local=verify)
+                features = engine.query_features(open_image(data), for_verification=verify)
             else:
                 vector = engine.encode(data)
         except ImageError as exc:
