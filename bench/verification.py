@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -151,6 +152,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="2,000 images, 20 queries per mode")
     parser.add_argument("--size", type=int, help="database images (default 10,000; 2,000 with --quick)")
     parser.add_argument("--queries", type=int, help="queries per mode (default 60; 20 with --quick)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (the set and the indexes)")
     args = parser.parse_args(argv)
     size = args.size or (2_000 if args.quick else 10_000)
     count = args.queries or (20 if args.quick else 60)
@@ -158,56 +160,60 @@ def main(argv=None) -> int:
     from retrieval.storage.database import read_database, write_database
 
     work = Path(tempfile.mkdtemp(prefix="bench-verification-"))
-    print(f"work folder: {work}", flush=True)
-    run("-m", "bench.copy_detection", work / "set", *(["--quick"] if args.quick else []))
-    references, queries_dir = work / "set" / "references", work / "set" / "queries"
-    print("indexing the references with --preset copy-detection ...", flush=True)
-    started = time.perf_counter()
-    run("index.py", "--database", references, "--index", work / "copies.h5", "--preset", "copy-detection",
-        "--backbone", "efficientnet-lite0", "--quiet")
-    print(f"  {time.perf_counter() - started:.0f} s", flush=True)
-    base = read_database(work / "copies.h5")
-    write_database(work / "copies-grown.h5", grown(base, size))
-    write_database(work / "classic-grown.h5", grown_classic(base, size))
-    grown_db = read_database(work / "copies-grown.h5")
-    stored = {"local_kb_per_image": grown_db.copies.local_bytes_per_image() / 1024,
-              "regions_kb_per_image": grown_db.copies.region_bytes_per_image() / 1024}
-    rng = np.random.default_rng(0)
-    edits = sorted(queries_dir.rglob("*.jpg"))
-    queries = [edits[i] for i in sorted(rng.choice(len(edits), size=min(count, len(edits)), replace=False))]
+    print(f"work folder: {work}{'' if args.keep else ' (removed at the end; --keep keeps it)'}", flush=True)
+    try:
+        run("-m", "bench.copy_detection", work / "set", *(["--quick"] if args.quick else []))
+        references, queries_dir = work / "set" / "references", work / "set" / "queries"
+        print("indexing the references with --preset copy-detection ...", flush=True)
+        started = time.perf_counter()
+        run("index.py", "--database", references, "--index", work / "copies.h5", "--preset", "copy-detection",
+            "--backbone", "efficientnet-lite0", "--quiet")
+        print(f"  {time.perf_counter() - started:.0f} s", flush=True)
+        base = read_database(work / "copies.h5")
+        write_database(work / "copies-grown.h5", grown(base, size))
+        write_database(work / "classic-grown.h5", grown_classic(base, size))
+        grown_db = read_database(work / "copies-grown.h5")
+        stored = {"local_kb_per_image": grown_db.copies.local_bytes_per_image() / 1024,
+                  "regions_kb_per_image": grown_db.copies.region_bytes_per_image() / 1024}
+        rng = np.random.default_rng(0)
+        edits = sorted(queries_dir.rglob("*.jpg"))
+        queries = [edits[i] for i in sorted(rng.choice(len(edits), size=min(count, len(edits)), replace=False))]
 
-    rows = []
-    for label, index, verify in (
-        ("classic (global MAX only)", work / "classic-grown.h5", None),
-        ("copy search, no verification (verify=0)", work / "copies-grown.h5", "0"),
-        ("copy search + verification (the preset's default)", work / "copies-grown.h5", None),
-    ):
-        print(f"{label} ...", flush=True)
-        process, url = served(index, work)
-        try:
-            rows.append({"mode": label, **measure(url, queries, verify)})
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
-        print(f"  {rows[-1]}", flush=True)
-    classic = rows[0]["p50_ms"]
-    lines = [
-        f"Query latency through server.py over HTTP, {size:,} images, {len(queries)} edited copies as uploads, one at a "
-        f"time; {platform.processor() or platform.machine()}, {os.cpu_count()} cores.",
-        "",
-        "| mode | p50 ms | p95 ms | server p50 ms (encode + search) | p50 / classic | queries with a verified hit |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(f"| {row['mode']} | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | {row['server_p50_ms']:.0f} ({row['encode_p50_ms']:.0f} + {row['search_p50_ms']:.0f}) | "
-                     f"{row['p50_ms'] / classic:.2f}x | {row['queries_with_a_verified_hit']}/{row['queries']} |")
-    lines += ["", f"Stored per image: local features {stored['local_kb_per_image']:.1f} KB, regions "
-              f"{stored['regions_kb_per_image']:.1f} KB."]
-    text = "\n".join(lines)
-    print(text)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "verification.md").write_text(text + "\n")
-    (OUT / "verification.json").write_text(json.dumps({"size": size, "rows": rows, "stored": stored}, indent=2) + "\n")
+        rows = []
+        for label, index, verify in (
+            ("classic (global MAX only)", work / "classic-grown.h5", None),
+            ("copy search, no verification (verify=0)", work / "copies-grown.h5", "0"),
+            ("copy search + verification (the preset's default)", work / "copies-grown.h5", None),
+        ):
+            print(f"{label} ...", flush=True)
+            process, url = served(index, work)
+            try:
+                rows.append({"mode": label, **measure(url, queries, verify)})
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+            print(f"  {rows[-1]}", flush=True)
+        classic = rows[0]["p50_ms"]
+        lines = [
+            f"Query latency through server.py over HTTP, {size:,} images, {len(queries)} edited copies as uploads, one at a "
+            f"time; {platform.processor() or platform.machine()}, {os.cpu_count()} cores.",
+            "",
+            "| mode | p50 ms | p95 ms | server p50 ms (encode + search) | p50 / classic | queries with a verified hit |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            lines.append(f"| {row['mode']} | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | {row['server_p50_ms']:.0f} ({row['encode_p50_ms']:.0f} + {row['search_p50_ms']:.0f}) | "
+                         f"{row['p50_ms'] / classic:.2f}x | {row['queries_with_a_verified_hit']}/{row['queries']} |")
+        lines += ["", f"Stored per image: local features {stored['local_kb_per_image']:.1f} KB, regions "
+                  f"{stored['regions_kb_per_image']:.1f} KB."]
+        text = "\n".join(lines)
+        print(text)
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "verification.md").write_text(text + "\n")
+        (OUT / "verification.json").write_text(json.dumps({"size": size, "rows": rows, "stored": stored}, indent=2) + "\n")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)  # the grown files are hundreds of MB
     return 0
 
 

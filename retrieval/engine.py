@@ -152,7 +152,8 @@ class RetrievalEngine:
     def query_features(self, image, for_verification: bool = True) -> QueryFeatures:
         """An RGB PIL image -> what a copy search compares (``retrieval.search.copies.QueryFeatures``): its descriptor,
         the descriptors of its windows (one batch with it) when the database has regions, and, when
-        ``for_verification`` (a search that verifies) and the database has local features, its local features and its mirror image's."""
+        ``for_verification`` (a search that verifies) and the database has local features, its local features and
+        its mirror image's."""
         from .descriptors.local_features import query_local_features
         from .descriptors.regions import PAGE_WEIGHT, WINDOW_WEIGHT, content_boxes, window_boxes
         from .search.verification import QueryLocalFeatures
@@ -169,7 +170,7 @@ class RetrievalEngine:
             windows = window_boxes(*image.size)
             crops += [image.crop(box) for box in windows]
             weights += [1.0 if contents else WINDOW_WEIGHT] * len(windows)  # a page's picture is all evidence
-        if for_verification and self.pipeline.can_verify:  # SIFT on a second thread while the model encodes (both release the GIL)
+        if for_verification and self.pipeline.can_verify:  # SIFT on a second thread beside the model (both free the GIL)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-features") as pool:
                 pending = pool.submit(query_local_features, np.asarray(image))
                 vectors = self.encode_images(crops)

@@ -178,7 +178,7 @@ def main(argv=None) -> int:
                 key = (query.image, query.path, query.bbox, row)
                 if key not in encoded:
                     engine.load_extractor(args.weights)
-                    encoded[key] = encode_query(engine, query, row, args.queries)
+                    encoded[key] = encode_query(engine, query, row, args.queries, verify)
                 return encoded[key]
 
             results, preparations = {}, {}

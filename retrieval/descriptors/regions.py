@@ -83,10 +83,9 @@ MAX_CONTENT_BOXES = 2
 FLAT_LEVELS, NEUTRAL_LEVELS = 3, 16  # page background: grey range over 5 x 5 pixels, spread of R, G, B (of 255)
 CONTENT_MIN_BACKGROUND = 0.15  # a picture with less page background than this is all content
 PAGE_WEIGHT = 0.9  # a query with content boxes: the cosines of the whole page (frame included) count this much
-# the cosines of a query window and of a database region count this much against the global descriptors': a part
-# of one image that looks like a part of another is weaker evidence than the whole images alike
+# a plain query's windows: their cosines count this much against the whole query's, since a part of one image that
+# looks like another image is weaker evidence than the whole images alike (a page's picture windows count fully)
 WINDOW_WEIGHT = 0.92
-REGION_WEIGHT = 1.0
 
 
 def content_boxes(pixels: np.ndarray) -> list[tuple[int, int, int, int]]:
@@ -96,8 +95,8 @@ def content_boxes(pixels: np.ndarray) -> list[tuple[int, int, int, int]]:
     The background of a screenshot or a web page is made of a few flat colours that reach its border (white, light
     grey); the photo shown in it is the largest rectangle of other colours. Colours covering >= 3 % of the picture and
     >= 5 % of its outer 3 % frame are background; the rest, opened with a square of 1/40 of the side (text and icons
-    go), falls into connected regions; a region whose bounding box covers 4-85 % of the picture and is >= 60 % filled
-    is content. Flat bars at the box's edges (letterboxing) are trimmed.
+    go), falls into connected regions; a region that fills >= 60 % of its bounding box is content when that box, its
+    flat edge bars (letterboxing) trimmed, covers 10-85 % of the picture. None when page background covers < 15 %.
     """
     import cv2
 
@@ -134,7 +133,8 @@ def content_boxes(pixels: np.ndarray) -> list[tuple[int, int, int, int]]:
         y, x, h, w = _trimmed(small, y, x, h, w)
         if not CONTENT_MIN_AREA <= w * h / (rows * cols) <= CONTENT_MAX_AREA:
             continue
-        boxes.append((round(x / scale), round(y / scale), min(width, round((x + w) / scale)), min(height, round((y + h) / scale))))
+        right, bottom = min(width, round((x + w) / scale)), min(height, round((y + h) / scale))
+        boxes.append((round(x / scale), round(y / scale), right, bottom))
         if len(boxes) == MAX_CONTENT_BOXES:
             break
     return boxes

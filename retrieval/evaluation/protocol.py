@@ -408,10 +408,13 @@ def crop_to_box(image, bbox: tuple[float, float, float, float]):
     return crop
 
 
-def encode_query(engine, query: Query, row: int | None, query_root: str | os.PathLike | None = None) -> np.ndarray:
+def encode_query(
+    engine, query: Query, row: int | None, query_root: str | os.PathLike | None = None, verify: bool = True
+) -> np.ndarray:
     """The ``encode`` callback of ``prepare_queries`` for a ``retrieval.engine.RetrievalEngine``: open the query image
     (``query_root / query.image`` for a query that is not a database image, default root the index's image folder;
-    else its database row's file, else ``image_root / query.path``), crop it to ``query.bbox`` if any, encode -> (D,)."""
+    else its database row's file, else ``image_root / query.path``), crop it to ``query.bbox`` if any, encode -> (D,); with copy search its ``QueryFeatures`` (local features only
+    when ``verify``)."""
     from ..images import open_image
 
     if query.image is not None and query_root is not None:
@@ -426,7 +429,7 @@ def encode_query(engine, query: Query, row: int | None, query_root: str | os.Pat
     if query.bbox is not None:
         image = crop_to_box(image, query.bbox)
     if engine.copy_search:  # windows and local features too: the query as the server would search it
-        return engine.query_features(image)
+        return engine.query_features(image, for_verification=verify)
     return engine.encode_images([image])[0]
 
 

@@ -18,7 +18,6 @@ import numpy as np
 from ..descriptors.whitening import Whitening, apply_whitening
 from ..vectors import as_query_matrix, l2_normalize
 from .backends.base import Backend
-from ..descriptors.regions import REGION_WEIGHT
 from .copies import (
     NO_LOCAL_FEATURES, NoLocalFeatures, QueryFeatures, RegionIndex, fuse, stored_query, verified_ranking, weighted_lists,
 )
@@ -141,7 +140,7 @@ class QueryPipeline:
                 part = slice(start, start + sizes[i])
                 lists += weighted_lists(window_rows[part], window_scores[part], query.window_weights)
             start += sizes[i]
-            fused = fuse(self.matrix.shape[0], lists, () if region_scores is None else (region_scores[i] * REGION_WEIGHT,))
+            fused = fuse(self.matrix.shape[0], lists, () if region_scores is None else (region_scores[i],))
             if verify and query.local is not None:
                 order, scores, inliers = verified_ranking(fused, query.local, self.copies, verify_top, rows_of[i])
             else:
