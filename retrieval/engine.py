@@ -18,7 +18,7 @@ import numpy as np
 
 from .descriptors.extractor import Extractor
 from .errors import RetrievalError
-from .search.backends import open_backend
+from .search.backends import open_backend, open_regions
 from .search.backends.memory import MemoryBackend
 from .search.expansion import NO_EXPANSION, QueryExpansion
 from .search.copies import NO_LOCAL_FEATURES, NoLocalFeatures, QueryFeatures
@@ -50,9 +50,13 @@ class Hit:
 def open_pipeline(index_path, database: FeatureDatabase, *, backend: str | None = None, uri: str | None = None) -> QueryPipeline:
     """The query pipeline of a database read from ``index_path``: its searched matrix and recorded backend."""
     matrix = searched_matrix(database.vectors, database.whitening)
-    return QueryPipeline(
-        open_backend(Path(index_path), database, matrix, override=backend, uri=uri), matrix, database.whitening, database.copies
-    )
+    opened = open_backend(Path(index_path), database, matrix, override=backend, uri=uri)
+    try:
+        regions = open_regions(Path(index_path), database, override=backend, uri=uri)
+    except BaseException:
+        opened.close()
+        raise
+    return QueryPipeline(opened, matrix, database.whitening, database.copies, regions)
 
 
 class RetrievalEngine:

@@ -255,3 +255,97 @@ def test_terminal_query_works_unchanged_on_milvus(corpus):
     assert result.returncode == 0, result.stderr
     paths = [hit["path"] for hit in json.loads(result.stdout)["results"]]
     assert paths[:2] == ["coffee/view-01.jpg", "coffee/original.jpg"]
+
+
+@pytest.fixture(scope="module")
+def region_corpus(corpus, tmp_path_factory):
+    """The 24 photos indexed once with region vectors (in memory); the faiss and Milvus copies reuse its features."""
+    root = tmp_path_factory.mktemp("regions")
+    folder = root / "images"
+    shutil.copytree(corpus[0], folder)
+    build(folder, root / "memory.h5", regions=True)
+    return folder, root
+
+
+def region_results(path) -> tuple[str, list[list[int]], list[list[float]]]:
+    """(the region search's kind, and per query: the rows and scores of a copy search) where every stored region of
+    every image is a query: images are found by their regions, each at most once."""
+    from retrieval.search.copies import QueryFeatures
+
+    engine = RetrievalEngine.open(path, with_extractor=False)
+    try:
+        copies = engine.database.copies
+        queries = [QueryFeatures(np.asarray(v, np.float32)) for v in copies.region_vectors]
+        rows, scores, _ = engine.pipeline.search_copies(queries, 5)
+        return engine.pipeline.regions.kind, rows.tolist(), scores.tolist()
+    finally:
+        close(engine)
+
+
+def test_regions_are_searched_by_every_backend_with_the_same_results(region_corpus, tmp_path):
+    """Several vectors per image in faiss (a second index) and Milvus (a second collection): same images, same
+    scores as the exact search in memory; each image at most once; kept in step by incremental updates."""
+    from pymilvus import MilvusClient
+
+    folder, root = region_corpus
+    exact_kind, exact_rows, exact_scores = region_results(root / "memory.h5")
+    assert exact_kind == "exact"
+    regions = read_database(root / "memory.h5").copies
+    assert len(regions.region_vectors) > 24
+    images = folder.parent / "work"
+    shutil.copytree(folder, images)
+    for name, options, kind in (("f", {"backend": "faiss", "faiss_index": "hnsw"}, "faiss-hnsw"), ("m", {"backend": "milvus"}, "milvus-HNSW")):
+        path = tmp_path / f"{name}.h5"
+        shutil.copy(root / "memory.h5", path)
+        report = build(folder, path, **options)
+        assert report.extracted == 0 and "; regions " in report.backend_detail
+        got_kind, rows, scores = region_results(path)
+        assert got_kind == kind
+        assert rows == exact_rows
+        np.testing.assert_allclose(scores, exact_scores, atol=1e-4)
+        assert all(len(set(r) - {-1}) == len([x for x in r if x >= 0]) for r in rows)  # images, each once
+    database = read_database(tmp_path / "f.h5")
+    graph = FaissIndex.load(tmp_path / "f.h5", database.database_id, ".regions")
+    assert graph.index.ntotal == len(regions.region_vectors) and set(graph.rows.tolist()) == set(range(24))
+    client = MilvusClient(str(tmp_path / "m.h5.milvus.db"))
+    try:
+        assert client.query("cbir_m__regions", filter="", output_fields=["count(*)"])[0]["count(*)"] == len(regions.region_vectors)
+    finally:
+        client.close()
+
+    # an update (one image removed, one changed, one added) carries both structures; results equal exact search again
+    for name in ("memory", "f", "m"):
+        path = root / "memory.h5" if name == "memory" else tmp_path / f"{name}.h5"
+        target = tmp_path / f"{name}-2.h5"
+        shutil.copy(path, target)
+        if name == "m":
+            shutil.copytree(tmp_path / "m.h5.milvus.db", tmp_path / "m-2.h5.milvus.db")
+        elif name == "f":
+            for part in ("", ".regions"):
+                for source in faiss_paths(path, database.database_id, part):
+                    shutil.copy(source, str(source).replace("f.h5", "f-2.h5"))
+    change_folder(images)
+    outcomes = {}
+    for name in ("memory", "f", "m"):
+        path = tmp_path / f"{name}-2.h5"
+        report = build(images, path, **({"milvus_collection": "cbir_m"} if name == "m" else {}))
+        assert report.extracted == 2
+        outcomes[name] = region_results(path)
+        if name != "memory":
+            assert "regions updated" in report.backend_detail, report.backend_detail
+    assert outcomes["f"][1] == outcomes["memory"][1] == outcomes["m"][1]
+    np.testing.assert_allclose(outcomes["f"][2], outcomes["memory"][2], atol=1e-4)
+    np.testing.assert_allclose(outcomes["m"][2], outcomes["memory"][2], atol=1e-4)
+
+    # a database indexed before region structures existed: its regions are searched exactly in memory
+    database = read_database(tmp_path / "f-2.h5")
+    for source in faiss_paths(tmp_path / "f-2.h5", database.database_id, ".regions"):
+        source.unlink()
+    assert region_results(tmp_path / "f-2.h5")[0] == "exact"
+    # a database that drops its regions drops the region collection too
+    build(images, tmp_path / "m-2.h5", regions=False, rebuild=True, milvus_collection="cbir_m")
+    client = MilvusClient(str(tmp_path / "m-2.h5.milvus.db"))
+    try:
+        assert not client.has_collection("cbir_m__regions") and client.has_collection("cbir_m")
+    finally:
+        client.close()

@@ -188,3 +188,49 @@ def test_server_restarted_during_indexing_loses_nothing(corpus, tmp_path, milvus
     assert rerun.returncode == 0, rerun.stderr
     assert len(read_database(path)) == 72 and collection_state(milvus_server, "cbir_m")[0] == 72
     assert score_agreement(path) < 1e-4  # three copies of each photo tie: compare scores, not ids
+
+
+def copy_search(path):
+    """(the region search's kind, rows, scores) of a copy search where every stored region is a query."""
+    from retrieval.search.copies import QueryFeatures
+
+    engine = RetrievalEngine.open(path, with_extractor=False)
+    try:
+        queries = [QueryFeatures(np.asarray(v, np.float32)) for v in engine.database.copies.region_vectors]
+        rows, scores, _ = engine.pipeline.search_copies(queries, 5)
+        return engine.pipeline.regions.kind, rows, scores
+    finally:
+        engine.close()
+
+
+def test_regions_live_in_a_second_collection_on_the_server(corpus, tmp_path, milvus_server):
+    """Several vectors per image on a real server: the region collection is created, indexed, loaded, searched
+    (images each once, as exact search in memory finds them) and kept in step by an update."""
+    folder = tmp_path / "images"
+    shutil.copytree(corpus[0], folder)
+    memory = tmp_path / "regions.h5"
+    build(folder, memory, regions=True)
+    regions = len(read_database(memory).copies.region_vectors)
+    path = tmp_path / "m.h5"
+    shutil.copy(memory, path)
+    report = build(folder, path, backend="milvus", milvus_uri=milvus_server.uri)
+    assert report.extracted == 0 and "; regions filled" in report.backend_detail, report.backend_detail
+    count, index, state = collection_state(milvus_server, "cbir_m__regions")
+    assert count == regions > 24 and index["index_type"] == "HNSW" and "Loaded" in state
+    kind, rows, scores = copy_search(path)
+    exact_kind, exact_rows, exact_scores = copy_search(memory)
+    assert (kind, exact_kind) == ("milvus-HNSW", "exact")
+    assert rows.tolist() == exact_rows.tolist()
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-4)
+
+    (folder / "rocket" / "view-01.jpg").unlink()
+    shutil.copy(DEMO_DATABASE / "clock" / "view-02.jpg", folder / "clock" / "view-02.jpg")
+    shutil.copy(memory, tmp_path / "after.h5")
+    build(folder, tmp_path / "after.h5")
+    update = build(folder, path)
+    assert "; regions updated" in update.backend_detail, update.backend_detail
+    assert collection_state(milvus_server, "cbir_m__regions")[0] == len(read_database(path).copies.region_vectors)
+    _, rows, scores = copy_search(path)
+    _, exact_rows, exact_scores = copy_search(tmp_path / "after.h5")
+    assert rows.tolist() == exact_rows.tolist()
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-4)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from retrieval.descriptors import regions
-from retrieval.search.copies import RegionIndex, fuse, weighted_lists
+from retrieval.search.backends.memory import MemoryBackend
+from retrieval.search.backends.regions import ExactRegions, RankedRegions, distinct_images
+from retrieval.search.copies import fuse, weighted_lists
 
 
 def test_database_regions_of_a_7x7_map_are_four_overlapping_thirds():
@@ -75,30 +77,71 @@ def test_windows_too_small_to_encode_are_left_out():
     assert len(boxes) == 4 and all(right - left == 8 for left, _, right, _ in boxes)  # only the 0.6 ones
 
 
-def test_region_index_scores_each_image_by_its_best_region():
+def test_exact_regions_score_each_image_by_its_best_region():
     rng = np.random.default_rng(1)
     matrix = rng.standard_normal((7, 5)).astype(np.float32)
     image = np.array([0, 0, 0, 2, 2, 3, 3])  # image 1 has no regions
     queries = rng.standard_normal((2, 5)).astype(np.float32)
-    scores = RegionIndex(matrix, image, count=5).image_scores(queries)
+    exact = ExactRegions(matrix, image, count=5)
+    scores = exact.image_scores(queries)
     assert scores.shape == (2, 5)
     brute = queries @ matrix.T
     for q in range(2):
         for row in (0, 2, 3):
             assert scores[q, row] == pytest.approx(brute[q, image == row].max())
         assert scores[q, 1] == -np.inf and scores[q, 4] == -np.inf
+    rows, best = exact.search(queries, 4)  # images without regions are padding, not results
+    for q in range(2):
+        expected = sorted((0, 2, 3), key=lambda row: -brute[q, image == row].max())
+        assert rows[q].tolist() == expected + [-1]
+        assert best[q, 3] == -np.inf
 
 
-def test_an_empty_region_index_scores_nothing():
-    scores = RegionIndex(np.zeros((0, 5), np.float32), np.zeros(0, np.int64), count=3).image_scores(np.ones((1, 5)))
-    assert scores.shape == (1, 3) and np.isneginf(scores).all()
+def test_empty_exact_regions_find_nothing():
+    exact = ExactRegions(np.zeros((0, 5), np.float32), np.zeros(0, np.int64), count=3)
+    assert np.isneginf(exact.image_scores(np.ones((1, 5)))).all()
+    rows, scores = exact.search(np.ones((1, 5), np.float32), 2)
+    assert rows.tolist() == [[-1, -1]] and np.isneginf(scores).all()
+
+
+def test_distinct_images_keep_each_images_first_hit():
+    rows = np.array([[3, 3, 1, -1, 3, 0], [2, -1, -1, -1, -1, -1]])
+    scores = np.array([[0.9, 0.8, 0.7, -np.inf, 0.5, 0.4], [0.3, -np.inf, -np.inf, -np.inf, -np.inf, -np.inf]], np.float32)
+    out_rows, out_scores = distinct_images(rows, scores, 3)
+    assert out_rows.tolist() == [[3, 1, 0], [2, -1, -1]]
+    np.testing.assert_allclose(out_scores[0], [0.9, 0.7, 0.4])
+    assert np.isneginf(out_scores[1, 1:]).all()
+
+
+def test_ranked_regions_through_a_backend_equal_exact_regions():
+    """A backend over region vectors whose rows are image rows, asked per_image times deeper, returns the same images
+    as the exact search: k * per_image hits always hold k distinct images."""
+    rng = np.random.default_rng(4)
+    counts = rng.integers(0, 5, size=40)  # some images without regions
+    image = np.repeat(np.arange(40), counts)
+    matrix = rng.standard_normal((len(image), 8)).astype(np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    queries = rng.standard_normal((3, 8)).astype(np.float32)
+
+    class ImageRows(MemoryBackend):  # the exact backend with region rows mapped to image rows, as faiss' id map does
+        def search_batch(self, queries, k):
+            rows, scores = super().search_batch(queries, k)
+            return np.where(rows >= 0, image[np.maximum(rows, 0)], -1), scores
+
+    ranked = RankedRegions(ImageRows(matrix), per_image=int(counts.max()))
+    exact = ExactRegions(matrix, image, count=40)
+    for k in (1, 5, 20):
+        got_rows, got_scores = ranked.search(queries, k)
+        want_rows, want_scores = exact.search(queries, k)
+        assert got_rows.tolist() == want_rows.tolist()
+        np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5)
 
 
 def test_fuse_takes_each_images_best_evidence_and_ignores_padding():
     ranked = (np.array([2, 0, -1]), np.array([0.9, 0.5, 0.0]))  # a backend's top-k, padded with -1
     windows = (np.array([0, 1]), np.array([0.7, 0.2]))
-    regional = np.array([0.1, -np.inf, 0.95, -np.inf], np.float32)
-    scores = fuse(4, [ranked, windows], [regional])
+    regional = (np.array([2, 0, -1]), np.array([0.95, 0.1, -np.inf]))
+    scores = fuse(4, [ranked, windows, regional])
     np.testing.assert_allclose(scores, [0.7, 0.2, 0.95, -np.inf])
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from ..descriptors.encoder import EncoderConfig
 from ..descriptors.whitening import learn_pca_whitening
 from ..errors import RetrievalError
-from ..search.backends import BackendUpdate, SyncJob, finish_backend, prepare_backend
+from ..search.backends import BackendUpdate, SyncJob, database_regions, finish_backend, prepare_backend
 from ..search.pipeline import searched_matrix
 from ..storage.copy_features import CopyFeatures
 from ..storage.database import FeatureDatabase, new_database_id, now_iso, read_database, write_database
@@ -145,6 +145,7 @@ def commit(plan: Plan, extraction: Extraction, notice: Callable[[str], None]) ->
         unchanged=plan.unchanged,
         rebuild=request.rebuild,
         notice=notice,
+        regions=database_regions(database),
     )
     # the backend's structure for the new version first, then the commit of the file that names that version
     update = prepare_backend(plan.record, job)

@@ -7,15 +7,16 @@ parts of the query encoded like whole images) and its local features. Against a 
 * global query . global image          (the backend: exact, faiss or Milvus)
 * each query window . global image     (the same backend; a window's cosines times its weight: the whole page of a
                                         screenshot counts less than the photo inside it)
-* global query . each region of image  (``RegionIndex``, exact in memory: a crop meets the part it was cut from)
+* global query . each region of image  (the backend's region search, ``backends.regions``: exact in memory, a faiss
+                                        index or a Milvus collection of their own; a crop meets the part it was cut from)
 
 so several vectors stand for one image and the results are always images (each at most once). Taking the maximum
 keeps the ranking of the global descriptor wherever the regions do not match better. Then, when verification is on,
 the best ``verify_top`` images are verified with local features (``verification.verify``) and a verified image
 scores ``1 + strength / (strength + 15)``, above every unverified cosine; unverified ones keep their score.
 
-Regions are searched exactly in memory beside whichever backend holds the global vectors (float32: 4 regions of
-1280-d per image = 20 KB per image, 200 MB at 10,000 images).
+Each of these is a ranked list of images, as deep as the verification needs (``verify_top``), so the fused top of
+the ranking is the same as if every image were scored.
 """
 
 from __future__ import annotations
@@ -55,31 +56,6 @@ NO_LOCAL_FEATURES = (
 )
 
 
-class RegionIndex:
-    """Exact per-image maximum over the region vectors of a database: ``matrix`` (M, d) searched (unit, whitened when
-    the database is), ``image`` (M,) the database row of each, non-decreasing; ``count`` images."""
-
-    def __init__(self, matrix: np.ndarray, image: np.ndarray, count: int):
-        self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
-        self.image = np.asarray(image, dtype=np.int64)
-        self.count = int(count)
-        present = np.flatnonzero(np.bincount(self.image, minlength=self.count) > 0) if len(self.image) else np.zeros(0, np.int64)
-        self.present = present
-        self.starts = np.searchsorted(self.image, present, side="left")
-
-    def __len__(self) -> int:
-        return self.matrix.shape[0]
-
-    def image_scores(self, queries: np.ndarray) -> np.ndarray:
-        """(q, d) -> (q, count) float32: the best region of each image, -inf for images without regions."""
-        out = np.full((queries.shape[0], self.count), -np.inf, np.float32)
-        if len(self.matrix) == 0 or queries.shape[0] == 0:
-            return out
-        similarity = queries.astype(np.float32) @ self.matrix.T
-        out[:, self.present] = np.maximum.reduceat(similarity, self.starts, axis=1)
-        return out
-
-
 def stored_query(vector: np.ndarray, copies, row: int) -> QueryFeatures:
     """A database image as a query (search by id, the evaluator's database queries): its stored global vector, its
     regions in place of windows, its stored local features (no mirrored ones: they need the pixels). A page around a
@@ -97,14 +73,12 @@ def stored_query(vector: np.ndarray, copies, row: int) -> QueryFeatures:
     return QueryFeatures(vector, windows, local)
 
 
-def fuse(count: int, lists: Sequence[tuple[np.ndarray, np.ndarray]], dense: Sequence[np.ndarray] = ()) -> np.ndarray:
-    """(count,) image scores: the maximum over ranked lists (rows, scores; -1 padded) and dense (count,) arrays."""
+def fuse(count: int, lists: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """(count,) image scores: the maximum over ranked lists (rows, scores; -1 padded), -inf for images in none."""
     scores = np.full(count, -np.inf, np.float32)
     for rows, values in lists:
         found = rows >= 0
         np.maximum.at(scores, rows[found], values[found].astype(np.float32))
-    for values in dense:
-        np.maximum(scores, values, out=scores)
     return scores
 
 

@@ -18,8 +18,9 @@ import numpy as np
 from ..descriptors.whitening import Whitening, apply_whitening
 from ..vectors import as_query_matrix, l2_normalize
 from .backends.base import Backend
+from .backends.regions import ExactRegions, RegionSearch
 from .copies import (
-    NO_LOCAL_FEATURES, NoLocalFeatures, QueryFeatures, RegionIndex, fuse, stored_query, verified_ranking, weighted_lists,
+    NO_LOCAL_FEATURES, NoLocalFeatures, QueryFeatures, fuse, stored_query, verified_ranking, weighted_lists,
 )
 from .expansion import NO_EXPANSION, QueryExpansion, expand
 from .verification import VERIFY_TOP
@@ -35,15 +36,19 @@ def searched_matrix(vectors: np.ndarray, whitening: Whitening | None) -> np.ndar
 class QueryPipeline:
     """Transform -> backend -> expansion -> backend, over one database version's searched ``matrix`` (N, d)."""
 
-    def __init__(self, backend: Backend, matrix: np.ndarray, whitening: Whitening | None = None, copies=None):
+    def __init__(
+        self, backend: Backend, matrix: np.ndarray, whitening: Whitening | None = None, copies=None,
+        regions: RegionSearch | None = None,
+    ):
         self.backend = backend
         self.matrix = matrix
         self.whitening = whitening
-        # copy detection (retrieval.search.copies): the database's storage.copy_features.CopyFeatures, or None
+        # copy detection (retrieval.search.copies): the database's storage.copy_features.CopyFeatures, or None, and
+        # the search of its regions (the backend's, ``backends.open_regions``; by default exact in memory)
         self.copies = copies
-        self.regions = None
-        if copies is not None and copies.has_regions:
-            self.regions = RegionIndex(self.transform(copies.region_vectors), copies.region_image, matrix.shape[0])
+        self.regions = regions
+        if regions is None and copies is not None and copies.has_regions:
+            self.regions = ExactRegions(self.transform(copies.region_vectors), copies.region_image, matrix.shape[0])
 
     @property
     def can_verify(self) -> bool:
@@ -132,15 +137,19 @@ class QueryPipeline:
         window_rows = window_scores = None
         if sum(sizes):
             window_rows, window_scores = self.backend.search(np.concatenate(windows), depth)
-        region_scores = self.regions.image_scores(vectors) if self.regions is not None else None
+        region_rows = region_scores = None
+        if self.regions is not None:
+            region_rows, region_scores = self.regions.search(vectors, depth)
         start = 0
         for i, query in enumerate(prepared):
             lists = [(global_rows[i], global_scores[i])]
+            if region_rows is not None:
+                lists.append((region_rows[i], region_scores[i]))
             if sizes[i]:
                 part = slice(start, start + sizes[i])
                 lists += weighted_lists(window_rows[part], window_scores[part], query.window_weights)
             start += sizes[i]
-            fused = fuse(self.matrix.shape[0], lists, () if region_scores is None else (region_scores[i],))
+            fused = fuse(self.matrix.shape[0], lists)
             if verify and query.local is not None:
                 order, scores, inliers = verified_ranking(fused, query.local, self.copies, verify_top, rows_of[i])
             else:
@@ -157,3 +166,5 @@ class QueryPipeline:
 
     def close(self) -> None:
         self.backend.close()
+        if self.regions is not None:
+            self.regions.close()

@@ -10,6 +10,9 @@ Every derived structure names the database version it was built for (its ``datab
 the new version *before* it commits the HDF5 file that names that version, so a reader never finds a database whose
 search structure is still missing; stale ones are removed after the commit. Adding a backend: one module with a
 ``Backend`` subclass, one line in ``BACKENDS``.
+
+A database with region vectors (copy detection) has them searched by the same backend (``open_regions``, see
+``regions.py``): exact in memory, a second faiss index, a second Milvus collection; results are always images.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .base import Backend, BackendUpdate, SyncJob
 from .faiss import FaissBackend
 from .memory import MemoryBackend
 from .milvus import MilvusBackend
+from .regions import RegionSearch, database_regions
 
 BACKENDS: dict[str, type[Backend]] = {
     "memory": MemoryBackend,
@@ -126,7 +130,18 @@ def open_backend(
     return cls.open(Path(index_path), database, matrix, record, uri=uri)
 
 
+def open_regions(index_path: Path, database, *, override: str | None = None, uri: str | None = None) -> RegionSearch | None:
+    """The search of this database version's region vectors through the backend ``open_backend`` chose (None when
+    the database stores no regions)."""
+    regions = database_regions(database)
+    if regions is None:
+        return None
+    record = normalized_record(database.search_backend)
+    cls = backend_class(override or record["backend"])
+    return cls.open_regions(Path(index_path), database, regions, record, uri=uri)
+
+
 __all__ = [
-    "BACKENDS", "Backend", "BackendRequest", "BackendUpdate", "SyncJob",
-    "backend_class", "finish_backend", "normalized_record", "open_backend", "prepare_backend",
+    "BACKENDS", "Backend", "BackendRequest", "BackendUpdate", "RegionSearch", "SyncJob",
+    "backend_class", "database_regions", "finish_backend", "normalized_record", "open_backend", "open_regions", "prepare_backend",
 ]

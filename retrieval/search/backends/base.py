@@ -8,7 +8,9 @@ A backend is one class (one module) with two sides:
   no longer uses;
 * query time (an instance from ``open``): ``search(queries, k)`` for a batch of searched vectors (M, d) returns rows
   and scores (M, k), best first, padded with row -1 / score -inf where fewer than k were found; ``close()`` lets go
-  of files, connections and servers.
+  of files, connections and servers. ``open_regions`` gives the search of the database's region vectors
+  (``regions.RegionSearch``: several vectors per image, results still images); by default they are searched exactly
+  in memory, faiss and Milvus keep them in a structure of their own beside the global vectors.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from ...vectors import as_query_matrix
+from .regions import ExactRegions, Regions, RegionSearch
 
 
 @dataclass
@@ -37,6 +40,7 @@ class SyncJob:
     unchanged: frozenset = frozenset()  # paths whose searched vector is bit-identical in both versions
     rebuild: bool = False
     notice: Callable[[str], None] = print
+    regions: Regions | None = None  # its region vectors (copy detection), or None when it stores none
 
 
 @dataclass
@@ -98,6 +102,11 @@ class Backend(ABC):
     @abstractmethod
     def open(cls, index_path: Path, database, matrix: np.ndarray, record: dict, *, uri: str | None = None) -> "Backend":
         """The backend's search structure for this database version; BackendError / IndexFileError when unusable."""
+
+    @classmethod
+    def open_regions(cls, index_path: Path, database, regions: Regions, record: dict, *, uri: str | None = None) -> RegionSearch:
+        """The search of this database version's ``regions``: exact in memory unless the backend keeps its own."""
+        return ExactRegions.of(regions)
 
     @abstractmethod
     def __len__(self) -> int:

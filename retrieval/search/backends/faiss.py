@@ -6,6 +6,10 @@ marks the ids of removed or changed ones -1; they are filtered out during the se
 HNSW cannot remove ids). The index is rebuilt from scratch when more than ``REBUILD_DELETED`` of its ids are dead,
 when the kind changes, or when every vector changed (a whitening learned again).
 
+A database with region vectors (copy detection) has a second pair, ``<index>.<database_id>.regions.faiss`` and its
+``.regions.faiss.npz``, built and updated the same way: one id per region, each mapped to the row of its image, so
+the search of a query's regions returns image rows (``regions.RankedRegions`` makes them distinct).
+
 This module also holds the faiss pieces the memory backend's HNSW graph uses (``build_hnsw``, ``write_index``).
 """
 
@@ -21,6 +25,7 @@ import numpy as np
 from ...errors import BackendError, IndexFileError, RetrievalError
 from ...files import atomic_replace
 from .base import Backend, BackendUpdate, SyncJob, remove_sidecars, sidecar
+from .regions import ExactRegions, RankedRegions, Regions, RegionSearch
 
 HNSW_M = 16  # graph degree: 16 builds ~1.5x faster than 32
 HNSW_EF_CONSTRUCTION = 40
@@ -30,7 +35,8 @@ KINDS = ("auto", "hnsw", "ivf")
 IVF_THRESHOLD = 2_000_000  # "auto": HNSW below, IVF-Flat from here (see ivf_settings and bench/scale.py)
 REBUILD_DELETED = 0.25  # rebuild when more than this fraction of the ids are dead
 ADD_BLOCK = 65_536
-SUFFIXES = (".faiss", ".faiss.npz")
+SUFFIXES = (".faiss", ".faiss.npz", ".regions.faiss", ".regions.faiss.npz")
+GLOBAL, REGIONS = "", ".regions"  # the two parts of a database version: its global vectors, its region vectors
 
 
 def add_blocks(index, matrix: np.ndarray) -> None:
@@ -123,9 +129,17 @@ def carried_rows(previous_rows: np.ndarray, previous_paths: list[str], paths: li
     return rows
 
 
-def faiss_paths(index_path, database_id: str) -> tuple[Path, Path]:
-    """(the faiss index file, the npz of its id -> row map and settings) for one database version."""
-    return sidecar(index_path, database_id, SUFFIXES[0]), sidecar(index_path, database_id, SUFFIXES[1])
+def uncovered(rows: np.ndarray, owners: np.ndarray) -> np.ndarray:
+    """Indices of the vectors (``owners`` (M,): the row each belongs to) whose row no id maps to (``rows``, -1 = none)."""
+    covered = np.zeros(int(owners.max()) + 1 if len(owners) else 0, dtype=bool)
+    covered[rows[(rows >= 0) & (rows < len(covered))]] = True
+    return np.flatnonzero(~covered[owners])
+
+
+def faiss_paths(index_path, database_id: str, part: str = GLOBAL) -> tuple[Path, Path]:
+    """(the faiss index file, the npz of its id -> row map and settings) of one part (``GLOBAL`` or ``REGIONS``) of one
+    database version."""
+    return sidecar(index_path, database_id, f"{part}.faiss"), sidecar(index_path, database_id, f"{part}.faiss.npz")
 
 
 class FaissBackend(Backend):
@@ -166,8 +180,9 @@ class FaissBackend(Backend):
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def build(cls, matrix: np.ndarray, kind: str) -> "FaissBackend":
-        """A fresh index of ``kind`` hnsw | ivf over every row of ``matrix``."""
+    def build(cls, matrix: np.ndarray, kind: str, owners: np.ndarray | None = None) -> "FaissBackend":
+        """A fresh index of ``kind`` hnsw | ivf over every row of ``matrix``; id ``i`` maps to row ``owners[i]`` (None:
+        to row ``i``; regions: the row of the image each belongs to)."""
         import faiss
 
         count, dim = matrix.shape
@@ -191,29 +206,29 @@ class FaissBackend(Backend):
             settings = {"kind": "ivf", "nlist": nlist, "nprobe": nprobe}
         else:
             raise ValueError(f"unknown faiss index kind {kind!r}")
-        return cls(index, np.arange(count, dtype=np.int64), settings)
+        return cls(index, np.arange(count, dtype=np.int64) if owners is None else np.asarray(owners, np.int64), settings)
 
-    def updated(self, matrix: np.ndarray, rows: np.ndarray) -> "FaissBackend":
-        """This index carried to a new database version: ``rows`` maps its ids to the new rows (-1 = gone); every row of
-        ``matrix`` (the new version) that no id maps to is added under a new id. The faiss index object is reused."""
+    def updated(self, matrix: np.ndarray, rows: np.ndarray, owners: np.ndarray | None = None) -> "FaissBackend":
+        """This index carried to a new database version: ``rows`` maps its ids to the new rows (-1 = gone); every vector
+        of ``matrix`` (the new version's; vector ``i`` belongs to row ``owners[i]``, None: to row ``i``) whose row no id
+        maps to is added under a new id. The faiss index object is reused."""
         rows = np.asarray(rows, dtype=np.int64)
-        covered = np.zeros(matrix.shape[0], dtype=bool)
-        covered[rows[rows >= 0]] = True
-        missing = np.flatnonzero(~covered)
+        owners = np.arange(matrix.shape[0], dtype=np.int64) if owners is None else np.asarray(owners, np.int64)
+        missing = uncovered(rows, owners)
         add_blocks(self.index, matrix[missing] if len(missing) else matrix[:0])
-        return FaissBackend(self.index, np.concatenate([rows, missing.astype(np.int64)]), self.settings)
+        return FaissBackend(self.index, np.concatenate([rows, owners[missing]]), self.settings)
 
-    def save(self, index_path, database_id: str) -> None:
-        """Write the two files of one database version, each atomically (the map last: readers need both)."""
-        index_file, map_file = faiss_paths(index_path, database_id)
+    def save(self, index_path, database_id: str, part: str = GLOBAL) -> None:
+        """Write the two files of one part of a database version, each atomically (the map last: readers need both)."""
+        index_file, map_file = faiss_paths(index_path, database_id, part)
         write_index(self.index, index_file)
         with atomic_replace(map_file) as temporary, open(temporary, "wb") as out:
             np.savez(out, rows=self.rows, settings=np.array(json.dumps(self.settings, sort_keys=True)))
 
     @classmethod
-    def load(cls, index_path, database_id: str) -> "FaissBackend | None":
-        """The index saved for this database version, or None when it is missing or unreadable."""
-        index_file, map_file = faiss_paths(index_path, database_id)
+    def load(cls, index_path, database_id: str, part: str = GLOBAL) -> "FaissBackend | None":
+        """The index saved for one part of this database version, or None when it is missing or unreadable."""
+        index_file, map_file = faiss_paths(index_path, database_id, part)
         if not map_file.is_file():
             return None
         index = read_index(index_file)
@@ -243,30 +258,41 @@ class FaissBackend(Backend):
 
     @classmethod
     def prepare(cls, job: SyncJob, record: dict) -> BackendUpdate:
-        database, matrix = job.database, job.matrix
-        kind = resolve_kind(record.get("index", "auto"), len(database))
-        current = cls.load(job.index_path, job.database_id)
-        if current is not None and current.settings["kind"] == kind and len(current) == len(database):
+        kind = record.get("index", "auto")
+        update = cls._prepare_part(job, kind, job.matrix, None, GLOBAL)
+        if job.regions is None:
+            return update
+        regions = cls._prepare_part(job, kind, job.regions.matrix, job.regions.image, REGIONS)
+        return BackendUpdate(update.search, f"{update.detail}; regions {regions.detail}")
+
+    @classmethod
+    def _prepare_part(cls, job: SyncJob, kind: str, matrix: np.ndarray, owners: np.ndarray | None, part: str) -> BackendUpdate:
+        """Carry the previous version's index of ``part`` to ``job.database`` (``matrix`` (M, d): the part's vectors,
+        vector ``i`` of row ``owners[i]``, None: of row ``i``), or build it afresh, and save it."""
+        database = job.database
+        kind = resolve_kind(kind, matrix.shape[0])
+        current = cls.load(job.index_path, job.database_id, part)
+        if current is not None and current.settings["kind"] == kind and len(current) == matrix.shape[0]:
             return BackendUpdate(current.kind, "up to date")
         previous, unchanged = job.previous, job.unchanged
         if previous is not None and vectors_fingerprint(previous) != vectors_fingerprint(database):
             unchanged = frozenset()  # e.g. a whitening learned again: every searched vector differs
         carried = None
         if previous is not None and not job.rebuild and previous.database_id and unchanged:
-            old = cls.load(job.index_path, previous.database_id)
+            old = cls.load(job.index_path, previous.database_id, part)
             if old is not None and old.settings["kind"] == kind and old.dim == matrix.shape[1]:
                 rows = carried_rows(old.rows, previous.paths, database.paths, unchanged)
                 dead = int(np.sum(rows < 0))
-                added = len(database) - int(np.sum(rows >= 0))
+                added = len(uncovered(rows, np.arange(matrix.shape[0]) if owners is None else owners))
                 if dead <= REBUILD_DELETED * (len(rows) + added):
-                    carried = old.updated(matrix, rows)
+                    carried = old.updated(matrix, rows, owners)
                     detail = f"updated: {added} added, {carried.dead} dead ids filtered"
         if carried is None:
-            carried = cls.build(matrix, kind)
+            carried = cls.build(matrix, kind, owners)
             detail = f"built {kind}" + (
                 f" (nlist {carried.settings['nlist']}, nprobe {carried.settings['nprobe']})" if kind == "ivf" else ""
             )
-        carried.save(job.index_path, job.database_id)
+        carried.save(job.index_path, job.database_id, part)
         return BackendUpdate(carried.kind, detail)
 
     @classmethod
@@ -288,6 +314,16 @@ class FaissBackend(Backend):
         if len(loaded) != matrix.shape[0] or loaded.dim != matrix.shape[1]:
             raise IndexFileError(f"{index_path}: the faiss index does not match the database; run index.py to rebuild it")
         return loaded
+
+    @classmethod
+    def open_regions(cls, index_path: Path, database, regions: Regions, record: dict, *, uri: str | None = None) -> RegionSearch:
+        """The regions' faiss index of this version; exact search in memory for a database indexed before it existed."""
+        loaded = cls.load(index_path, database.database_id, REGIONS) if database.database_id else None
+        if loaded is None:
+            return ExactRegions.of(regions)
+        if len(loaded) != len(regions) or np.any(loaded.rows[loaded.rows >= 0] >= regions.count):
+            raise IndexFileError(f"{index_path}: the faiss index of its regions does not match the database; run index.py to rebuild it")
+        return RankedRegions(loaded, regions.per_image)
 
     def search_batch(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.index is None:

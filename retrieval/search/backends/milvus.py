@@ -16,6 +16,13 @@ The collection (one per database)::
     properties      cbir.format, cbir.database_id (the database version it mirrors), cbir.vectors (fingerprint of
                     how the vectors were made: encoder, storage type, whitening)
 
+A database with region vectors (copy detection) has a second collection, ``<collection>__regions``, one row per
+region, searched for a query's regions (``regions.RankedRegions`` turns its hits into distinct images)::
+
+    key             VARCHAR primary key   "<j>:<path>", region j of that image
+    path            VARCHAR               the image it belongs to
+    vector, file_size, file_mtime_ns      as above (the image's file stats); the same properties
+
 Index: ``HNSW`` (M 16, efConstruction 40; searched with ef = max(256, k)) or ``IVF_FLAT`` (nlist 1024, nprobe 128),
 inner product (= cosine on unit vectors). Only these two are accepted: Milvus Lite accepts other index types
 (IVF_PQ, DISKANN, SCANN, anything) and then fails to build them in the background, while ``describe_index`` keeps
@@ -40,6 +47,7 @@ import os
 import re
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +55,7 @@ import numpy as np
 from ...errors import BackendError, IndexFileError, RetrievalError
 from .base import Backend, BackendUpdate, SyncJob, empty_result
 from .faiss import vectors_fingerprint
+from .regions import ExactRegions, RankedRegions, Regions, RegionSearch
 
 INDEX_TYPES = ("HNSW", "IVF_FLAT")
 INDEX_PARAMS = {"HNSW": {"M": 16, "efConstruction": 40}, "IVF_FLAT": {"nlist": 1024}}  # as the faiss backend
@@ -66,6 +75,7 @@ SEARCH_BATCH = 64  # queries per search call
 FORMAT = "cbir-feature-database"
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 REMOTE_SCHEMES = ("http://", "https://", "tcp://", "unix:")
+REGION_SUFFIX = "__regions"
 
 
 # ------------------------------------------------------------------------------------------------ settings and URIs
@@ -98,6 +108,20 @@ def check_settings(uri: str | None, collection: str | None, index_type: str | No
 def default_collection(index_path: str | os.PathLike) -> str:
     stem = re.sub(r"[^A-Za-z0-9_]", "_", Path(index_path).stem)
     return f"cbir_{stem}"[:255]
+
+
+def region_collection(collection: str) -> str:
+    """The collection of the region vectors of the database whose global vectors are in ``collection``."""
+    return collection[: 255 - len(REGION_SUFFIX)] + REGION_SUFFIX
+
+
+def region_keys(paths: list[str], image: np.ndarray) -> list[str]:
+    """Primary keys "<j>:<path>" of regions (``image`` (M,): the non-decreasing row of each) of images ``paths``."""
+    image = np.asarray(image, np.int64)
+    if not len(image):
+        return []
+    within = np.arange(len(image)) - np.searchsorted(image, image, side="left")
+    return [f"{j}:{paths[row]}" for j, row in zip(within.tolist(), image.tolist())]
 
 
 def resolve_record(
@@ -243,18 +267,19 @@ class MilvusBackend(Backend):
     name = "milvus"
     options = {"milvus_uri": "--milvus-uri", "milvus_collection": "--milvus-collection", "milvus_index": "--milvus-index"}
 
-    def __init__(self, client, uri: str, record: dict, paths: list[str], dim: int):
+    def __init__(self, client, uri: str, record: dict, paths: list[str], dim: int, *, collection: str | None = None, count: int | None = None):
         self.client = client
         self.uri = uri
-        self.collection = record["collection"]
+        self.collection = collection or record["collection"]
         self.index_type = record.get("index_type", "HNSW")
         self.kind = f"milvus-{self.index_type}"
         self.search_params = dict(record.get("search_params") or SEARCH_PARAMS.get(self.index_type, {}))
         self.row_of = {path: row for row, path in enumerate(paths)}
         self._dim = dim
+        self._count = len(self.row_of) if count is None else int(count)  # the region collection: its regions
 
     def __len__(self) -> int:
-        return len(self.row_of)
+        return self._count
 
     @property
     def dim(self) -> int:
@@ -303,23 +328,34 @@ class MilvusBackend(Backend):
         if record.get("backend") != "milvus":
             raise IndexFileError(f"{index_path}: built for the {record.get('backend')} backend, not milvus (no collection recorded)")
         uri = uri or runtime_uri(index_path, record["uri"])
-        name = record["collection"]
         dim = int(matrix.shape[1])
         client = connect(uri)
         try:
-            if not _call("listing collections", uri, client.has_collection, name, timeout=CONNECT_TIMEOUT_S):
-                raise IndexFileError(f"{uri}: no collection {name!r}; run index.py --backend milvus to create it", kind="not_found")
-            described = _call("describe", uri, client.describe_collection, name, timeout=CONNECT_TIMEOUT_S)
-            stored_dim = _vector_dim(described)
-            if stored_dim != dim:
-                raise IndexFileError(
-                    f"{uri}: collection {name!r} holds {stored_dim}-d vectors, the database {dim}-d; run index.py"
-                )
-            _ensure_loaded(client, uri, name)
+            _check_collection(client, uri, record["collection"], dim)
         except BaseException:
             disconnect(client, uri)
             raise
         return cls(client, uri, record, database.paths, dim)
+
+    @classmethod
+    def open_regions(cls, index_path: Path, database, regions: Regions, record: dict, *, uri: str | None = None) -> RegionSearch:
+        """The region collection's search; exact search in memory for a database indexed before it existed."""
+        if record.get("backend") != "milvus":
+            return ExactRegions.of(regions)
+        uri = uri or runtime_uri(index_path, record["uri"])
+        name = region_collection(record["collection"])
+        dim = regions.dim
+        client = connect(uri)
+        try:
+            if not _call("listing collections", uri, client.has_collection, name, timeout=CONNECT_TIMEOUT_S):
+                disconnect(client, uri)
+                return ExactRegions.of(regions)
+            _check_collection(client, uri, name, dim)
+        except BaseException:
+            disconnect(client, uri)
+            raise
+        searcher = cls(client, uri, record, database.paths, dim, collection=name, count=len(regions))
+        return RankedRegions(searcher, regions.per_image)
 
     def search_batch(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.client is None:
@@ -340,7 +376,7 @@ class MilvusBackend(Backend):
             for offset, hits in enumerate(result):
                 found = 0
                 for hit in hits:
-                    row = self.row_of.get(hit.id)
+                    row = self.row_of.get(hit["path"])
                     if row is not None:
                         rows[start + offset, found], scores[start + offset, found] = row, hit.distance
                         found += 1
@@ -353,6 +389,17 @@ class MilvusBackend(Backend):
         if self.client is not None:
             client, self.client = self.client, None
             disconnect(client, self.uri)
+
+
+def _check_collection(client, uri: str, name: str, dim: int) -> None:
+    """The collection exists, holds ``dim``-d vectors and is loaded (IndexFileError / BackendError otherwise)."""
+    if not _call("listing collections", uri, client.has_collection, name, timeout=CONNECT_TIMEOUT_S):
+        raise IndexFileError(f"{uri}: no collection {name!r}; run index.py --backend milvus to create it", kind="not_found")
+    described = _call("describe", uri, client.describe_collection, name, timeout=CONNECT_TIMEOUT_S)
+    stored_dim = _vector_dim(described)
+    if stored_dim != dim:
+        raise IndexFileError(f"{uri}: collection {name!r} holds {stored_dim}-d vectors, the database {dim}-d; run index.py")
+    _ensure_loaded(client, uri, name)
 
 
 def _vector_dim(described: dict) -> int | None:
@@ -371,83 +418,133 @@ def _ensure_loaded(client, uri: str, name: str) -> None:
 # ----------------------------------------------------------------------------------------------------- updating
 
 
+@dataclass
+class Mirror:
+    """What one collection mirrors: ``keys`` (its primary keys, field ``key_field``), ``owners`` (M,) the database row
+    of each, ``matrix`` (M, d) their vectors, ``previous_keys`` the keys of the version being replaced (or None)."""
+
+    name: str
+    key_field: str  # "path": the global vectors, one per image; "key": regions, "<j>:<path>"
+    keys: list[str]
+    owners: np.ndarray
+    matrix: np.ndarray
+    previous_keys: list[str] | None
+
+
+def mirrors(record: dict, job: SyncJob) -> tuple[Mirror, Mirror | None]:
+    """The global collection's mirror and the region collection's (None when the database stores no regions)."""
+    database, previous = job.database, job.previous
+    paths = database.paths
+    main = Mirror(
+        record["collection"], "path", paths, np.arange(len(paths)), job.matrix,
+        previous.paths if previous is not None else None,
+    )
+    if job.regions is None:
+        return main, None
+    old = None
+    if previous is not None and previous.copies is not None and previous.copies.has_regions:
+        old = region_keys(previous.paths, previous.copies.region_image)
+    regions = Mirror(
+        region_collection(record["collection"]), "key", region_keys(paths, job.regions.image),
+        np.asarray(job.regions.image, np.int64), job.regions.matrix, old,
+    )
+    return main, regions
+
+
 def sync_collection(record: dict, job: SyncJob) -> str:
-    """Make the collection mirror ``job.database`` (version ``job.database_id``; ``job.matrix`` its searched vectors),
-    create it if needed, check its index, and record the version in it. Returns a short description of what was done."""
-    index_path, database, database_id, matrix = job.index_path, job.database, job.database_id, job.matrix
-    previous, unchanged, rebuild, notice = job.previous, job.unchanged, job.rebuild, job.notice
+    """Make the collection (and the region collection, for a database with regions) mirror ``job.database`` (version
+    ``job.database_id``; ``job.matrix`` its searched vectors), create it if needed, check its index, and record the
+    version in it. Returns a short description of what was done."""
+    index_path, database = job.index_path, job.database
     uri = runtime_uri(index_path, record["uri"])
-    name = record["collection"]
-    index_type = record["index_type"]
-    check_settings(record["uri"], name, index_type)
+    check_settings(record["uri"], record["collection"], record["index_type"])
     too_long = next((p for p in database.paths if len(p.encode("utf-8")) > MAX_PATH_BYTES), None)
     if too_long is not None:
         raise RetrievalError(f"path longer than {MAX_PATH_BYTES} bytes cannot be stored in Milvus: {too_long[:80]}...")
-    fingerprint = vectors_fingerprint(database)
-    dim = int(matrix.shape[1])
+    main, regions = mirrors(record, job)
     client = connect(uri)
     try:
-        marker, fresh = _open_or_create(client, uri, name, record, dim, rebuild, notice)
-        paths = database.paths
-        if marker.get("cbir.database_id") == database_id and marker.get("cbir.vectors") == fingerprint:
-            upsert_rows, deletes, how = [], [], "unchanged"
-        elif (
-            previous is not None
-            and previous.database_id
-            and marker.get("cbir.database_id") == previous.database_id
-            and marker.get("cbir.vectors") == fingerprint
-        ):
-            keep = set(paths)
-            deletes = [p for p in previous.paths if p not in keep]
-            upsert_rows = [row for row, p in enumerate(paths) if p not in unchanged]
-            how = "updated"
+        detail = _sync_mirror(client, uri, record, job, main)
+        if regions is not None:
+            detail += "; regions " + _sync_mirror(client, uri, record, job, regions)
         else:
-            stored = {} if fresh else _stored_stats(client, uri, name)
-            same_vectors = marker.get("cbir.vectors") == fingerprint
-            keep = set(paths)
-            deletes = [p for p in stored if p not in keep]
-            upsert_rows = [
-                row for row, p in enumerate(paths)
-                if not same_vectors
-                or stored.get(p) != (int(database.file_sizes[row]), int(database.file_mtimes_ns[row]))
-            ]
-            how = "reconciled" if stored else "filled"
-        for start in range(0, len(deletes), DELETE_BATCH):
-            _call("delete", uri, client.delete, name, ids=deletes[start : start + DELETE_BATCH], timeout=CALL_TIMEOUT_S)
-        for start in range(0, len(upsert_rows), BATCH_ROWS):
-            rows = upsert_rows[start : start + BATCH_ROWS]
-            vectors = np.asarray(matrix[rows], dtype=np.float32)
-            data = [
-                {
-                    "path": paths[row],
-                    "vector": vectors[i],
-                    "file_size": int(database.file_sizes[row]),
-                    "file_mtime_ns": int(database.file_mtimes_ns[row]),
-                }
-                for i, row in enumerate(rows)
-            ]
-            if fresh:  # a new collection: plain inserts (an upsert first looks for the key)
-                _call("insert", uri, client.insert, name, data=data, timeout=CALL_TIMEOUT_S)
-            else:
-                _call("upsert", uri, client.upsert, name, data=data, timeout=CALL_TIMEOUT_S)
-        if upsert_rows or deletes or how != "unchanged":
-            _call("flush", uri, client.flush, name, timeout=CALL_TIMEOUT_S)
-        created = _describe_vector_index(client, uri, name) is None
-        if created:
-            _create_index(client, uri, name, record)
-        _check_index(client, uri, name, index_type, changed=bool(upsert_rows or deletes) and not created, notice=notice)
-        count = _count(client, uri, name)
-        if count != len(paths):
-            raise RetrievalError(
-                f"Milvus at {uri}: collection {name!r} holds {count} rows after the update, the database {len(paths)}"
-            )
-        _set_marker(client, uri, name, {"cbir.database_id": database_id, "cbir.vectors": fingerprint}, notice)
+            _drop_stale(client, uri, region_collection(record["collection"]), job.notice)
     finally:
         disconnect(client, uri)
-    return f"{how}: {len(upsert_rows)} upserted, {len(deletes)} deleted, {index_type} index checked"
+    return detail
 
 
-def _open_or_create(client, uri: str, name: str, record: dict, dim: int, rebuild: bool, notice) -> tuple[dict, bool]:
+def _sync_mirror(client, uri: str, record: dict, job: SyncJob, mirror: Mirror) -> str:
+    database, database_id, name, index_type = job.database, job.database_id, mirror.name, record["index_type"]
+    fingerprint = vectors_fingerprint(database)
+    marker, fresh = _open_or_create(client, uri, name, record, int(mirror.matrix.shape[1]), job.rebuild, job.notice, mirror.key_field)
+    keys, owners, paths = mirror.keys, mirror.owners, database.paths
+
+    def stats_of(item: int) -> tuple[int, int]:
+        return int(database.file_sizes[owners[item]]), int(database.file_mtimes_ns[owners[item]])
+
+    if marker.get("cbir.database_id") == database_id and marker.get("cbir.vectors") == fingerprint:
+        upserts, deletes, how = [], [], "unchanged"
+    elif (
+        job.previous is not None
+        and job.previous.database_id
+        and mirror.previous_keys is not None
+        and marker.get("cbir.database_id") == job.previous.database_id
+        and marker.get("cbir.vectors") == fingerprint
+    ):
+        keep = set(keys)
+        deletes = [key for key in mirror.previous_keys if key not in keep]
+        upserts = [item for item in range(len(keys)) if paths[owners[item]] not in job.unchanged]
+        how = "updated"
+    else:
+        stored = {} if fresh else _stored_stats(client, uri, name, mirror.key_field)
+        same_vectors = marker.get("cbir.vectors") == fingerprint
+        keep = set(keys)
+        deletes = [key for key in stored if key not in keep]
+        upserts = [item for item in range(len(keys)) if not same_vectors or stored.get(keys[item]) != stats_of(item)]
+        how = "reconciled" if stored else "filled"
+    for start in range(0, len(deletes), DELETE_BATCH):
+        _call("delete", uri, client.delete, name, ids=deletes[start : start + DELETE_BATCH], timeout=CALL_TIMEOUT_S)
+    for start in range(0, len(upserts), BATCH_ROWS):
+        items = upserts[start : start + BATCH_ROWS]
+        vectors = np.asarray(mirror.matrix[items], dtype=np.float32)
+        data = []
+        for i, item in enumerate(items):
+            size, mtime = stats_of(item)
+            entry = {mirror.key_field: keys[item], "vector": vectors[i], "file_size": size, "file_mtime_ns": mtime}
+            if mirror.key_field != "path":
+                entry["path"] = paths[owners[item]]
+            data.append(entry)
+        if fresh:  # a new collection: plain inserts (an upsert first looks for the key)
+            _call("insert", uri, client.insert, name, data=data, timeout=CALL_TIMEOUT_S)
+        else:
+            _call("upsert", uri, client.upsert, name, data=data, timeout=CALL_TIMEOUT_S)
+    if upserts or deletes or how != "unchanged":
+        _call("flush", uri, client.flush, name, timeout=CALL_TIMEOUT_S)
+    created = _describe_vector_index(client, uri, name) is None
+    if created:
+        _create_index(client, uri, name, record)
+    _check_index(client, uri, name, index_type, changed=bool(upserts or deletes) and not created, notice=job.notice)
+    count = _count(client, uri, name)
+    if count != len(keys):
+        raise RetrievalError(f"Milvus at {uri}: collection {name!r} holds {count} rows after the update, the database {len(keys)}")
+    _set_marker(client, uri, name, {"cbir.database_id": database_id, "cbir.vectors": fingerprint}, job.notice)
+    return f"{how}: {len(upserts)} upserted, {len(deletes)} deleted, {index_type} index checked"
+
+
+def _drop_stale(client, uri: str, name: str, notice) -> None:
+    """Drop a region collection left by an earlier version of a database that no longer stores regions."""
+    if not _call("listing collections", uri, client.has_collection, name, timeout=CONNECT_TIMEOUT_S):
+        return
+    described = _call("describe", uri, client.describe_collection, name, timeout=CONNECT_TIMEOUT_S)
+    if dict(described.get("properties") or {}).get("cbir.format") == FORMAT:
+        notice(f"dropping Milvus collection {name}: the database no longer stores regions")
+        _call("drop", uri, client.drop_collection, name, timeout=CALL_TIMEOUT_S)
+
+
+def _open_or_create(
+    client, uri: str, name: str, record: dict, dim: int, rebuild: bool, notice, key_field: str = "path"
+) -> tuple[dict, bool]:
     """(the collection's properties (its marker), whether it was created empty now), after creating it or
     re-creating one that cannot be updated."""
     if _call("listing collections", uri, client.has_collection, name, timeout=CONNECT_TIMEOUT_S):
@@ -473,15 +570,17 @@ def _open_or_create(client, uri: str, name: str, record: dict, dim: int, rebuild
             return properties, False
         notice(f"re-creating Milvus collection {name} ({reason})")
         _call("drop", uri, client.drop_collection, name, timeout=CALL_TIMEOUT_S)
-    _create(client, uri, name, record, dim)
+    _create(client, uri, name, record, dim, key_field)
     return {"cbir.format": FORMAT}, True
 
 
-def _create(client, uri: str, name: str, record: dict, dim: int) -> None:
+def _create(client, uri: str, name: str, record: dict, dim: int, key_field: str = "path") -> None:
     from pymilvus import DataType, MilvusClient
 
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field("path", DataType.VARCHAR, is_primary=True, max_length=MAX_PATH_BYTES)
+    if key_field != "path":  # regions: "<j>:<path>"
+        schema.add_field(key_field, DataType.VARCHAR, is_primary=True, max_length=MAX_PATH_BYTES + 16)
+    schema.add_field("path", DataType.VARCHAR, is_primary=key_field == "path", max_length=MAX_PATH_BYTES)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
     schema.add_field("file_size", DataType.INT64)
     schema.add_field("file_mtime_ns", DataType.INT64)
@@ -521,8 +620,8 @@ def _describe_vector_index(client, uri: str, name: str) -> dict | None:
         return None
 
 
-def _stored_stats(client, uri: str, name: str) -> dict[str, tuple[int, int]]:
-    """Every path in the collection -> (file size, mtime), read back in batches."""
+def _stored_stats(client, uri: str, name: str, key_field: str = "path") -> dict[str, tuple[int, int]]:
+    """Every key in the collection -> (file size, mtime), read back in batches."""
     stored: dict[str, tuple[int, int]] = {}
     if not is_lite(uri):
         # on a server query_iterator ignores consistency_level (pymilvus 3.0.2 + Milvus 2.3.5) and can miss writes of
@@ -530,7 +629,7 @@ def _stored_stats(client, uri: str, name: str) -> dict[str, tuple[int, int]]:
         _count(client, uri, name)
     iterator = _call(
         "reading paths", uri, client.query_iterator, name,
-        batch_size=5_000, output_fields=["path", "file_size", "file_mtime_ns"], timeout=CALL_TIMEOUT_S,
+        batch_size=5_000, output_fields=[key_field, "file_size", "file_mtime_ns"], timeout=CALL_TIMEOUT_S,
     )
     try:
         while True:
@@ -538,7 +637,7 @@ def _stored_stats(client, uri: str, name: str) -> dict[str, tuple[int, int]]:
             if not batch:
                 break
             for row in batch:
-                stored[row["path"]] = (int(row["file_size"]), int(row["file_mtime_ns"]))
+                stored[row[key_field]] = (int(row["file_size"]), int(row["file_mtime_ns"]))
     finally:
         iterator.close()
     return stored
