@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from retrieval.descriptors import regions
 from retrieval.search.backends.memory import MemoryBackend
@@ -186,6 +187,11 @@ def test_a_plain_photo_has_no_content_box(name):
 
 def test_content_boxes_of_tiny_flat_and_blank_pictures():
     assert regions.content_boxes(np.zeros((10, 10, 3), np.uint8)) == []
+    item = np.zeros((56, 56, 3), np.uint8)  # a Fashion-MNIST-like item on black: a thumbnail, not a page
+    item[8:48, 12:44] = np.random.default_rng(0).integers(60, 255, (40, 32, 1), dtype=np.uint8)
+    assert regions.content_boxes(item) == []
+    larger = np.asarray(Image.fromarray(item).resize((224, 224), Image.Resampling.NEAREST))
+    assert len(regions.content_boxes(larger)) == 1  # the same layout at page size is a page around a picture
     assert regions.content_boxes(np.full((300, 400, 3), 255, np.uint8)) == []
     assert regions.content_boxes(np.zeros((300, 400, 3), np.uint8)) == []
 

@@ -77,6 +77,7 @@ def window_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
 
 # content boxes: the picture at this many pixels on its longest side; colours in 8 levels per channel
 CONTENT_SIDE = 256
+PAGE_MIN_SIDE = 64  # pixels: a smaller picture (an icon, a thumbnail, a 28 px Fashion-MNIST item) is no page
 CONTENT_MIN_AREA, CONTENT_MAX_AREA = 0.10, 0.85  # fractions of the picture
 CONTENT_MIN_FILL = 0.6  # of its bounding box a content region covers: photos are rectangles; blobs, UI clutter are not
 MAX_CONTENT_BOXES = 2
@@ -96,29 +97,33 @@ def content_boxes(pixels: np.ndarray) -> list[tuple[int, int, int, int]]:
     grey); the photo shown in it is the largest rectangle of other colours. Colours covering >= 3 % of the picture and
     >= 5 % of its outer 3 % frame are background; the rest, opened with a square of 1/40 of the side (text and icons
     go), falls into connected regions; a region that fills >= 60 % of its bounding box is content when that box, its
-    flat edge bars (letterboxing) trimmed, covers 10-85 % of the picture. None when page background covers < 15 %.
+    flat edge bars (letterboxing) trimmed, covers 10-85 % of the picture. None when page background covers < 15 %,
+    or when the picture is smaller than ``PAGE_MIN_SIDE`` on its shorter side.
     """
     import cv2
 
     pixels = np.asarray(pixels)
     height, width = pixels.shape[:2]
-    if min(height, width) < 16:
+    if min(height, width) < PAGE_MIN_SIDE:
         return []
     scale = CONTENT_SIDE / max(height, width)
     small = cv2.resize(pixels, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    # flat: the grey range (of R + G + B, 3x the mean) over 5 x 5 pixels; neutral: the spread of R, G, B
+    total = small.sum(axis=2, dtype=np.int16)
+    square = np.ones((5, 5), np.uint8)
+    flat = cv2.subtract(cv2.dilate(total, square), cv2.erode(total, square)) <= 3 * FLAT_LEVELS
+    neutral = cv2.subtract(small.max(axis=2), small.min(axis=2)) <= NEUTRAL_LEVELS
+    candidates = flat & neutral
+    if candidates.mean() < CONTENT_MIN_BACKGROUND:  # background is a part of these: a photo ends here
+        return []
     levels = (small // 32).astype(np.int32)
     codes = (levels[..., 0] << 6) | (levels[..., 1] << 3) | levels[..., 2]
-    values, counts = np.unique(codes, return_counts=True)
+    counts = np.bincount(codes.ravel(), minlength=512)
     edge = max(1, round(min(codes.shape) * 0.03))
     border = np.concatenate([codes[:edge].ravel(), codes[-edge:].ravel(), codes[:, :edge].ravel(), codes[:, -edge:].ravel()])
-    grey = small.astype(np.int16).mean(axis=2)
-    flat = (cv2.dilate(grey, np.ones((5, 5))) - cv2.erode(grey, np.ones((5, 5)))) <= FLAT_LEVELS
-    neutral = (small.max(axis=2).astype(np.int16) - small.min(axis=2)) <= NEUTRAL_LEVELS
-    background = np.zeros(codes.shape, bool)
-    for value in values[counts >= 0.03 * codes.size]:
-        if np.mean(border == value) >= 0.05:
-            background |= codes == value
-    background &= flat & neutral
+    shares = np.bincount(border, minlength=512) / len(border)
+    background_colours = (counts >= 0.03 * codes.size) & (shares >= 0.05)
+    background = background_colours[codes] & candidates
     if background.mean() < CONTENT_MIN_BACKGROUND:
         return []
     side = max(3, round(CONTENT_SIDE / 40))

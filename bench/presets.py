@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""The ``copy-detection`` preset against the default (classic) on every labelled set, through the real scripts.
+
+    python -m bench.presets            # every set (about 10 minutes on 2 cores)
+    python -m bench.presets --quick    # bench.quality's quick sizes, the quick copy-detection set
+
+A preset is more than a descriptor (regions, query windows, local features, verification by default), so
+bench/quality.py's descriptor tables cannot show what it does to the other sets. Here every set is written as image
+folders (PNG: lossless, the pixels bench/quality.py evaluates), indexed by ``index.py`` once per preset, and scored by
+``evaluate.py --ground-truth folders`` all-vs-all (each image a query by id, left out of its own ranking; for the
+preset that is its regions as windows and its stored local features verified), as a user would run them. The
+copy-detection set adds its own protocol (edits as queries against originals + distractors). Reports mAP, P@1 and the
+indexing time of each, and the difference preset - classic. Writes bench/out/presets.md (and .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import copy_detection, quality  # noqa: E402
+from bench.run import machine  # noqa: E402
+
+OUT = REPO / "bench" / "out"
+PRESETS = {"classic": [], "copy-detection": ["--preset", "copy-detection"]}
+LABELLED = {"near-duplicate": quality.near_duplicate_set, "near-duplicate-hard": quality.hard_near_duplicate_set,
+            "categories": quality.categories_set}
+
+
+def write_set(bench, folder: Path) -> int:
+    """A bench.quality set as ``folder/<label>/<n>.png`` (one folder per group or class)."""
+    for n, (image, label) in enumerate(zip(bench.images, bench.labels)):
+        target = folder / label.replace("/", "_")
+        target.mkdir(parents=True, exist_ok=True)
+        image.convert("RGB").save(target / f"{n:05d}.png")
+    return len(bench.images)
+
+
+def script(*args, timeout: int = 3600) -> str:
+    """Run one of the project's scripts; its standard output. Exits with its error line when it fails."""
+    done = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise SystemExit(f"error: {args[0]} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return done.stdout
+
+
+def indexed(images: Path, index: Path, flags: list[str]) -> float:
+    """Build ``index`` from ``images``: the indexing time index.py reports (seconds, start-up excluded)."""
+    report = script("index.py", "--database", images, "--index", index, "--backbone", "efficientnet-lite0", "--quiet", *flags)
+    found = re.search(r" in ([0-9.]+) s", report)
+    if not found:
+        raise SystemExit(f"error: index.py printed no time: {report.strip()[:200]}")
+    return float(found.group(1))
+
+
+def scored(index: Path, out: Path, queries: Path | None = None) -> dict:
+    report = out / f"{index.stem}{'-queries' if queries else ''}.json"
+    script("evaluate.py", "--index", index, "--ground-truth", "folders", "--json", report, *(["--queries", queries] if queries else []))
+    metrics = json.loads(report.read_text())["metrics"]
+    return {"mAP": metrics["mAP"], "P@1": metrics["P@1"]}
+
+
+def run_set(name: str, images: Path, work: Path, queries: Path | None = None) -> list[dict]:
+    rows = []
+    for preset, flags in PRESETS.items():
+        index = work / f"{name}-{preset}.h5"
+        row = {"set": name, "preset": preset, "index_s": indexed(images, index, flags)}
+        if queries is None:
+            row.update(scored(index, work))
+        else:  # the references: originals (one per group) + distractors, searched with the edits
+            copy = scored(index, work, queries)
+            row.update({"cd_mAP": copy["mAP"], "cd_P@1": copy["P@1"]})
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], sizes: dict, quick: bool) -> str:
+    cpu = machine()
+    lines = [
+        f"# The copy-detection preset on every set ({'quick' if quick else 'full'} sizes)",
+        "",
+        f"Machine: {cpu['cpu']}, {cpu['cores']} cores; EfficientNet-Lite0, `auto` precision (OpenVINO: {', '.join(cpu['openvino_capabilities'])}).",
+        "All-vs-all through evaluate.py (each image a query by id); copy detection: the edits as queries.",
+        "",
+        "| set | images | classic mAP / P@1 | copy-detection mAP / P@1 | difference (mAP) | indexing s, classic / preset (ratio) |",
+        "|---|---|---|---|---|---|",
+    ]
+    by_set: dict[str, dict] = {}
+    for row in rows:
+        by_set.setdefault(row["set"], {})[row["preset"]] = row
+    for name, pair in by_set.items():
+        classic, preset = pair["classic"], pair["copy-detection"]
+        lines.append(
+            f"| {name} (all-vs-all) | {sizes[name]} | {classic['mAP']:.3f} / {classic['P@1']:.3f} | "
+            f"{preset['mAP']:.3f} / {preset['P@1']:.3f} | {preset['mAP'] - classic['mAP']:+.3f} | "
+            f"{classic['index_s']:.1f} / {preset['index_s']:.1f} ({preset['index_s'] / classic['index_s']:.1f}x) |"
+        )
+        if "cd_mAP" in classic:
+            lines.append(
+                f"| {name} (copy detection: edits vs references) | | {classic['cd_mAP']:.3f} / {classic['cd_P@1']:.3f} | "
+                f"{preset['cd_mAP']:.3f} / {preset['cd_P@1']:.3f} | {preset['cd_mAP'] - classic['cd_mAP']:+.3f} | |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--quick", action="store_true", help="bench.quality's quick sizes and the quick copy-detection set")
+    parser.add_argument("--keep", type=Path, help="keep the written sets and indexes in this folder")
+    args = parser.parse_args(argv)
+    sizes = quality.QUICK if args.quick else quality.FULL
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-presets-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows, counts = [], {}
+    try:
+        for name, make in LABELLED.items():
+            folder = work / name
+            if folder.exists():
+                shutil.rmtree(folder)
+            counts[name] = write_set(make(sizes), folder)
+            rows += run_set(name, folder, work)
+            print(f"{name}: done", file=sys.stderr)
+        copies = work / "copy-detection"
+        if copies.exists():
+            shutil.rmtree(copies)
+        copy_detection.build(copies, quick=args.quick, seed=quality.COPY_SEED)
+        counts["copy-detection"] = sum(1 for p in (copies / "all").rglob("*.jpg"))
+        rows += run_set("copy-detection", copies / "references", work, copies / "queries")
+        # all-vs-all of the copy-detection set is on all/ (originals, edits and distractors together)
+        for row in rows[-2:]:
+            index = work / f"copy-all-{row['preset']}.h5"
+            row["index_s"] = indexed(copies / "all", index, PRESETS[row["preset"]])
+            row.update(scored(index, work))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    text = markdown(rows, counts, args.quick)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "presets.md").write_text(text)
+    (OUT / "presets.json").write_text(json.dumps({"rows": rows, "images": counts, "quick": args.quick}, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
