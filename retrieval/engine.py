@@ -159,7 +159,7 @@ class RetrievalEngine:
         ``for_verification`` (a search that verifies) and the database has local features, its local features and
         its mirror image's."""
         from .descriptors.local_features import query_local_features
-        from .descriptors.regions import PAGE_WEIGHT, WINDOW_WEIGHT, content_boxes, window_boxes
+        from .descriptors.regions import PAGE_WEIGHT, WINDOW_WEIGHT, content_boxes, detailed_windows, window_boxes
         from .search.verification import QueryLocalFeatures
 
         image = image.convert("RGB")
@@ -171,7 +171,7 @@ class RetrievalEngine:
                 image = page.crop(contents[0])
                 crops = [image, page, *(page.crop(box) for box in contents[1:])]
                 weights = [PAGE_WEIGHT] + [1.0] * (len(contents) - 1)
-            windows = window_boxes(*image.size)
+            windows = detailed_windows(np.asarray(image), window_boxes(*image.size))
             crops += [image.crop(box) for box in windows]
             weights += [1.0 if contents else WINDOW_WEIGHT] * len(windows)  # a page's picture is all evidence
         if for_verification and self.pipeline.can_verify:  # SIFT on a second thread beside the model (both free the GIL)

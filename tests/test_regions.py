@@ -78,6 +78,25 @@ def test_windows_too_small_to_encode_are_left_out():
     assert len(boxes) == 4 and all(right - left == 8 for left, _, right, _ in boxes)  # only the 0.6 ones
 
 
+def test_flat_windows_are_not_searched():
+    """A query padded with black (pad + rotate) or with a sky: the windows that see only the flat part are dropped,
+    the ones over the photo kept."""
+    from test_verification import photo
+
+    pixels = np.full((480, 640, 3), 180, np.uint8)  # left half: a flat grey sky with a little sensor noise
+    pixels[:, :320] += np.random.default_rng(0).integers(0, 2, (480, 320, 1), dtype=np.uint8)
+    pixels[:, 320:] = np.asarray(photo("astronaut", 480))[:, :320]  # right half: a photo
+    boxes = regions.window_boxes(640, 480)
+    kept = regions.detailed_windows(pixels, boxes)
+    grey = pixels.mean(axis=2)
+    for box in boxes:
+        left, top, right, bottom = box
+        touches_photo = right > 320
+        assert (box in kept) == touches_photo, box
+        assert (regions.window_detail(grey.astype(np.uint8), box) >= regions.WINDOW_MIN_DETAIL) == touches_photo
+    assert regions.detailed_windows(np.zeros((100, 100, 3), np.uint8), [(0, 0, 50, 50)]) == []
+
+
 def test_exact_regions_score_each_image_by_its_best_region():
     rng = np.random.default_rng(1)
     matrix = rng.standard_normal((7, 5)).astype(np.float32)

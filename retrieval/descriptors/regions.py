@@ -64,6 +64,27 @@ def region_vectors(feature_maps: np.ndarray) -> list[np.ndarray]:
     return [l2_normalize(per_image) for per_image in stacked]
 
 
+def window_detail(grey: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    """Mean gradient magnitude (grey levels per pixel) of ``box`` (PIL crop box) of a uint8 grey picture (H, W),
+    resized to ``DETAIL_SIDE`` x ``DETAIL_SIDE``: about 0 for a flat part, 3-10 for parts of photos."""
+    import cv2
+
+    left, top, right, bottom = box
+    crop = cv2.resize(np.asarray(grey[top:bottom, left:right], np.float32), (DETAIL_SIDE, DETAIL_SIDE), interpolation=cv2.INTER_AREA)
+    dy, dx = np.gradient(crop)
+    return float(np.hypot(dx, dy).mean())
+
+
+def detailed_windows(pixels: np.ndarray, boxes: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """The ``boxes`` of an RGB uint8 picture (H, W, 3) with visible structure (``window_detail`` >= ``WINDOW_MIN_DETAIL``).
+    A flat part (padding, sky, a dark corner) is no evidence of a copy: its descriptor resembles every near-blank
+    image, so it is not searched."""
+    import cv2
+
+    grey = cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_RGB2GRAY)
+    return [box for box in boxes if window_detail(grey, box) >= WINDOW_MIN_DETAIL]
+
+
 def window_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
     """The query windows of a ``width`` x ``height`` picture as PIL crop boxes (left, top, right, bottom)."""
     boxes = []
@@ -74,6 +95,12 @@ def window_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
             boxes.append((left, top, right, bottom))
     return boxes
 
+
+# a query window flatter than this (mean gradient, grey levels per pixel at DETAIL_SIDE px) is not searched: on the
+# copy-detection set, 47 of the 57 windows that outranked every whole-image match with a wrong image were below it,
+# none of the 65 that found the right one (their 5th percentile: 2.9)
+DETAIL_SIDE = 64
+WINDOW_MIN_DETAIL = 1.5
 
 # content boxes: the picture at this many pixels on its longest side; colours in 8 levels per channel
 CONTENT_SIDE = 256
