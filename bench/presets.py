@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The ``copy-detection`` preset against the default (classic) on every labelled set, through the real scripts.
 
-    python -m bench.presets            # every set (about 10 minutes on 2 cores)
+    python -m bench.presets            # every set (about 6 minutes on 2 cores)
     python -m bench.presets --quick    # bench.quality's quick sizes, the quick copy-detection set
 
 A preset is more than a descriptor (regions, query windows, local features, verification by default), so
@@ -24,12 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench import copy_detection, quality
+from bench.run import machine
 
-from bench import copy_detection, quality  # noqa: E402
-from bench.run import machine  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 OUT = REPO / "bench" / "out"
 PRESETS = {"classic": [], "copy-detection": ["--preset", "copy-detection"]}
