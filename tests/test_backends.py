@@ -337,8 +337,18 @@ def test_regions_are_searched_by_every_backend_with_the_same_results(region_corp
     np.testing.assert_allclose(outcomes["f"][2], outcomes["memory"][2], atol=1e-4)
     np.testing.assert_allclose(outcomes["m"][2], outcomes["memory"][2], atol=1e-4)
 
-    # a database indexed before region structures existed: its regions are searched exactly in memory
+    # region files of another version under this version's name: one clear error, not wrong results
     database = read_database(tmp_path / "f-2.h5")
+    saved = [path.read_bytes() for path in faiss_paths(tmp_path / "f-2.h5", database.database_id, ".regions")]
+    for source, target in zip(faiss_paths(tmp_path / "f.h5", read_database(tmp_path / "f.h5").database_id, ".regions"),
+                              faiss_paths(tmp_path / "f-2.h5", database.database_id, ".regions")):
+        shutil.copy(source, target)
+    with pytest.raises(IndexFileError, match="faiss index of its regions does not match"):
+        RetrievalEngine.open(tmp_path / "f-2.h5", with_extractor=False)
+    for path, data in zip(faiss_paths(tmp_path / "f-2.h5", database.database_id, ".regions"), saved):
+        path.write_bytes(data)
+    assert region_results(tmp_path / "f-2.h5")[0] == "faiss-hnsw"
+    # a database indexed before region structures existed: its regions are searched exactly in memory
     for source in faiss_paths(tmp_path / "f-2.h5", database.database_id, ".regions"):
         source.unlink()
     assert region_results(tmp_path / "f-2.h5")[0] == "exact"
