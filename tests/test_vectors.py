@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from retrieval.vectors import l2_normalize
-from retrieval.vectors import top_k
+from retrieval import vectors
+from retrieval.vectors import l2_normalize, top_k, top_k_of_scores
 
 
 def test_matches_a_full_sort():
@@ -14,6 +14,38 @@ def test_matches_a_full_sort():
     np.testing.assert_array_equal(rows, full)
     assert rows[0] == 17
     assert np.all(np.diff(scores) <= 0)
+
+
+def full_sort(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((np.broadcast_to(np.arange(scores.shape[1]), scores.shape), -scores), axis=1)[:, :k]
+    return order, np.take_along_axis(scores, order, axis=1)
+
+
+@pytest.mark.parametrize("width", [500, 1_024, 5_000, 20_037])
+def test_wide_rows_take_the_floor_path_and_match_a_full_sort(width, monkeypatch):
+    rng = np.random.default_rng(width)
+    scores = rng.standard_normal((64, width)).astype(np.float32)
+    scores[1::3] = np.round(scores[1::3] * 2) / 2  # many ties around the k-th score
+    scores[2, :] = 0.25  # every score tied: more candidates than FLOOR_MAX_CANDIDATES -> argpartition
+    scores[5, width // 2 :] = 3.0  # a block of ties at the top
+    used = []
+    partition = vectors._top_k_by_partition
+    monkeypatch.setattr(vectors, "_top_k_by_partition", lambda s, k: used.append(len(s)) or partition(s, k))
+    for k in (1, 10, 100):
+        used.clear()
+        rows, values = top_k_of_scores(scores, k)
+        expected_rows, expected_values = full_sort(scores, k)
+        np.testing.assert_array_equal(rows, expected_rows)
+        np.testing.assert_array_equal(values, expected_values)
+        if width >= max(vectors.FLOOR_MIN_CHUNKS, k) * vectors.FLOOR_CHUNK:
+            # the floor settled every row but those with more tied candidates than it sorts: the all-tied row 2,
+            # and row 5 when its tied half reaches the floor
+            fallbacks = sum(used)
+            assert 1 <= fallbacks <= 2 if width > vectors.FLOOR_MAX_CANDIDATES else fallbacks == 0
+    nan_row = scores.copy()
+    nan_row[0] = np.nan
+    rows, _ = top_k_of_scores(nan_row, 10)  # a NaN row has an answer of the right shape, the others stay exact
+    np.testing.assert_array_equal(rows[1:], full_sort(scores[1:], 10)[0])
 
 
 def test_ties_break_by_lower_index_and_k_larger_than_n():
