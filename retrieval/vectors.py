@@ -14,6 +14,7 @@ FLOOR_CHUNK = 64  # columns per chunk whose maximum bounds the top k (``_top_k_b
 FLOOR_MIN_CHUNKS = 16  # narrower rows go straight to argpartition
 FLOOR_MAX_CANDIDATES = 4_096  # candidates per row above the floor beyond which a row goes to argpartition
 SCORE_BLOCK = 1 << 24  # scores held at once by a batched search: queries per block x N <= this (64 MB of float32)
+QUERY_BLOCK = 1_024  # fewer queries per block than this (a tall matrix) and the matrix's rows are tiled instead
 
 
 def l2_normalize(vectors: np.ndarray, epsilon: float = NORM_EPSILON) -> np.ndarray:
@@ -129,8 +130,9 @@ def _top_k_by_partition(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
 def top_k(matrix: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most similar rows of ``matrix`` (N, D) to each query (M, D), best first: (rows, scores) (M, k').
 
-    Queries are scored in blocks so at most ``SCORE_BLOCK`` scores exist at once. A single query (D,) gives 1-d
-    results.
+    Queries are scored in blocks so at most ``SCORE_BLOCK`` scores exist at once; against a tall matrix, where that
+    would leave fewer than ``QUERY_BLOCK`` queries per matrix product (slow: the matrix is streamed once per block),
+    ``QUERY_BLOCK`` queries meet tiles of rows and the tiles' top k are merged. A single query (D,) gives 1-d results.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -140,7 +142,17 @@ def top_k(matrix: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, 
     rows = np.empty((queries.shape[0], width), np.int64)
     scores = np.empty((queries.shape[0], width), np.float32)
     step = max(1, SCORE_BLOCK // max(1, matrix.shape[0]))
-    for start in range(0, queries.shape[0], step):
-        block = slice(start, start + step)
-        rows[block], scores[block] = top_k_of_scores(cosine_scores(matrix, queries[block]), k)
+    if step >= QUERY_BLOCK or queries.shape[0] <= step:
+        for start in range(0, queries.shape[0], step):
+            block = slice(start, start + step)
+            rows[block], scores[block] = top_k_of_scores(cosine_scores(matrix, queries[block]), k)
+    else:  # a tall matrix: QUERY_BLOCK queries at a time against tiles of its rows, then the tiles' winners merged
+        columns = max(width, SCORE_BLOCK // QUERY_BLOCK)
+        for start in range(0, queries.shape[0], QUERY_BLOCK):
+            block = slice(start, start + QUERY_BLOCK)
+            tiles = [top_k_of_scores(cosine_scores(matrix[first : first + columns], queries[block]), k)
+                     for first in range(0, matrix.shape[0], columns)]
+            candidates = np.concatenate([tile_rows + first for (tile_rows, _), first in zip(tiles, range(0, matrix.shape[0], columns))], axis=1)
+            picks, scores[block] = top_k_of_scores(np.concatenate([tile_scores for _, tile_scores in tiles], axis=1), k)
+            rows[block] = np.take_along_axis(candidates, picks, axis=1)
     return (rows[0], scores[0]) if single else (rows, scores)

@@ -83,6 +83,12 @@ def test_batched_search_equals_one_query_at_a_time_and_float16_blocks(monkeypatc
     assert list(rows[0][:2]) == [10, 20]
     half_rows, _ = top_k(db.astype(np.float16), queries, 7)
     assert (half_rows[:, 0] == rows[:, 0]).mean() > 0.9
+    monkeypatch.setattr(vectors, "QUERY_BLOCK", 8)  # 5 < 8 queries per block: 8 queries against tiles of 312 rows
+    tiled_rows, tiled_scores = top_k(db, queries, 7)
+    np.testing.assert_array_equal(tiled_rows, rows)
+    np.testing.assert_allclose(tiled_scores, scores, rtol=1e-6)
+    monkeypatch.setattr(vectors, "SCORE_BLOCK", 8 * 3)  # tiles of 3 rows, fewer than k: tiles as wide as k
+    np.testing.assert_array_equal(top_k(db, queries, 7)[0], rows)
 
 
 def test_l2_normalize_keeps_zero_rows():

@@ -37,6 +37,7 @@ QUERY_SIDE = 640
 QUERY_KEYPOINTS = 512
 GRID = 4  # keypoints are chosen round-robin over GRID x GRID cells, strongest first in each
 DETECT_FACTOR = 4  # SIFT is asked for this many times the kept count, before the spread-out choice
+CONTRAST_THRESHOLDS = (0.04, 0.01)  # OpenCV's default, then the retry when it finds fewer than the kept count
 DESCRIPTOR_BYTES = 128
 KEYPOINT_FIELDS = 4  # x, y, size, angle
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest: blocks below it come from the heap, not from a fresh mapping
@@ -116,9 +117,17 @@ def _detect_described(grey: np.ndarray, max_keypoints: int):
     import cv2
 
     keep_freed_memory()
-    sift = cv2.SIFT_create(nfeatures=max_keypoints * DETECT_FACTOR)
     size = (int(grey.shape[1]), int(grey.shape[0]))
-    keypoints, descriptors = sift.detectAndCompute(grey, None) if min(size) >= 16 else ((), None)
+    if min(size) < 16:
+        return cv2.SIFT_create(), [], LocalFeatures.empty(size)
+    keypoints, descriptors = (), None
+    for contrast in CONTRAST_THRESHOLDS:  # a low-contrast picture (a smooth wallpaper) gets a second, lower threshold
+        sift = cv2.SIFT_create(nfeatures=max_keypoints * DETECT_FACTOR, contrastThreshold=contrast)
+        found, described = sift.detectAndCompute(grey, None)
+        if len(found) > len(keypoints):
+            keypoints, descriptors = found, described
+        if len(keypoints) >= max_keypoints:
+            break
     if not keypoints or descriptors is None:
         return sift, [], LocalFeatures.empty(size)
     points = np.array([kp.pt for kp in keypoints], np.float32)
