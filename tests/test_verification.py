@@ -121,6 +121,16 @@ def test_a_shared_frame_is_not_evidence_of_a_copy():
     assert result.strength[3] > result.strength[:3].max()
 
 
+@pytest.mark.parametrize("name", ["coffee", "astronaut"])
+def test_a_low_contrast_picture_gets_keypoints_and_its_copy_is_verified(name):
+    # a tenth of the contrast (a smooth wallpaper, a dim photo): OpenCV's default threshold finds 0-1 keypoints here
+    dim = (128 + (np.asarray(photo(name, 512)).astype(np.float32) - 128) / 10).astype(np.uint8)
+    features = extract_local_features(dim)
+    assert len(features) >= 100
+    result = verify(as_query(pasted(Image.fromarray(dim))), [features, extract_local_features(np.asarray(photo("rocket", 512)))])
+    assert result.verified.tolist() == [True, False]
+
+
 def test_the_mirrored_query_finds_a_mirrored_copy():
     flipped = np.ascontiguousarray(np.asarray(photo("coffee"))[:, ::-1])
     candidate = [extract_local_features(np.asarray(photo("coffee", 512)))]

@@ -7,6 +7,11 @@ of each cell of a ``GRID`` x ``GRID`` grid in turn, so a busy frame or a caption
 * ``descriptors`` uint8 (n, 128): RootSIFT (Arandjelović & Zisserman 2012: OpenCV's SIFT descriptor L1-normalised
   and square-rooted, which compares better than raw SIFT), a unit vector stored as ``round(255 * value)``.
 
+Detection keeps DoG extrema down to a quarter of OpenCV's default contrast (``CONTRAST_THRESHOLD``): the strongest
+``DETECT_FACTOR`` x the kept count are taken either way, so a textured picture keeps its strong keypoints, while a
+low-contrast one (a smooth wallpaper, a dim photo) gets keypoints at all. At the default, 20 of the 60 originals of the
+copy-detection set had fewer than 60 keypoints (three had none), and every copy the preset missed was one of theirs.
+
 A database image stores ``DATABASE_KEYPOINTS`` (256) of them: 256 x (128 + 8) bytes = 34.8 KB per image. A query is
 not stored and keeps up to ``QUERY_KEYPOINTS`` (512) at a larger ``QUERY_SIDE`` (640), so the photo inside a
 screenshot still gets keypoints of its own; the mirrored query is the same image flipped left-right: the keypoints
@@ -37,7 +42,7 @@ QUERY_SIDE = 640
 QUERY_KEYPOINTS = 512
 GRID = 4  # keypoints are chosen round-robin over GRID x GRID cells, strongest first in each
 DETECT_FACTOR = 4  # SIFT is asked for this many times the kept count, before the spread-out choice
-CONTRAST_THRESHOLDS = (0.04, 0.01)  # OpenCV's default, then the retry when it finds fewer than the kept count
+CONTRAST_THRESHOLD = 0.01  # SIFT's DoG contrast floor: a quarter of OpenCV's 0.04, so smooth wallpapers get keypoints
 DESCRIPTOR_BYTES = 128
 KEYPOINT_FIELDS = 4  # x, y, size, angle
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest: blocks below it come from the heap, not from a fresh mapping
@@ -117,17 +122,9 @@ def _detect_described(grey: np.ndarray, max_keypoints: int):
     import cv2
 
     keep_freed_memory()
+    sift = cv2.SIFT_create(nfeatures=max_keypoints * DETECT_FACTOR, contrastThreshold=CONTRAST_THRESHOLD)
     size = (int(grey.shape[1]), int(grey.shape[0]))
-    if min(size) < 16:
-        return cv2.SIFT_create(), [], LocalFeatures.empty(size)
-    keypoints, descriptors = (), None
-    for contrast in CONTRAST_THRESHOLDS:  # a low-contrast picture (a smooth wallpaper) gets a second, lower threshold
-        sift = cv2.SIFT_create(nfeatures=max_keypoints * DETECT_FACTOR, contrastThreshold=contrast)
-        found, described = sift.detectAndCompute(grey, None)
-        if len(found) > len(keypoints):
-            keypoints, descriptors = found, described
-        if len(keypoints) >= max_keypoints:
-            break
+    keypoints, descriptors = sift.detectAndCompute(grey, None) if min(size) >= 16 else ((), None)
     if not keypoints or descriptors is None:
         return sift, [], LocalFeatures.empty(size)
     points = np.array([kp.pt for kp in keypoints], np.float32)
