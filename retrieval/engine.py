@@ -277,6 +277,6 @@ class RetrievalEngine:
     def find_duplicates(self, threshold: float | None = None, *, k: int | None = None, verify=None):
         """Groups of duplicate images of this database, searched through this engine's backend in batches
         (``retrieval.search.duplicates.find_duplicates``; ``verify``: an optional stage that confirms pairs)."""
-        from .search.duplicates import DEFAULT_K, DEFAULT_THRESHOLD, find_duplicates
+        from .search.duplicates import DEFAULT_K, find_duplicates
 
-        return find_duplicates(self, DEFAULT_THRESHOLD if threshold is None else threshold, k=k or DEFAULT_K, verify=verify)
+        return find_duplicates(self, threshold, k=k or DEFAULT_K, verify=verify)

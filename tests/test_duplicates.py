@@ -20,7 +20,7 @@ from retrieval.errors import RetrievalError
 from retrieval.search.backends.faiss import FaissBackend
 from retrieval.search.backends.memory import MemoryBackend
 from retrieval.search.duplicates import (
-    DEFAULT_THRESHOLD, DuplicateFinder, GraphCache, NeighbourGraph, build_graph, cache_path, connected_components,
+    DEFAULT_THRESHOLD, VERIFIED_THRESHOLD, DuplicateFinder, GraphCache, NeighbourGraph, build_graph, cache_path, connected_components,
     find_duplicates, search_neighbours, vector_fingerprints,
 )
 from retrieval.storage.database import FeatureDatabase, read_database, write_database
@@ -168,6 +168,9 @@ def test_verification_stage_is_pluggable():
     assert len(seen) == 1 and len(seen[0]) == plain.pairs
     assert verified.verified == "odd_rows_only" and verified.rejected == plain.pairs - verified.pairs > 0
     assert all(member.id % 2 == 1 for group in verified.groups for member in group.members)
+    # no threshold: 0.78 for cosine alone, the lower VERIFIED_THRESHOLD when a stage confirms the pairs
+    assert find_duplicates(database).threshold == DEFAULT_THRESHOLD
+    assert find_duplicates(database, verify=odd_rows_only).threshold == VERIFIED_THRESHOLD < DEFAULT_THRESHOLD
 
 
 def test_faiss_backend_gives_the_exact_groups_on_clear_copies():

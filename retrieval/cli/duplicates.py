@@ -31,7 +31,7 @@ def cosine_threshold(text: str) -> float:
 
 def parse_args(argv=None) -> argparse.Namespace:
     from ..search.backends import BACKENDS
-    from ..search.duplicates import DEFAULT_K, DEFAULT_THRESHOLD, MAX_K
+    from ..search.duplicates import DEFAULT_K, DEFAULT_THRESHOLD, MAX_K, VERIFIED_THRESHOLD
     from . import nonempty_path, positive_int
 
     parser = OneLineParser(
@@ -39,9 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "suggests one image to keep per group and never deletes or moves anything."
     )
     parser.add_argument("--index", "-index", required=True, type=nonempty_path, metavar="FILE.h5", help="feature database built by index.py")
-    parser.add_argument("--threshold", "-t", type=cosine_threshold, default=DEFAULT_THRESHOLD, metavar="T",
+    parser.add_argument("--threshold", "-t", type=cosine_threshold, default=None, metavar="T",
                         help=f"cosine similarity from which two images are duplicates, in (0, 1] (default: {DEFAULT_THRESHOLD}, "
-                             "chosen on the copy-detection benchmark)")
+                             f"with --verify {VERIFIED_THRESHOLD}; both chosen on the copy-detection benchmark)")
     parser.add_argument("--k", type=positive_int, default=DEFAULT_K, metavar="NEIGHBOURS",
                         help=f"neighbours searched per image (default: {DEFAULT_K}, at most {MAX_K}); raise it for very large groups")
     parser.add_argument("--verify", action="store_true", help="confirm each pair by local-feature geometric verification (indexes built with --preset copy-detection)")

@@ -11,7 +11,7 @@ until then. Above it, HNSW answers in under 2 ms at recall@10 ~0.99 (efSearch 25
 A float16 matrix (``index.py --storage float16``) is searched exactly by faiss' fp16 scalar quantizer
 (``QT_fp16``, inner product), whose codes are the same IEEE halves: numpy has no fast float16 product (it converts
 block by block, 30-60x slower than float32), faiss decodes halves in registers at memory speed. bench/run.py
-measures both and the recall (1.0 but for ties). A float32 matrix keeps numpy's matmul + argpartition.
+measures both and the recall (1.0 but for ties). A float32 matrix keeps numpy's matmul + exact top-k (retrieval.vectors).
 """
 
 from __future__ import annotations
