@@ -197,6 +197,23 @@ def test_letterbox_bars_are_trimmed_from_a_content_box():
     assert abs(box[1] - 330) <= 6 and abs(box[3] - 530) <= 6 and abs(box[0] - 20) <= 6 and abs(box[2] - 400) <= 6
 
 
+def test_page_furniture_at_the_edge_of_a_content_box_is_cut_off():
+    # a phone screenshot: the letterboxed photo, then a thin white gap and a navigation bar of icons touching its
+    # bottom, all one connected region; the bars are narrower than that region, so its full rows look busy
+    from test_verification import photo
+
+    page = np.full((736, 414, 3), 250, np.uint8)
+    inner = np.asarray(photo("coffee", 360))
+    page[400:640, 27:387] = 0  # black bars above and below the photo
+    page[430 : 430 + 180, 27:387] = inner[:180]
+    page[640:650, 20:394] = 235  # the bar's light divider, just off the page colour
+    for left in range(30, 380, 60):  # icons
+        page[656:676, left : left + 22] = 60
+        page[660:672, left + 4 : left + 18] = 250
+    (box,) = regions.content_boxes(page)
+    assert abs(box[1] - 430) <= 6 and abs(box[3] - 610) <= 6 and abs(box[0] - 27) <= 6 and abs(box[2] - 387) <= 6, box
+
+
 @pytest.mark.parametrize("name", ["chelsea", "coffee", "rocket", "astronaut"])
 def test_a_plain_photo_has_no_content_box(name):
     from test_verification import photo

@@ -108,6 +108,8 @@ PAGE_MIN_SIDE = 64  # pixels: a smaller picture (an icon, a thumbnail, a 28 px F
 CONTENT_MIN_AREA, CONTENT_MAX_AREA = 0.10, 0.85  # fractions of the picture
 CONTENT_MIN_FILL = 0.6  # of its bounding box a content region covers: photos are rectangles; blobs, UI clutter are not
 MAX_CONTENT_BOXES = 2
+FURNITURE_SHARE = 0.2  # a busy edge band thinner than this share of a content box, cut off by flat lines, is furniture
+FURNITURE_GAP = 2  # flat lines (at CONTENT_SIDE) that cut a band off
 FLAT_LEVELS, NEUTRAL_LEVELS = 3, 16  # page background: grey range over 5 x 5 pixels, spread of R, G, B (of 255)
 CONTENT_MIN_BACKGROUND = 0.15  # a picture with less page background than this is all content
 PAGE_WEIGHT = 0.9  # a query with content boxes: the cosines of the whole page (frame included) count this much
@@ -174,17 +176,40 @@ def content_boxes(pixels: np.ndarray) -> list[tuple[int, int, int, int]]:
 
 def _trimmed(small: np.ndarray, y: int, x: int, h: int, w: int) -> tuple[int, int, int, int]:
     """(y, x, h, w) without the flat rows and columns at its edges (>= 95 % of their pixels within 8 grey levels of
-    their median: letterbox bars), unless that leaves less than half of it."""
+    their median: letterbox bars) and, where that still leaves half of it, without page furniture at its edges: a
+    band of busy rows thinner than ``FURNITURE_SHARE`` of it, cut off from the rest by flat rows (a post's header,
+    an app's navigation bar), then the same for the columns of the rows kept, then the rows of the columns kept.
+    Unchanged when even the flat edges take more than half of it."""
     grey = small[y : y + h, x : x + w].astype(np.float32).mean(axis=2)
 
     def busy(lines: np.ndarray) -> np.ndarray:
         off = np.abs(lines - np.median(lines, axis=1, keepdims=True)) > 8
         return np.flatnonzero(off.mean(axis=1) > 0.05)
 
-    busy_rows, busy_cols = busy(grey), busy(grey.T)
-    if len(busy_rows) == 0 or len(busy_cols) == 0:
-        return y, x, h, w
-    top, bottom, left, right = busy_rows[0], busy_rows[-1] + 1, busy_cols[0], busy_cols[-1] + 1
-    if (bottom - top) * 2 < h or (right - left) * 2 < w:
-        return y, x, h, w
-    return y + int(top), x + int(left), int(bottom - top), int(right - left)
+    def span(indices: np.ndarray, length: int, furniture: bool) -> tuple[int, int]:
+        runs = np.split(indices, np.flatnonzero(np.diff(indices) > FURNITURE_GAP) + 1) if furniture else [indices]
+        while len(runs) > 1 and len(runs[0]) < FURNITURE_SHARE * length:
+            runs = runs[1:]
+        while len(runs) > 1 and len(runs[-1]) < FURNITURE_SHARE * length:
+            runs = runs[:-1]
+        return int(runs[0][0]), int(runs[-1][-1]) + 1
+
+    def box(furniture: bool) -> tuple[int, int, int, int] | None:
+        rows = busy(grey)
+        if len(rows) == 0:
+            return None
+        top, bottom = span(rows, h, furniture)
+        cols = busy(grey[top:bottom].T) if furniture else busy(grey.T)
+        if len(cols) == 0:
+            return None
+        left, right = span(cols, w, furniture)
+        if furniture:  # the rows again, within the columns kept: bars that side margins made look busy
+            rows = top + busy(grey[top:bottom, left:right])
+            if len(rows) == 0:
+                return None
+            top, bottom = span(rows, h, furniture)
+        if (bottom - top) * 2 < h or (right - left) * 2 < w:
+            return None
+        return y + top, x + left, bottom - top, right - left
+
+    return box(furniture=True) or box(furniture=False) or (y, x, h, w)
