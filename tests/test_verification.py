@@ -72,25 +72,26 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 from retrieval.descriptors import local_features
-image = np.asarray(Image.open(sys.argv[1]).convert("RGB").resize((512, 512)))
+base = Image.open(sys.argv[1]).convert("RGB")
+images = [np.asarray(base.resize((512, 256 + 16 * (i % 16)))) for i in range(32)]  # sizes vary, as in a folder
 with ThreadPoolExecutor(2) as pool:  # as index.py's loader threads
-    list(pool.map(lambda _: local_features.extract_local_features(image), range(4)))
+    list(pool.map(local_features.extract_local_features, images[:4]))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    list(pool.map(lambda _: local_features.extract_local_features(image), range(10)))
-print(local_features.keep_freed_memory(), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+    list(pool.map(local_features.extract_local_features, images))
+print(local_features.keep_freed_memory(), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / len(images))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page-fault counts and mallopt are glibc's (Linux)")
 def test_the_scale_space_is_reused_not_faulted_in_again_for_every_image():
-    # a fresh process: the setting is process-wide. ~30 MB of scale space per image would be ~7,500 fresh pages; glibc's
-    # default gave ~1,200 faults per image here, the kept memory ~80
+    # a fresh process: the setting is process-wide. Scale spaces of varying sizes, ~30 MB each, would be ~7,500 fresh
+    # pages per image; glibc's default gave ~2,900-3,600 faults per image here, the kept memory ~380-480
     done = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, str(DEMO_DATABASE / "astronaut" / "original.jpg")],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
     kept, faults_per_image = done.stdout.split()
     assert kept == "True"
-    assert float(faults_per_image) < 400
+    assert float(faults_per_image) < 1_500
 
 
 def test_spread_choice_takes_every_cell_before_the_second_best_of_any():
