@@ -150,9 +150,11 @@ def top_k(matrix: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, 
         columns = max(width, SCORE_BLOCK // QUERY_BLOCK)
         for start in range(0, queries.shape[0], QUERY_BLOCK):
             block = slice(start, start + QUERY_BLOCK)
-            tiles = [top_k_of_scores(cosine_scores(matrix[first : first + columns], queries[block]), k)
-                     for first in range(0, matrix.shape[0], columns)]
-            candidates = np.concatenate([tile_rows + first for (tile_rows, _), first in zip(tiles, range(0, matrix.shape[0], columns))], axis=1)
-            picks, scores[block] = top_k_of_scores(np.concatenate([tile_scores for _, tile_scores in tiles], axis=1), k)
-            rows[block] = np.take_along_axis(candidates, picks, axis=1)
+            tile_rows, tile_scores = [], []
+            for first in range(0, matrix.shape[0], columns):
+                found, values = top_k_of_scores(cosine_scores(matrix[first : first + columns], queries[block]), k)
+                tile_rows.append(found + first)
+                tile_scores.append(values)
+            picks, scores[block] = top_k_of_scores(np.concatenate(tile_scores, axis=1), k)
+            rows[block] = np.take_along_axis(np.concatenate(tile_rows, axis=1), picks, axis=1)
     return (rows[0], scores[0]) if single else (rows, scores)
