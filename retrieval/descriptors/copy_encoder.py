@@ -46,10 +46,14 @@ class CopyEncoder:
         encoder = extractor.encoder
         self.shared_maps = list(encoder.scales) == [1.0] and encoder.pooling in SHARED_MAP_POOLINGS
 
-    def encode_arrays(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray | None]]:
-        """uint8 arrays resized by the database's rule -> (global descriptors (N, D), per image regions (R, D) or None)."""
+    def encode_arrays(self, arrays: list[np.ndarray], region_count: int | None = None) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """uint8 arrays resized by the database's rule -> (global descriptors (N, D), per image regions (R, D) or None).
+
+        Only the first ``region_count`` arrays (default: all) get regions; the others (the pictures inside pages) are
+        encoded in the same forward pass as whole images, their regions None."""
         extractor = self.extractor
         encoder = extractor.encoder
+        count = len(arrays) if region_count is None else region_count
         if not self.regions:
             return extractor.encode_arrays(arrays), [None] * len(arrays)
         vectors = None if self.shared_maps else extractor.encode_arrays(arrays)
@@ -57,12 +61,14 @@ class CopyEncoder:
         regions: list[np.ndarray | None] = [None] * len(arrays)
         groups: dict[tuple, list[int]] = {}
         for i, array in enumerate(arrays):
-            groups.setdefault(array.shape, []).append(i)
+            if vectors is None or i < count:
+                groups.setdefault(array.shape, []).append(i)
         for rows in groups.values():
             maps = extractor.feature_maps(np.stack([arrays[i] for i in rows]))
             if vectors is None:
                 out[rows] = l2_normalize(pooling.pool(encoder.pooling, maps, **encoder.pooling_params))
-            for i, per_image in zip(rows, region_vectors(maps)):
+            with_regions = [row for row, i in enumerate(rows) if i < count]
+            for i, per_image in zip([rows[row] for row in with_regions], region_vectors(maps[with_regions])):
                 regions[i] = per_image
         return out, regions
 
@@ -89,12 +95,11 @@ class CopyEncoder:
 
         for start, results in prefetched_batches(list(paths), load, batch_size, workers):
             good = [i for i, (loaded, _) in enumerate(results) if loaded is not None]
-            vectors, regions = self.encode_arrays([results[i][0][0] for i in good]) if good else (None, [])
             pages = [row for row, i in enumerate(good) if results[i][0][3] is not None]
-            if pages:  # the picture inside each page: one more region, encoded like a whole image
-                contents = self.extractor.encode_arrays([results[good[row]][0][3] for row in pages])
-                for row, content in zip(pages, contents):
-                    regions[row] = np.concatenate([regions[row], content[None].astype(regions[row].dtype)])
+            arrays = [results[i][0][0] for i in good] + [results[good[row]][0][3] for row in pages]
+            vectors, regions = self.encode_arrays(arrays, region_count=len(good)) if good else (None, [])
+            for row, content in zip(pages, vectors[len(good):] if good else []):  # the picture inside a page: one more region
+                regions[row] = np.concatenate([regions[row], content[None].astype(regions[row].dtype)])
             items = [CopyItem(start + i, None, error) for i, (_, error) in enumerate(results)]
             for row, i in enumerate(good):
                 _, dimensions, local, content = results[i][0]

@@ -1,0 +1,43 @@
+"""Index-time encoding for copy detection (retrieval.descriptors.copy_encoder): global vectors, regions, pages and local
+features of real files through the real EfficientNet-Lite0."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from retrieval.descriptors.copy_encoder import CopyEncoder
+from retrieval.descriptors.regions import content_boxes, region_vectors
+from retrieval.images import load_sized_for_backbone, open_image, resize_for_backbone
+
+
+def test_a_page_stores_its_picture_as_its_last_region_encoded_in_the_batch(tmp_path, effnet_extractor):
+    from test_regions import web_page
+    from test_verification import photo
+
+    page = tmp_path / "page.png"
+    Image.fromarray(web_page(np.asarray(photo("chelsea", 360)))).save(page)
+    plain = [tmp_path / f"plain-{name}.png" for name in ("coffee", "astronaut")]
+    for path, name in zip(plain, ("coffee", "astronaut")):
+        photo(name, 300).save(path)
+    paths = [plain[0], page, plain[1]]
+
+    (items,) = list(CopyEncoder(effnet_extractor).encode_files(paths, batch_size=8))
+    encoder = effnet_extractor.encoder
+    arrays = [load_sized_for_backbone(path, encoder.input_size, encoder.resize_rule)[0] for path in paths]
+    expected = effnet_extractor.encode_arrays(arrays)
+    own_regions = region_vectors(effnet_extractor.feature_maps(np.stack(arrays)))
+
+    assert [item.page for item in items] == [False, True, False]
+    for item, vector, regions in zip(items, expected, own_regions):
+        assert item.error is None
+        np.testing.assert_allclose(item.vector, vector, atol=2e-3)  # the global vector a plain index stores
+        np.testing.assert_allclose(item.regions[: len(regions)], regions, atol=2e-3)
+        assert len(item.local) > 0
+    assert [len(item.regions) for item in items] == [len(own_regions[0]), len(own_regions[1]) + 1, len(own_regions[2])]
+
+    picture = open_image(page, draft_size=512)
+    (box, *_) = content_boxes(np.asarray(picture))
+    inside = effnet_extractor.encode_arrays([resize_for_backbone(picture.crop(box), encoder.input_size, encoder.resize_rule)])[0]
+    np.testing.assert_allclose(items[1].regions[-1], inside, atol=2e-3)
+    assert float(items[1].regions[-1] @ items[1].vector) < 0.95  # the picture, not the page again
