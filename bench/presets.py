@@ -10,7 +10,8 @@ folders (PNG: lossless, the pixels bench/quality.py evaluates), indexed by ``ind
 ``evaluate.py --ground-truth folders`` all-vs-all (each image a query by id, left out of its own ranking; for the
 preset that is its regions as windows and its stored local features verified), as a user would run them. The
 copy-detection set adds its own protocol (edits as queries against originals + distractors). Reports mAP, P@1 and the
-indexing time of each, and the difference preset - classic. Writes bench/out/presets.md (and .json).
+indexing time of each, and the difference preset - classic; and the indexing time alone on photo-sized files (the
+sets are small pictures; local features cost more on large ones). Writes bench/out/presets.md (and .json).
 """
 
 from __future__ import annotations
