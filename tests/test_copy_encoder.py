@@ -41,3 +41,9 @@ def test_a_page_stores_its_picture_as_its_last_region_encoded_in_the_batch(tmp_p
     inside = effnet_extractor.encode_arrays([resize_for_backbone(picture.crop(box), encoder.input_size, encoder.resize_rule)])[0]
     np.testing.assert_allclose(items[1].regions[-1], inside, atol=2e-3)
     assert float(items[1].regions[-1] @ items[1].vector) < 0.95  # the picture, not the page again
+    # colour thumbnails: every image its own; the page also its picture's, last (what a query of it is searched as)
+    from retrieval.descriptors.thumbnails import colour_thumbnail
+
+    assert [len(item.local.thumbnails) for item in items] == [1, 2, 1]
+    np.testing.assert_array_equal(items[1].local.thumbnails[0], colour_thumbnail(np.asarray(picture)))
+    np.testing.assert_array_equal(items[1].local.thumbnails[1], colour_thumbnail(np.asarray(picture.crop(box))))

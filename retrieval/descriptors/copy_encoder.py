@@ -6,7 +6,8 @@ For a single-scale encoder with one of the plain poolings the regions come from 
 descriptor (one forward pass); otherwise the global descriptor is the extractor's and the regions need a second
 pass at scale 1. The local features are computed from the file decoded at up to ``DATABASE_SIDE`` pixels. An image
 that is a page around a picture (a screenshot: ``regions.content_boxes``) gets that picture's descriptor as one more
-region, its last, and is marked ``page``.
+region, its last, and is marked ``page``; its local features carry that picture's colour thumbnail beside the
+page's (a query that is a page is searched as its picture).
 """
 
 from __future__ import annotations
@@ -86,11 +87,13 @@ class CopyEncoder:
             if self.local or self.regions:
                 picture = open_image(path, draft_size=DATABASE_SIDE)
                 pixels = np.asarray(picture)
+                boxes = content_boxes(pixels) if self.regions else []
+                if boxes:
+                    content = resize_for_backbone(picture.crop(boxes[0]), size, rule)
                 if self.local:
-                    local = extract_local_features(pixels, DATABASE_SIDE, DATABASE_KEYPOINTS)
-                if self.regions:
-                    boxes = content_boxes(pixels)
-                    content = resize_for_backbone(picture.crop(boxes[0]), size, rule) if boxes else None
+                    left, top, right, bottom = boxes[0] if boxes else (0, 0, 0, 0)
+                    inside = pixels[top:bottom, left:right] if boxes else None
+                    local = extract_local_features(pixels, DATABASE_SIDE, DATABASE_KEYPOINTS, picture=inside)
             return array, dimensions, local, content
 
         for start, results in prefetched_batches(list(paths), load, batch_size, workers):

@@ -24,6 +24,11 @@ screenshot still gets keypoints of its own; the mirrored query is the same image
 found once, mirrored (x -> W - 1 - x, angle -> 180 - angle) and described again on the flipped pixels (SIFT
 descriptors are not mirror-invariant; detection is, so it is not repeated).
 
+A database image's and a query's features also carry colour thumbnails (``thumbnails``: 32 px, at most 3 KB each),
+for the photometric check of the copies SIFT finds nothing in (``retrieval.search.photometric``): a database image's
+whole picture and, for a page around a picture (a screenshot), that picture's too; a query's picture as it is
+searched (a screenshot's picture).
+
 OpenCV (``opencv-python-headless``) is imported on first use, so a database without local features never needs it.
 
 SIFT's scale space of one 512 px image is ~30 MB of float32 layers (the doubled first octave). glibc hands such
@@ -38,9 +43,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+
+from .thumbnails import colour_thumbnail
 
 DATABASE_SIDE = 512
 DATABASE_KEYPOINTS = 256
@@ -59,18 +66,20 @@ KEEP_FREED_BYTES = 256 << 20  # freed heap kept for reuse before it is returned 
 @dataclass(frozen=True)
 class LocalFeatures:
     """The local features of one image (see the module docstring); ``size`` is (width, height) of the resized image
-    the coordinates refer to."""
+    the coordinates refer to; ``thumbnails`` the colour thumbnails of the image, each uint8 (h, w, 3) with
+    max(h, w) = ``thumbnails.THUMBNAIL_SIDE`` (empty: not made, as in older files)."""
 
     keypoints: np.ndarray  # float16 (n, 4)
     descriptors: np.ndarray  # uint8 (n, 128)
     size: tuple[int, int]
+    thumbnails: tuple[np.ndarray, ...] = ()
 
     def __len__(self) -> int:
         return int(self.descriptors.shape[0])
 
     @property
     def nbytes(self) -> int:
-        return int(self.keypoints.nbytes + self.descriptors.nbytes)
+        return int(self.keypoints.nbytes + self.descriptors.nbytes + sum(t.nbytes for t in self.thumbnails))
 
     @classmethod
     def empty(cls, size: tuple[int, int] = (0, 0)) -> "LocalFeatures":
@@ -158,14 +167,20 @@ def _described(sift, grey: np.ndarray, keypoints) -> LocalFeatures:
     return _local_features(keypoints, descriptors, size)
 
 
-def extract_local_features(image: np.ndarray, max_side: int = DATABASE_SIDE, max_keypoints: int = DATABASE_KEYPOINTS) -> LocalFeatures:
-    """uint8 RGB (H, W, 3) -> ``LocalFeatures`` with at most ``max_keypoints`` SIFT keypoints (none for a flat image)."""
+def extract_local_features(
+    image: np.ndarray, max_side: int = DATABASE_SIDE, max_keypoints: int = DATABASE_KEYPOINTS, picture: np.ndarray | None = None,
+) -> LocalFeatures:
+    """uint8 RGB (H, W, 3) -> ``LocalFeatures`` with at most ``max_keypoints`` SIFT keypoints (none for a flat image)
+    and the colour thumbnails of the image and of ``picture`` (the picture inside a page, when it is one)."""
     grey, _ = _grey(image, max_side)
-    return _detect_described(grey, max_keypoints, DATABASE_DETECT_FACTOR)[2]
+    features = _detect_described(grey, max_keypoints, DATABASE_DETECT_FACTOR)[2]
+    pictures = (image,) if picture is None else (image, picture)
+    return replace(features, thumbnails=tuple(colour_thumbnail(p) for p in pictures))
 
 
 def query_local_features(image: np.ndarray) -> tuple[LocalFeatures, LocalFeatures]:
-    """A query's local features and those of its mirror image (flipped left-right), at the query resolution."""
+    """A query's local features (with its colour thumbnail) and those of its mirror image (flipped left-right; no
+    thumbnail: the photometric check compares the picture as it is), at the query resolution."""
     import cv2
 
     grey, _ = _grey(image, QUERY_SIDE)
@@ -175,7 +190,7 @@ def query_local_features(image: np.ndarray) -> tuple[LocalFeatures, LocalFeature
         cv2.KeyPoint(width - 1 - kp.pt[0], kp.pt[1], kp.size, (180.0 - kp.angle) % 360.0, kp.response, kp.octave, kp.class_id)
         for kp in keypoints
     ]
-    return direct, _described(sift, np.ascontiguousarray(grey[:, ::-1]), flipped)
+    return replace(direct, thumbnails=(colour_thumbnail(image),)), _described(sift, np.ascontiguousarray(grey[:, ::-1]), flipped)
 
 
 def as_root_sift(descriptors: np.ndarray) -> np.ndarray:

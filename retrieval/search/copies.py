@@ -13,7 +13,9 @@ parts of the query encoded like whole images) and its local features. Against a 
 so several vectors stand for one image and the results are always images (each at most once). Taking the maximum
 keeps the ranking of the global descriptor wherever the regions do not match better. Then, when verification is on,
 the best ``verify_top`` images are verified with local features (``verification.verify``) and a verified image
-scores ``1 + strength / (strength + 15)``, above every unverified cosine; unverified ones keep their score.
+scores ``1 + strength / (strength + 15)``, above every unverified cosine; unverified ones keep their score, plus, for
+the first ``photometric.CHECK_TOP``, what their colour thumbnail's likeness to the query's adds (``photometric``:
+the copies of smooth and blurred pictures, which have no keypoints to verify).
 
 Each of these is a ranked list of images, as deep as the verification needs (``verify_top``), so the fused top of
 the ranking is the same as if every image were scored.
@@ -29,6 +31,7 @@ import numpy as np
 from ..descriptors.local_features import LocalFeatures
 from ..descriptors.regions import PAGE_WEIGHT
 from ..errors import RetrievalError
+from . import photometric
 from .verification import VERIFY_TOP, QueryLocalFeatures, verify
 
 
@@ -90,6 +93,21 @@ def weighted_lists(rows: np.ndarray, scores: np.ndarray, weights: np.ndarray | N
     return [(r, s * np.float32(w)) for r, s, w in zip(rows, scores, weights)]
 
 
+def photometric_boost(query: LocalFeatures, candidates: Sequence[LocalFeatures], positions: np.ndarray, verified: np.ndarray) -> np.ndarray:
+    """(K,) score increments: ``photometric.boost`` of the best likeness of the query's picture (its last thumbnail:
+    a page is searched as its picture) to a candidate's thumbnails (its whole picture, a page's picture), for the
+    candidates at ranking ``positions`` below ``photometric.CHECK_TOP`` that were not verified; 0 for the others and
+    where either side has no thumbnail (an older file)."""
+    out = np.zeros(len(candidates))
+    if not query.thumbnails:
+        return out
+    picture = query.thumbnails[-1]
+    for j, (position, ok, candidate) in enumerate(zip(positions, verified, candidates)):
+        if position < photometric.CHECK_TOP and not ok and candidate.thumbnails:
+            out[j] = photometric.boost(np.array([max(photometric.similarity(picture, t) for t in candidate.thumbnails)]))[0]
+    return out
+
+
 def verified_ranking(
     scores: np.ndarray, query: QueryLocalFeatures, copies, top: int = VERIFY_TOP, exclude: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -101,10 +119,12 @@ def verified_ranking(
     inliers = np.full(len(order), -1, np.int64)
     candidates = [i for i in range(min(top, len(order))) if order[i] != exclude]
     if candidates:
-        result = verify(query, [copies.local_of(int(order[i])) for i in candidates])
+        features = [copies.local_of(int(order[i])) for i in candidates]
+        result = verify(query, features)
         index = np.array(candidates)
         inliers[index] = np.where(result.verified, result.inliers, 0)
         fused[index] = np.where(result.verified, result.scores(), fused[index]).astype(np.float32)
+        fused[index] += photometric_boost(query.direct, features, index, result.verified).astype(np.float32)
         again = np.argsort(-fused, kind="stable")
         order, fused, inliers = order[again], fused[again], inliers[again]
     return order, fused, inliers

@@ -10,6 +10,11 @@ Two optional HDF5 groups (a file without them is an ordinary database; readers t
                       descriptors uint8 (K, 128)   RootSIFT, quantised
                       image       int32 (K,)       the database row of each keypoint, non-decreasing
                       frame       int32 (N, 2)     width, height of the resized image the coordinates refer to
+                      thumbnail   uint8 (M, T, T, 3) colour thumbnails (retrieval.descriptors.thumbnails): an
+                                                image's, then for a page the picture's; each in the top-left
+                                                corner, zero-padded (optional, with the next two: absent in older files)
+                      thumbnail_size  int32 (M, 2)  width, height of each thumbnail
+                      thumbnail_image int32 (M,)    the database row of each thumbnail, non-decreasing
                       attributes  method ("sift"), max_keypoints, max_side, verify_default (1: queries verify
                                   unless told not to, the ``copy-detection`` preset)
 
@@ -27,6 +32,7 @@ import numpy as np
 
 from ..descriptors.local_features import DATABASE_KEYPOINTS, DATABASE_SIDE, DESCRIPTOR_BYTES, KEYPOINT_FIELDS, LocalFeatures
 from ..descriptors.regions import MAX_DATABASE_REGIONS
+from ..descriptors.thumbnails import THUMBNAIL_SIDE
 from ..errors import IndexFileError
 
 
@@ -42,6 +48,9 @@ class CopyFeatures:
     descriptors: np.ndarray | None = None  # uint8 (K, 128)
     keypoint_image: np.ndarray | None = None  # int32 (K,)
     frames: np.ndarray | None = None  # int32 (N, 2)
+    thumbnails: np.ndarray | None = None  # uint8 (M, T, T, 3), zero-padded
+    thumbnail_sizes: np.ndarray | None = None  # int32 (M, 2): width, height
+    thumbnail_image: np.ndarray | None = None  # int32 (M,)
     verify_default: bool = False
     max_keypoints: int = DATABASE_KEYPOINTS
     max_side: int = DATABASE_SIDE
@@ -57,6 +66,7 @@ class CopyFeatures:
     def __post_init__(self):
         self._local_starts = None
         self._region_starts = None
+        self._thumbnail_starts = None
 
     # ------------------------------------------------------------------ per image
 
@@ -79,12 +89,19 @@ class CopyFeatures:
             self._local_starts = self._starts(self.keypoint_image)
         start, end = self._local_starts[row], self._local_starts[row + 1]
         width, height = (int(v) for v in self.frames[row])
-        return LocalFeatures(self.keypoints[start:end], self.descriptors[start:end], (width, height))
+        thumbnails = ()
+        if self.thumbnails is not None:
+            if self._thumbnail_starts is None:
+                self._thumbnail_starts = self._starts(self.thumbnail_image)
+            rows = range(self._thumbnail_starts[row], self._thumbnail_starts[row + 1])
+            thumbnails = tuple(self.thumbnails[i, : self.thumbnail_sizes[i, 1], : self.thumbnail_sizes[i, 0]] for i in rows)
+        return LocalFeatures(self.keypoints[start:end], self.descriptors[start:end], (width, height), thumbnails)
 
     def local_bytes_per_image(self) -> float:
         if not self.has_local or not self.count:
             return 0.0
-        return (self.keypoints.nbytes + self.descriptors.nbytes + self.keypoint_image.nbytes + self.frames.nbytes) / self.count
+        thumbnails = 0 if self.thumbnails is None else self.thumbnails.nbytes + self.thumbnail_sizes.nbytes + self.thumbnail_image.nbytes
+        return (self.keypoints.nbytes + self.descriptors.nbytes + self.keypoint_image.nbytes + self.frames.nbytes + thumbnails) / self.count
 
     def region_bytes_per_image(self) -> float:
         if not self.has_regions or not self.count:
@@ -120,6 +137,13 @@ class CopyFeatures:
                 np.concatenate([np.full(len(f), i, np.int32) for i, f in enumerate(local)]) if local else np.zeros(0, np.int32)
             )
             features.frames = np.array([f.size for f in local], np.int32).reshape(-1, 2)
+            if local and all(f.thumbnails for f in local):  # rows carried over from an older file may have none
+                every = [(row, t) for row, f in enumerate(local) for t in f.thumbnails]
+                features.thumbnails = np.zeros((len(every), THUMBNAIL_SIDE, THUMBNAIL_SIDE, 3), np.uint8)
+                for i, (_, t) in enumerate(every):
+                    features.thumbnails[i, : t.shape[0], : t.shape[1]] = t
+                features.thumbnail_sizes = np.array([(t.shape[1], t.shape[0]) for _, t in every], np.int32)
+                features.thumbnail_image = np.array([row for row, _ in every], np.int32)
         return features
 
     def settings(self) -> dict:
@@ -147,6 +171,10 @@ def write_copy_features(h5, features: CopyFeatures | None, count: int) -> None:
         for name, data in (
             ("keypoints", features.keypoints), ("descriptors", features.descriptors),
             ("image", features.keypoint_image), ("frame", features.frames),
+            *((
+                ("thumbnail", features.thumbnails), ("thumbnail_size", features.thumbnail_sizes),
+                ("thumbnail_image", features.thumbnail_image),
+            ) if features.thumbnails is not None else ()),
         ):
             group.create_dataset(name, data=data, chunks=True if len(data) else None, fletcher32=bool(len(data)))
         group.attrs["method"] = "sift"
@@ -206,6 +234,26 @@ def read_copy_features(h5, path: Path, count: int, dim: int) -> CopyFeatures | N
             raise IndexFileError(f"{path}: the index file is corrupt (keypoints hold NaN or infinite values); rebuild it with index.py --rebuild", kind="corrupt")
         features.keypoints, features.descriptors, features.keypoint_image = keypoints, descriptors, image
         features.frames = frames.astype(np.int32)
+        if "thumbnail" in group:
+            features.thumbnails, features.thumbnail_sizes, features.thumbnail_image = _thumbnails(group, count, path)
         features.max_keypoints = limit
         features.max_side = int(group.attrs.get("max_side", DATABASE_SIDE))
     return features
+
+
+def _thumbnails(group, count: int, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The checked colour thumbnails (M, T, T, 3), their sizes (M, 2) and rows (M,) of an open ``local`` group."""
+    thumbnails = np.asarray(group["thumbnail"][...])
+    sizes = np.asarray(group["thumbnail_size"][...]) if "thumbnail_size" in group else np.zeros((0,), np.int32)
+    image = _image_column(group["thumbnail_image"][...] if "thumbnail_image" in group else np.zeros(0), count, path, "thumbnails", 2)
+    side = thumbnails.shape[1] if thumbnails.ndim == 4 else 0
+    total = len(image)
+    if (
+        thumbnails.dtype != np.uint8 or thumbnails.shape != (total, side, side, 3) or sizes.shape != (total, 2)
+        or (total and (sizes.min() < 1 or sizes.max() > side))
+    ):
+        raise IndexFileError(
+            f"{path}: the index file is corrupt (thumbnails of shape {thumbnails.shape}, sizes of shape {sizes.shape}); "
+            "rebuild it with index.py --rebuild", kind="corrupt",
+        )
+    return thumbnails, sizes.astype(np.int32), image

@@ -1,0 +1,56 @@
+"""The photometric check of copy search: does a candidate's colour thumbnail contain the query's (or the query's
+contain the candidate's), shifted and scaled? For the copies SIFT cannot verify (smooth and blurred pictures,
+``retrieval.descriptors.thumbnails``). Numpy in, numpy out; OpenCV's normalised cross-correlation.
+
+``similarity(query, candidate)`` slides the smaller thumbnail, at ``SCALES`` of its size, over the larger one and
+returns the best zero-mean normalised cross-correlation over the three colour channels, in [-1, 1]: 1 for the same
+picture, lower for a crop that is not among the scales tried.
+
+A candidate among the first ``CHECK_TOP`` that the verification did not confirm gains ``boost(similarity)``: nothing below ``MIN_SIMILARITY``, up to
+``MAX_BOOST`` at 1, which keeps it below every verified candidate (> 1) and lets it pass look-alikes whose cosine is
+at most ``MAX_BOOST`` higher. Measured on the copy-detection set (seed 0, the top 10 unverified candidates of every
+query): the originals of the copies SIFT missed scored 0.94-1.00; of the 3,300 unverified non-originals of queries
+that are not screenshots, 7 scored above 0.9 (screenshots, whose whole page is compared, are searched as the picture
+inside them, so their thumbnail is that picture's).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SCALES = (1.0, 0.9, 0.8, 0.7, 0.6)  # sizes of the smaller thumbnail tried inside the larger one
+MIN_SIDE = 4  # pixels: a thumbnail scaled below this is not compared
+MIN_SIMILARITY = 0.9
+CHECK_TOP = 10  # the unverified candidates among the first CHECK_TOP of the ranking are checked
+MAX_BOOST = 0.2
+
+
+def similarity(query: np.ndarray, candidate: np.ndarray) -> float:
+    """Two uint8 RGB thumbnails (h, w, 3) -> the best normalised cross-correlation of the query, at ``SCALES``, inside
+    the candidate (a crop of it, the same picture, a smaller copy); when no scale fits (the query is the wider or the
+    taller), of the candidate inside the query. -1 when neither fits; a flat thumbnail correlates 0 with anything."""
+    query = np.asarray(query, np.float32)
+    candidate = np.asarray(candidate, np.float32)
+    best = _best_inside(query, candidate)
+    return best if best > -1.0 else _best_inside(candidate, query)
+
+
+def _best_inside(small: np.ndarray, large: np.ndarray) -> float:
+    import cv2
+
+    best = -1.0
+    for scale in SCALES:
+        height, width = round(small.shape[0] * scale), round(small.shape[1] * scale)
+        if min(height, width) < MIN_SIDE or height > large.shape[0] or width > large.shape[1]:
+            continue
+        template = small if scale == 1.0 else cv2.resize(small, (width, height), interpolation=cv2.INTER_AREA)
+        if float(template.std()) < 1e-3 or float(large.std()) < 1e-3:
+            return 0.0
+        best = max(best, float(np.nan_to_num(cv2.matchTemplate(large, template, cv2.TM_CCOEFF_NORMED), nan=0.0).max()))
+    return best
+
+
+def boost(similarities: np.ndarray) -> np.ndarray:
+    """(K,) similarities -> (K,) score increments: 0 below ``MIN_SIMILARITY``, rising linearly to ``MAX_BOOST`` at 1."""
+    values = np.asarray(similarities, np.float64)
+    return np.where(values >= MIN_SIMILARITY, MAX_BOOST * (values - MIN_SIMILARITY) / (1 - MIN_SIMILARITY), 0.0)

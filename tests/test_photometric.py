@@ -1,0 +1,150 @@
+"""The photometric check of copy search (retrieval.descriptors.thumbnails, retrieval.search.photometric, its place in
+retrieval.search.copies.verified_ranking) and the thumbnails' stored form: a smooth picture whose copy SIFT cannot
+verify is still ranked first; look-alikes, flat pictures and files without thumbnails gain nothing."""
+
+from __future__ import annotations
+
+import io
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from retrieval.descriptors.regions import content_boxes
+from retrieval.descriptors.local_features import LocalFeatures, extract_local_features, query_local_features
+from retrieval.descriptors.thumbnails import THUMBNAIL_SIDE, colour_thumbnail
+from retrieval.errors import IndexFileError
+from retrieval.search import photometric
+from retrieval.search.copies import verified_ranking
+from retrieval.search.verification import QueryLocalFeatures
+from retrieval.storage.copy_features import CopyFeatures
+
+
+def misty(seed: int, size=(512, 320)) -> np.ndarray:
+    """A smooth 'wallpaper': a few large blurred colour blobs over a vertical gradient (few or no SIFT keypoints)."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    top, bottom = rng.uniform(20, 235, 3), rng.uniform(20, 235, 3)
+    image = top + (bottom - top) * (y / height)[..., None]
+    for _ in range(3):
+        cx, cy, radius = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(60, 160)
+        image += rng.uniform(-60, 60, 3) * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * radius**2))[..., None]
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def captioned_jpeg(pixels: np.ndarray, quality: int = 12) -> np.ndarray:
+    """A caption drawn over the picture, saved as a low-quality JPEG (the 'text + JPEG' copy edit)."""
+    image = Image.fromarray(pixels)
+    ImageDraw.Draw(image).text((image.width // 3, image.height // 2), "look at this mood", fill=(230, 200, 230))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def test_thumbnail_keeps_the_aspect_at_its_longest_side():
+    assert colour_thumbnail(misty(0, (512, 320))).shape == (20, THUMBNAIL_SIDE, 3)
+    assert colour_thumbnail(np.zeros((400, 100, 3), np.uint8)).shape == (THUMBNAIL_SIDE, 8, 3)
+    assert colour_thumbnail(np.zeros((3, 2, 3), np.uint8)).shape == (THUMBNAIL_SIDE, 21, 3)  # tiny pictures grow
+    with pytest.raises(ValueError):
+        colour_thumbnail(np.zeros((10, 10), np.uint8))
+
+
+def test_similarity_of_copies_crops_look_alikes_and_flat_pictures():
+    original = misty(1)
+    thumb = colour_thumbnail(original)
+    assert photometric.similarity(colour_thumbnail(captioned_jpeg(original)), thumb) > 0.95
+    crop = original[20:300, 40:470]  # 84 % of the width: found at one of the scales
+    assert photometric.similarity(colour_thumbnail(crop), thumb) > 0.9
+    assert photometric.similarity(thumb, colour_thumbnail(crop)) > 0.9  # the candidate inside the query
+    look_alikes = [photometric.similarity(thumb, colour_thumbnail(misty(seed))) for seed in range(2, 12)]
+    assert max(look_alikes) < photometric.MIN_SIMILARITY
+    flat = colour_thumbnail(np.full((320, 512, 3), 128, np.uint8))
+    assert photometric.similarity(flat, thumb) == 0.0 and photometric.similarity(thumb, flat) == 0.0
+
+
+def test_boost_is_zero_below_the_threshold_and_stays_below_a_verified_score():
+    values = photometric.boost(np.array([-1.0, 0.5, photometric.MIN_SIMILARITY, 0.95, 1.0]))
+    np.testing.assert_allclose(values, [0, 0, 0, photometric.MAX_BOOST / 2, photometric.MAX_BOOST])
+    assert photometric.MAX_BOOST < 0.5  # an unverified cosine (<= 1) plus it stays below 1.5; verified scores are > 1 + ...
+
+
+def _copies(pictures: list[np.ndarray]) -> CopyFeatures:
+    return CopyFeatures.assemble(None, [extract_local_features(p) for p in pictures], 8)
+
+
+def test_a_smooth_picture_sift_cannot_verify_is_ranked_first_by_its_thumbnail():
+    pictures = [misty(seed) for seed in range(6)]
+    copies = _copies(pictures)
+    query = QueryLocalFeatures(*query_local_features(captioned_jpeg(pictures[3])))
+    scores = np.array([0.60, 0.66, 0.64, 0.58, 0.62, 0.30], np.float32)  # look-alikes' cosines above the original's
+    order, fused, inliers = verified_ranking(scores, query, copies)
+    assert order[0] == 3 and inliers[0] <= 0  # ranked first without being verified
+    assert fused[0] < 1.0 + 1e-6  # still below anything verified
+    np.testing.assert_allclose(np.sort(fused[1:])[::-1], np.sort(np.delete(scores, 3))[::-1])  # the others unchanged
+
+
+def test_beyond_the_checked_top_and_without_thumbnails_nothing_is_gained():
+    pictures = [misty(seed) for seed in range(photometric.CHECK_TOP + 2)]
+    copies = _copies(pictures)
+    query = QueryLocalFeatures(*query_local_features(captioned_jpeg(pictures[-1])))
+    scores = np.linspace(0.9, 0.5, len(pictures)).astype(np.float32)  # the original is last: not checked
+    order, fused, _ = verified_ranking(scores, query, copies)
+    assert order[-1] == len(pictures) - 1
+    np.testing.assert_allclose(fused, np.sort(scores)[::-1])
+    scores[-1] = 0.85  # now within the checked top, second: the thumbnail lifts it, unless one side has none
+    assert verified_ranking(scores, query, copies)[0][0] == len(pictures) - 1
+    no_query_thumbnail = QueryLocalFeatures(
+        LocalFeatures(query.direct.keypoints, query.direct.descriptors, query.direct.size), query.mirrored)
+    older = _copies(pictures)
+    older.thumbnails = older.thumbnail_sizes = older.thumbnail_image = None  # a file written before thumbnails
+    for q, c in ((no_query_thumbnail, copies), (query, older)):
+        order, fused, _ = verified_ranking(scores, q, c)
+        assert order[0] == 0
+        np.testing.assert_allclose(fused, np.sort(scores)[::-1])
+
+
+def test_thumbnails_round_trip_and_damage(tmp_path):
+    from retrieval.storage.copy_features import read_copy_features, write_copy_features
+
+    pictures = [misty(0, (512, 320)), misty(1, (200, 400)), np.zeros((50, 50, 3), np.uint8)]
+    features = _copies(pictures)
+    path = tmp_path / "copies.h5"
+    with h5py.File(path, "w") as h5:
+        write_copy_features(h5, features, len(pictures))
+    with h5py.File(path, "r") as h5:
+        back = read_copy_features(h5, path, len(pictures), 8)
+    for row, picture in enumerate(pictures):
+        (thumbnail,) = back.local_of(row).thumbnails
+        np.testing.assert_array_equal(thumbnail, colour_thumbnail(picture))
+    assert back.local_bytes_per_image() > features.local_bytes_per_image() - 1  # the thumbnails are counted
+    with h5py.File(path, "r+") as h5:  # an older file: no thumbnails, read as such
+        del h5["local/thumbnail"], h5["local/thumbnail_size"], h5["local/thumbnail_image"]
+    with h5py.File(path, "r") as h5:
+        older = read_copy_features(h5, path, len(pictures), 8)
+    assert older.thumbnails is None and older.local_of(0).thumbnails == ()
+    with h5py.File(path, "r+") as h5:  # damaged sizes: refused in one line
+        write_copy_features(h5.create_group("again"), features, len(pictures))
+        h5["again/local/thumbnail_size"][0] = (THUMBNAIL_SIDE + 5, 3)
+    with h5py.File(path, "r") as h5, pytest.raises(IndexFileError) as caught:
+        read_copy_features(h5["again"], path, len(pictures), 8)
+    assert caught.value.kind == "corrupt" and "\n" not in str(caught.value)
+
+
+def test_a_page_is_checked_by_the_picture_inside_it():
+    from test_regions import web_page
+
+    smooth = misty(7, (360, 240))
+    page = web_page(smooth)
+    inside = extract_local_features(page).thumbnails  # a page as a plain image: one thumbnail
+    (box, *_) = content_boxes(page)
+    left, top, right, bottom = box
+    as_page = extract_local_features(page, picture=page[top:bottom, left:right])
+    assert len(inside) == 1 and len(as_page.thumbnails) == 2
+    others = [extract_local_features(misty(seed, (360, 240))) for seed in range(3)]
+    query = QueryLocalFeatures(*query_local_features(captioned_jpeg(smooth)))
+    scores = np.array([0.62, 0.58, 0.60, 0.55], np.float32)  # the page last among look-alikes
+    for page_features, first in ((as_page, 3), (extract_local_features(page), 0)):
+        copies = CopyFeatures.assemble(None, others + [page_features], 8)
+        assert verified_ranking(scores, query, copies)[0][0] == first
