@@ -67,7 +67,10 @@ def test_similarity_of_copies_crops_look_alikes_and_flat_pictures():
 def test_boost_is_zero_below_the_threshold_and_stays_below_a_verified_score():
     values = photometric.boost(np.array([-1.0, 0.5, photometric.MIN_SIMILARITY, 0.95, 1.0]))
     np.testing.assert_allclose(values, [0, 0, 0, photometric.MAX_BOOST / 2, photometric.MAX_BOOST])
-    assert photometric.MAX_BOOST < 0.5  # an unverified cosine (<= 1) plus it stays below 1.5; verified scores are > 1 + ...
+    from retrieval.search.verification import MIN_STRENGTH, STRENGTH_HALF
+
+    weakest_verified = 1 + MIN_STRENGTH / (MIN_STRENGTH + STRENGTH_HALF)
+    assert 1.0 + photometric.MAX_BOOST < weakest_verified  # a cosine (<= 1) plus the most it gains
 
 
 def _copies(pictures: list[np.ndarray]) -> CopyFeatures:
