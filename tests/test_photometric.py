@@ -140,14 +140,35 @@ def test_a_page_is_checked_by_the_picture_inside_it():
 
     smooth = misty(7, (360, 240))
     page = web_page(smooth)
-    inside = extract_local_features(page).thumbnails  # a page as a plain image: one thumbnail
+    as_plain_image = extract_local_features(page)  # one thumbnail, the whole page's
     (box, *_) = content_boxes(page)
     left, top, right, bottom = box
     as_page = extract_local_features(page, picture=page[top:bottom, left:right])
-    assert len(inside) == 1 and len(as_page.thumbnails) == 2
+    assert len(as_plain_image.thumbnails) == 1 and len(as_page.thumbnails) == 2
     others = [extract_local_features(misty(seed, (360, 240))) for seed in range(3)]
     query = QueryLocalFeatures(*query_local_features(captioned_jpeg(smooth)))
     scores = np.array([0.62, 0.58, 0.60, 0.55], np.float32)  # the page last among look-alikes
-    for page_features, first in ((as_page, 3), (extract_local_features(page), 0)):
+    for page_features, first in ((as_page, 3), (as_plain_image, 0)):
         copies = CopyFeatures.assemble(None, others + [page_features], 8)
         assert verified_ranking(scores, query, copies)[0][0] == first
+
+
+def test_an_index_keeps_thumbnails_through_an_incremental_update(tmp_path):
+    from retrieval.indexing import build_index
+    from retrieval.storage.database import read_database
+    from test_regions import web_page
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(web_page(misty(3, (360, 240)))).save(folder / "screenshot.png")
+    Image.fromarray(misty(4)).save(folder / "misty.png")
+    index = tmp_path / "copies.h5"
+    options = dict(backbone="efficientnet-lite0", regions=True, local_features=True, progress=False, notice=lambda line: None)
+    build_index(folder, index, **options)
+    Image.fromarray(misty(5)).save(folder / "added.png")
+    build_index(folder, index, **options)  # the first two are carried over, with their thumbnails
+    copies = read_database(index).copies
+    paths = read_database(index).paths
+    counts = {path: len(copies.local_of(row).thumbnails) for row, path in enumerate(paths)}
+    assert counts == {"added.png": 1, "misty.png": 1, "screenshot.png": 2}
+    np.testing.assert_array_equal(copies.local_of(paths.index("misty.png")).thumbnails[0], colour_thumbnail(misty(4)))

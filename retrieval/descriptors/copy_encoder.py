@@ -88,11 +88,12 @@ class CopyEncoder:
                 picture = open_image(path, draft_size=DATABASE_SIDE)
                 pixels = np.asarray(picture)
                 boxes = content_boxes(pixels) if self.regions else []
+                inside = None
                 if boxes:
                     content = resize_for_backbone(picture.crop(boxes[0]), size, rule)
+                    left, top, right, bottom = boxes[0]
+                    inside = pixels[top:bottom, left:right]
                 if self.local:
-                    left, top, right, bottom = boxes[0] if boxes else (0, 0, 0, 0)
-                    inside = pixels[top:bottom, left:right] if boxes else None
                     local = extract_local_features(pixels, DATABASE_SIDE, DATABASE_KEYPOINTS, picture=inside)
             return array, dimensions, local, content
 

@@ -98,14 +98,13 @@ def photometric_boost(query: LocalFeatures, candidates: Sequence[LocalFeatures],
     a page is searched as its picture) to a candidate's thumbnails (its whole picture, a page's picture), for the
     candidates at ranking ``positions`` below ``photometric.CHECK_TOP`` that were not verified; 0 for the others and
     where either side has no thumbnail (an older file)."""
-    out = np.zeros(len(candidates))
-    if not query.thumbnails:
-        return out
-    picture = query.thumbnails[-1]
-    for j, (position, ok, candidate) in enumerate(zip(positions, verified, candidates)):
-        if position < photometric.CHECK_TOP and not ok and candidate.thumbnails:
-            out[j] = photometric.boost(np.array([max(photometric.similarity(picture, t) for t in candidate.thumbnails)]))[0]
-    return out
+    likeness = np.full(len(candidates), -1.0)
+    if query.thumbnails:
+        picture = query.thumbnails[-1]
+        for j, (position, ok, candidate) in enumerate(zip(positions, verified, candidates)):
+            if position < photometric.CHECK_TOP and not ok and candidate.thumbnails:
+                likeness[j] = max(photometric.similarity(picture, t) for t in candidate.thumbnails)
+    return photometric.boost(likeness)
 
 
 def verified_ranking(

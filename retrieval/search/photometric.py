@@ -2,16 +2,18 @@
 contain the candidate's), shifted and scaled? For the copies SIFT cannot verify (smooth and blurred pictures,
 ``retrieval.descriptors.thumbnails``). Numpy in, numpy out; OpenCV's normalised cross-correlation.
 
-``similarity(query, candidate)`` slides the smaller thumbnail, at ``SCALES`` of its size, over the larger one and
-returns the best zero-mean normalised cross-correlation over the three colour channels, in [-1, 1]: 1 for the same
-picture, lower for a crop that is not among the scales tried.
+``similarity(query, candidate)`` slides the query's thumbnail, at ``SCALES`` of its size, over the candidate's (a
+crop of the candidate, the same picture, a smaller copy), or the candidate's over the query's when no scale of the
+query fits (the query is the wider or the taller), and returns the best zero-mean normalised cross-correlation over
+the three colour channels, in [-1, 1]: 1 for the same picture, lower for a crop that is not among the scales tried.
 
-A candidate among the first ``CHECK_TOP`` that the verification did not confirm gains ``boost(similarity)``: nothing below ``MIN_SIMILARITY``, up to
-``MAX_BOOST`` at 1, which keeps it below every verified candidate (> 1) and lets it pass look-alikes whose cosine is
-at most ``MAX_BOOST`` higher. Measured on the copy-detection set (seed 0, the top 10 unverified candidates of every
-query): the originals of the copies SIFT missed scored 0.94-1.00; of the 3,300 unverified non-originals of queries
-that are not screenshots, 7 scored above 0.9 (screenshots, whose whole page is compared, are searched as the picture
-inside them, so their thumbnail is that picture's).
+A candidate among the first ``CHECK_TOP`` that the verification did not confirm gains ``boost(similarity)``: nothing
+below ``MIN_SIMILARITY``, up to ``MAX_BOOST`` at 1. A cosine plus that stays below every verified score (at least
+1.25), and passes look-alikes whose cosine is at most ``MAX_BOOST`` higher. Measured on the copy-detection set (seed
+0, the top 10 unverified candidates of every query): the originals of the copies SIFT missed scored 0.94-1.00; of the
+3,300 unverified non-originals of queries that are not screenshots, 7 scored above 0.9. Whole screenshots correlate
+with one another through their shared frame, so a screenshot is compared as the picture inside it (its query
+thumbnail is that picture's, and a database page stores its picture's thumbnail beside its own).
 """
 
 from __future__ import annotations
@@ -38,14 +40,14 @@ def similarity(query: np.ndarray, candidate: np.ndarray) -> float:
 def _best_inside(small: np.ndarray, large: np.ndarray) -> float:
     import cv2
 
+    if float(small.std()) < 1e-3 or float(large.std()) < 1e-3:
+        return 0.0
     best = -1.0
     for scale in SCALES:
         height, width = round(small.shape[0] * scale), round(small.shape[1] * scale)
         if min(height, width) < MIN_SIDE or height > large.shape[0] or width > large.shape[1]:
             continue
         template = small if scale == 1.0 else cv2.resize(small, (width, height), interpolation=cv2.INTER_AREA)
-        if float(template.std()) < 1e-3 or float(large.std()) < 1e-3:
-            return 0.0
         best = max(best, float(np.nan_to_num(cv2.matchTemplate(large, template, cv2.TM_CCOEFF_NORMED), nan=0.0).max()))
     return best
 
