@@ -1,10 +1,13 @@
 """Index-time encoding for copy detection: the global descriptor plus region vectors and local features per file.
 
 ``CopyEncoder`` wraps an ``Extractor`` and yields the same ``EncodedItem`` batches as ``Extractor.encode_files`` (the
-global vector is the one a plain index stores), with ``regions`` (R, D) and ``local`` (``LocalFeatures``) added.
+global vector is the one a plain index stores, but for a JPEG large enough that the plain index's decoder scales it
+down further: it is resized from a decode at >= ``DATABASE_SIDE`` px, closer to the full decode a query gets), with
+``regions`` (R, D) and ``local`` (``LocalFeatures``) added.
 For a single-scale encoder with one of the plain poolings the regions come from the same conv maps as the global
 descriptor (one forward pass); otherwise the global descriptor is the extractor's and the regions need a second
-pass at scale 1. The local features are computed from the file decoded at up to ``DATABASE_SIDE`` pixels. An image
+pass at scale 1. One decode of each file (JPEG's DCT scaling down to ``DATABASE_SIDE`` pixels at most) serves the
+model's input, the page detector and the local features, computed at up to ``DATABASE_SIDE`` pixels. An image
 that is a page around a picture (a screenshot: ``regions.content_boxes``) gets that picture's descriptor as one more
 region, its last, and is marked ``page``; its local features carry that picture's colour thumbnail beside the
 page's (a query that is a page is searched as its picture).
@@ -18,7 +21,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..images import load_sized_for_backbone, open_image, prefetched_batches, resize_for_backbone
+from ..images import open_image, prefetched_batches, resize_for_backbone
 from ..vectors import l2_normalize
 from . import pooling
 from .extractor import DEFAULT_BATCH_SIZE, EncodedItem, Extractor
@@ -81,20 +84,18 @@ class CopyEncoder:
         encoder = self.extractor.encoder
         size, rule = encoder.input_size, encoder.resize_rule
 
-        def load(path):
-            array, dimensions = load_sized_for_backbone(path, size, rule)
-            local = content = None
-            if self.local or self.regions:
-                picture = open_image(path, draft_size=DATABASE_SIDE)
-                pixels = np.asarray(picture)
-                boxes = content_boxes(pixels) if self.regions else []
-                inside = None
-                if boxes:
-                    content = resize_for_backbone(picture.crop(boxes[0]), size, rule)
-                    left, top, right, bottom = boxes[0]
-                    inside = pixels[top:bottom, left:right]
-                if self.local:
-                    local = extract_local_features(pixels, DATABASE_SIDE, DATABASE_KEYPOINTS, picture=inside)
+        def load(path):  # one decode serves the model, the page detector and SIFT
+            picture = open_image(path, draft_size=None if rule == "squash-nearest" else max(size, DATABASE_SIDE))
+            array, dimensions = resize_for_backbone(picture, size, rule), picture.info["source_size"]
+            pixels = np.asarray(picture)
+            boxes = content_boxes(pixels) if self.regions else []
+            local = content = inside = None
+            if boxes:
+                content = resize_for_backbone(picture.crop(boxes[0]), size, rule)
+                left, top, right, bottom = boxes[0]
+                inside = pixels[top:bottom, left:right]
+            if self.local:
+                local = extract_local_features(pixels, DATABASE_SIDE, DATABASE_KEYPOINTS, picture=inside)
             return array, dimensions, local, content
 
         for start, results in prefetched_batches(list(paths), load, batch_size, workers):
