@@ -109,6 +109,10 @@ class RetrievalEngine:
                 )
                 extractor = previous.extractor if same else Extractor.for_database(
                     database.encoder, weights_file, database.codebook, image_root=image_root or database.image_root)
+                if pipeline.can_verify:
+                    from .descriptors.local_features import warm_up
+
+                    warm_up()
         except BaseException:
             pipeline.close()
             raise
