@@ -109,10 +109,6 @@ class RetrievalEngine:
                 )
                 extractor = previous.extractor if same else Extractor.for_database(
                     database.encoder, weights_file, database.codebook, image_root=image_root or database.image_root)
-                if pipeline.can_verify:
-                    from .descriptors.local_features import warm_up
-
-                    warm_up()
         except BaseException:
             pipeline.close()
             raise
