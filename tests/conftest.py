@@ -18,11 +18,20 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_DATABASE = REPO / "database"
 
 # Before anything imports the package: no downloads, no user cache, quiet TensorFlow. Subprocesses inherit these.
+# The session's own folders go when it ends (a user's CBIR_MODEL_CACHE is kept).
+SESSION_FOLDERS = [tempfile.mkdtemp(prefix="empty-keras-home-")]
 os.environ["RETRIEVAL_OFFLINE"] = "1"
-os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="empty-keras-home-")
-os.environ.setdefault("CBIR_MODEL_CACHE", tempfile.mkdtemp(prefix="cbir-model-cache-"))  # converted models
+os.environ["KERAS_HOME"] = SESSION_FOLDERS[0]
+if "CBIR_MODEL_CACHE" not in os.environ:  # converted models
+    SESSION_FOLDERS.append(tempfile.mkdtemp(prefix="cbir-model-cache-"))
+    os.environ["CBIR_MODEL_CACHE"] = SESSION_FOLDERS[-1]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MILVUS_SERVER_VENV", str(REPO / ".milvus-server"))  # scripts/setup.sh --dev makes it
+
+
+def pytest_unconfigure(config):
+    for folder in SESSION_FOLDERS:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -172,3 +172,26 @@ def test_evaluate_py_queries_scores_what_the_benchmark_scores(quick_set, bench_s
     # neighbours: AP 0.0227 here against 0.0217 there, 1e-4 on the mean
     assert cli["mAP"] == pytest.approx(bench["mAP"], abs=1e-3) and cli["P@1"] == pytest.approx(bench["hit@1"], abs=1e-6)
     assert cli["µAP"] == pytest.approx(bench["µAP"], abs=5e-3)  # evaluate.py pools each query's top 100 of 112
+
+
+def test_the_unseen_edits_bench_writes_every_edit_of_every_group_the_same_way_twice(quick_set, tmp_path):
+    from PIL import Image
+
+    from bench import unseen_edits
+
+    out, manifest = quick_set
+    count = unseen_edits.write_queries(out / "references", tmp_path / "a", seed=0)
+    assert count == len(unseen_edits.EDITS) * manifest["counts"]["groups"]
+    assert unseen_edits.write_queries(out / "references", tmp_path / "b", seed=0) == count
+    names = sorted(unseen_edits.file_name(edit) for edit in unseen_edits.EDITS)
+    for group in sorted((tmp_path / "a").iterdir()):
+        assert sorted(p.name for p in group.iterdir()) == names
+        for name in names:
+            assert (group / name).read_bytes() == (tmp_path / "b" / group.name / name).read_bytes()
+        width, height = Image.open(group / unseen_edits.file_name("collage of 4")).size
+        assert width >= 3 * height  # the composites the preset's strip windows are for
+    report = tmp_path / "report.json"
+    first, second = (str(tmp_path / "a" / g / unseen_edits.file_name("blur")) for g in ("g0", "g1"))
+    rows = [{"query": first, "ap": 1.0, "P@1": 1.0}, {"query": second, "ap": 0.5, "P@1": 0.0}]
+    report.write_text(json.dumps({"per_query": rows}))
+    assert unseen_edits.per_edit(report)["blur"] == (0.75, 0.5)

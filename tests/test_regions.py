@@ -72,6 +72,21 @@ def test_query_windows_cover_the_picture_at_two_scales():
     assert covered.all()
 
 
+def test_an_elongated_picture_also_gets_windows_as_deep_as_its_short_side():
+    """A collage of three 4:3 pictures side by side (1452 x 360, 12 px gaps): a window covers at least 3/4 of each
+    picture (the grid windows are 0.45-0.6 of the width and of the height: none covers more than 0.6 of one)."""
+    assert regions.strip_boxes(640, 480) == [] and regions.strip_boxes(480, 640) == []
+    boxes = regions.window_boxes(1452, 360)
+    strips = regions.strip_boxes(1452, 360)
+    assert boxes[-len(strips):] == strips and len(boxes) == len(regions.QUERY_WINDOWS) + len(strips)
+    assert all(top == 0 and bottom == 360 and right - left == 480 for left, top, right, bottom in strips)
+    assert strips[0][0] == 0 and strips[-1][2] == 1452
+    assert all(b[0] - a[0] <= 240 for a, b in zip(strips, strips[1:]))  # half a window apart at most
+    for start, end in ((0, 480), (492, 972), (984, 1452)):
+        assert max(min(end, right) - max(start, left) for left, _, right, _ in strips) >= 0.75 * 480
+    assert regions.strip_boxes(300, 1200) == [(0, y, 300, y + 400) for y in (0, 200, 400, 600, 800)]  # stacked
+
+
 def test_windows_too_small_to_encode_are_left_out():
     assert regions.window_boxes(12, 12) == []  # the 0.6 windows are 7 px: under 8
     boxes = regions.window_boxes(14, 14)

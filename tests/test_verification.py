@@ -122,6 +122,32 @@ def test_a_shared_frame_is_not_evidence_of_a_copy():
     assert result.strength[3] > result.strength[:3].max()
 
 
+def test_each_picture_of_a_collage_is_verified_at_full_strength():
+    """Three pictures side by side (1452 x 360): sized by its longest side (640 px), each picture was 157 px high
+    against its original's 341, and the three matched with strengths 37, 16 and 16 (69 in all); sized by its area,
+    70, 46 and 26 (142)."""
+    tiles = [photo(name).resize((480, 360), Image.Resampling.BICUBIC) for name in ("coffee", "rocket", "chelsea")]
+    collage = Image.new("RGB", (3 * 480 + 2 * 12, 360), "white")
+    for n, tile in enumerate(tiles):
+        collage.paste(tile, (n * 492, 0))
+    query = as_query(np.asarray(collage))
+    assert query.direct.size[0] > 1000 and query.direct.size[0] * query.direct.size[1] <= 1.01 * 640 * 480
+    result = verify(query, [extract_local_features(np.asarray(photo(name, 512))) for name in PHOTOS])
+    assert result.verified[:3].all() and not result.verified[3]
+    assert result.strength[:3].sum() >= 100
+
+
+def test_the_query_resolution():
+    """A query's longest side is 640 px, or its area 640 x 480 where that is more (an elongated picture), its
+    longest side at most 1280 px; a small picture is not enlarged."""
+    sizes = {(640, 480): (640, 480), (1000, 1000): (640, 640), (1452, 360): (1113, 276), (360, 1452): (276, 1113),
+             (4000, 300): (1280, 96),
+             (300, 200): (300, 200)}
+    for (width, height), expected in sizes.items():
+        pixels = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+        assert query_local_features(pixels)[0].size == expected, (width, height)
+
+
 @pytest.mark.parametrize("name", ["coffee", "astronaut"])
 def test_a_low_contrast_picture_gets_keypoints_and_its_copy_is_verified(name):
     # a tenth of the contrast (a smooth wallpaper, a dim photo): OpenCV's default threshold finds 0-1 keypoints here
