@@ -12,7 +12,12 @@ stretched, sheared, rotated and cropped), and photometric ones (grey, blur, brig
 96 px thumbnail). The other pictures of a composite are drawn shapes, never a database image, so the original is
 the only right answer. Each edit is a query against the set's references (originals + distractors), indexed by
 ``index.py`` once per preset and scored by ``evaluate.py --queries``, as bench/presets.py does. Reports AP and
-hit@1 per edit type; writes bench/out/unseen_edits.md (and .json).
+hit@1 per edit type.
+
+Then the other way round ("where was my photo used?"): the edits and the distractors are the database and each
+original is a query, relevant to the 17 edits of its group. Scored in-process through ``RetrievalEngine.search_image``
+(what server.py and query_online.py call) with the trapezoid AP evaluate.py uses; per edit type, the share of the
+originals that find it among their first 17 results. Writes bench/out/unseen_edits.md (and .json).
 """
 
 from __future__ import annotations
@@ -167,6 +172,40 @@ def per_edit(report: Path) -> dict[str, tuple[float, float]]:
     return {edit: tuple(float(np.mean(column)) for column in zip(*values[edit])) for edit in EDITS}
 
 
+def write_reverse_database(references: Path, queries: Path, out: Path) -> None:
+    """``out/<group>/<edit>.jpg`` (the edits, hard-linked where the file system allows) and ``out/_distractors``."""
+    for source in [*queries.glob("*/*.jpg"), *(references / "_distractors").glob("*.jpg")]:
+        target = out / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.hardlink_to(source)
+        except OSError:
+            shutil.copyfile(source, target)
+
+
+def reverse_scores(index: Path, references: Path) -> dict:
+    """Each group original searched in the reverse database ``index``: mAP over the 17 edits of its group, and per
+    edit type the share of originals with it among their first ``len(EDITS)`` results."""
+    from retrieval.engine import RetrievalEngine
+    from retrieval.evaluation.metrics import average_precision
+
+    found: dict[str, list[bool]] = defaultdict(list)
+    precisions = []
+    engine = RetrievalEngine.open(index)
+    try:
+        for original in sorted(references.glob("*/original.jpg")):
+            group = original.parent.name
+            ranked = [hit.path for hit in engine.search_image(original, k=len(engine))]
+            relevant = {f"{group}/{file_name(edit)}" for edit in EDITS}
+            precisions.append(average_precision(ranked, relevant))
+            first = set(ranked[: len(EDITS)])
+            for edit in EDITS:
+                found[edit].append(f"{group}/{file_name(edit)}" in first)
+    finally:
+        engine.close()
+    return {"mAP": float(np.mean(precisions)), "per_edit": {edit: float(np.mean(found[edit])) for edit in EDITS}}
+
+
 def run_seed(seed: int, work: Path) -> dict:
     copies = work / f"copy-detection-{seed}"
     if copies.exists():
@@ -182,6 +221,14 @@ def run_seed(seed: int, work: Path) -> dict:
         script("evaluate.py", "--index", index, "--ground-truth", "folders", "--queries", queries, "--json", report)
         metrics = json.loads(report.read_text())["metrics"]
         result[preset] = {"mAP": metrics["mAP"], "P@1": metrics["P@1"], "per_edit": per_edit(report)}
+    reverse = work / f"reverse-{seed}"
+    if reverse.exists():
+        shutil.rmtree(reverse)
+    write_reverse_database(copies / "references", queries, reverse)
+    for preset, flags in PRESETS.items():
+        index = work / f"reverse-{seed}-{preset}.h5"
+        indexed(reverse, index, flags)
+        result[preset]["reverse"] = reverse_scores(index, copies / "references")
     return result
 
 
@@ -206,6 +253,22 @@ def markdown(results: dict[int, dict]) -> str:
                 ap, hit = (scores["mAP"], scores["P@1"]) if edit == "all" else scores["per_edit"][edit]
                 cells.append(f"{ap:.3f} / {hit:.3f}")
         lines.append(f"| {'**all**' if edit == 'all' else edit} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "The other way round: the edits (and the distractors) are the database, each original a query relevant to the "
+        f"{len(EDITS)} edits of its group. Share of the originals that find the edit among their first {len(EDITS)} "
+        "results; last row: mAP.",
+        "",
+        "| edit in the database | " + " | ".join(f"seed {s}: classic | seed {s}: copy-detection" for s in seeds) + " |",
+        "|---|" + "---|---|" * len(seeds),
+    ]
+    for edit in [*EDITS, "mAP"]:
+        cells = []
+        for seed in seeds:
+            for preset in PRESETS:
+                reverse = results[seed][preset]["reverse"]
+                cells.append(f"{reverse['mAP'] if edit == 'mAP' else reverse['per_edit'][edit]:.3f}")
+        lines.append(f"| {'**mAP**' if edit == 'mAP' else edit} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -190,6 +190,10 @@ def test_the_unseen_edits_bench_writes_every_edit_of_every_group_the_same_way_tw
             assert (group / name).read_bytes() == (tmp_path / "b" / group.name / name).read_bytes()
         width, height = Image.open(group / unseen_edits.file_name("collage of 4")).size
         assert width >= 3 * height  # the composites the preset's strip windows are for
+    unseen_edits.write_reverse_database(out / "references", tmp_path / "a", tmp_path / "reverse")
+    distractors = manifest["counts"]["distractors"]
+    assert sum(1 for _ in (tmp_path / "reverse").rglob("*.jpg")) == count + distractors
+    assert not any((tmp_path / "reverse").glob("*/original.jpg"))  # the originals are the queries
     report = tmp_path / "report.json"
     first, second = (str(tmp_path / "a" / g / unseen_edits.file_name("blur")) for g in ("g0", "g1"))
     rows = [{"query": first, "ap": 1.0, "P@1": 1.0}, {"query": second, "ap": 0.5, "P@1": 0.0}]

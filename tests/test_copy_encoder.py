@@ -47,3 +47,33 @@ def test_a_page_stores_its_picture_as_its_last_region_encoded_in_the_batch(tmp_p
     assert [len(item.local.thumbnails) for item in items] == [1, 2, 1]
     np.testing.assert_array_equal(items[1].local.thumbnails[0], colour_thumbnail(np.asarray(picture)))
     np.testing.assert_array_equal(items[1].local.thumbnails[1], colour_thumbnail(np.asarray(picture.crop(box))))
+
+
+def test_an_elongated_picture_stores_its_strips_as_its_regions(tmp_path, effnet_extractor):
+    """A collage of three photos side by side: its regions are its strip windows, each encoded as an image (its conv
+    map's R-MAC regions mix neighbouring photos), so the original of each photo meets one of them."""
+    from retrieval.descriptors.regions import database_strip_boxes
+    from test_verification import photo
+
+    names = ("coffee", "chelsea", "rocket")
+    collage = Image.new("RGB", (3 * 400 + 2 * 12, 300), "white")
+    for n, name in enumerate(names):
+        collage.paste(photo(name, 400).resize((400, 300)), (n * 412, 0))
+    path = tmp_path / "collage.png"
+    collage.save(path)
+    originals = [tmp_path / f"{name}.png" for name in names]
+    for original, name in zip(originals, names):
+        photo(name, 400).resize((400, 300)).save(original)
+
+    items = [item for batch in CopyEncoder(effnet_extractor).encode_files([path, *originals]) for item in batch]
+    encoder = effnet_extractor.encoder
+    boxes = database_strip_boxes(*collage.size)
+    strips = effnet_extractor.encode_arrays([resize_for_backbone(collage.crop(box), encoder.input_size, encoder.resize_rule) for box in boxes])
+    assert not items[0].page and len(items[0].regions) == len(boxes) == 6
+    np.testing.assert_allclose(items[0].regions, strips, atol=2e-3)
+    array = load_sized_for_backbone(path, encoder.input_size, encoder.resize_rule)[0]
+    map_regions = region_vectors(effnet_extractor.feature_maps(array[None]))[0]
+    for original in items[1:]:
+        assert len(original.regions) == len(map_regions)  # a picture of ordinary shape keeps its map's regions
+        best_strip = float((items[0].regions @ original.vector).max())
+        assert best_strip > 0.8 and best_strip > float((map_regions @ original.vector).max()) + 0.05

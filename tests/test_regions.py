@@ -85,6 +85,12 @@ def test_an_elongated_picture_also_gets_windows_as_deep_as_its_short_side():
     for start, end in ((0, 480), (492, 972), (984, 1452)):
         assert max(min(end, right) - max(start, left) for left, _, right, _ in strips) >= 0.75 * 480
     assert regions.strip_boxes(300, 1200) == [(0, y, 300, y + 400) for y in (0, 200, 400, 600, 800)]  # stacked
+    # a database image stores at most MAX_DATABASE_REGIONS of them, spread from one end to the other
+    assert regions.database_strip_boxes(1452, 360) == strips
+    long_strip = regions.strip_boxes(4000, 300)
+    stored = regions.database_strip_boxes(4000, 300)
+    assert len(long_strip) > len(stored) == regions.MAX_DATABASE_REGIONS
+    assert stored[0] == long_strip[0] and stored[-1] == long_strip[-1] and set(stored) <= set(long_strip)
 
 
 def test_windows_too_small_to_encode_are_left_out():

@@ -10,7 +10,9 @@ pass at scale 1. One decode of each file (JPEG's DCT scaling down to ``DATABASE_
 model's input, the page detector and the local features, computed at up to ``DATABASE_SIDE`` pixels. An image
 that is a page around a picture (a screenshot: ``regions.content_boxes``) gets that picture's descriptor as one more
 region, its last, and is marked ``page``; its local features carry that picture's colour thumbnail beside the
-page's (a query that is a page is searched as its picture).
+page's (a query that is a page is searched as its picture). An elongated image (a collage of pictures side by side:
+``regions.database_strip_boxes``) has its strips, encoded in the same forward pass, as its regions instead of its
+conv map's (a squashed map, where no region holds one of its pictures).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..vectors import l2_normalize
 from . import pooling
 from .extractor import DEFAULT_BATCH_SIZE, EncodedItem, Extractor
 from .local_features import DATABASE_KEYPOINTS, DATABASE_SIDE, LocalFeatures, extract_local_features
-from .regions import content_boxes, region_vectors
+from .regions import content_boxes, database_strip_boxes, region_vectors
 
 SHARED_MAP_POOLINGS = ("max", "avg", "sum", "gem", "rmac", "crow")
 
@@ -89,28 +91,31 @@ class CopyEncoder:
             array, dimensions = resize_for_backbone(picture, size, rule), picture.info["source_size"]
             pixels = np.asarray(picture)
             boxes = content_boxes(pixels) if self.regions else []
-            local = content = inside = None
+            inside = None
+            crops = [picture.crop(boxes[0])] if boxes else []  # a page's picture, or an elongated picture's strips
             if boxes:
-                content = resize_for_backbone(picture.crop(boxes[0]), size, rule)
                 left, top, right, bottom = boxes[0]
                 inside = pixels[top:bottom, left:right]
-            if self.local:
-                local = extract_local_features(pixels, DATABASE_SIDE, DATABASE_KEYPOINTS, picture=inside)
-            return array, dimensions, local, content
+            elif self.regions:
+                crops = [picture.crop(box) for box in database_strip_boxes(*picture.size)]
+            local = extract_local_features(pixels, DATABASE_SIDE, DATABASE_KEYPOINTS, picture=inside) if self.local else None
+            return array, dimensions, local, [resize_for_backbone(crop, size, rule) for crop in crops], bool(boxes)
 
         for start, results in prefetched_batches(list(paths), load, batch_size, workers):
             good = [i for i, (loaded, _) in enumerate(results) if loaded is not None]
-            pages = [row for row, i in enumerate(good) if results[i][0][3] is not None]
-            arrays = [results[i][0][0] for i in good] + [results[good[row]][0][3] for row in pages]
+            owners = [row for row, i in enumerate(good) for _ in results[i][0][3]]  # the image row of each crop
+            arrays = [results[i][0][0] for i in good] + [crop for i in good for crop in results[i][0][3]]
             vectors, regions = self.encode_arrays(arrays, region_count=len(good)) if good else (None, [])
-            for row, content in zip(pages, vectors[len(good):] if good else []):  # the picture inside a page: one more region
-                regions[row] = np.concatenate([regions[row], content[None].astype(regions[row].dtype)])
+            crop_vectors = vectors[len(good):] if good else []
             items = [CopyItem(start + i, None, error) for i, (_, error) in enumerate(results)]
             for row, i in enumerate(good):
-                _, dimensions, local, content = results[i][0]
+                _, dimensions, local, crops, page = results[i][0]
+                if crops:  # a page keeps its regions and adds its picture's; an elongated picture's are its strips
+                    mine = np.asarray(crop_vectors[[n for n, owner in enumerate(owners) if owner == row]], regions[row].dtype)
+                    regions[row] = np.concatenate([regions[row], mine]) if page else mine
                 items[i].vector = vectors[row]
                 items[i].size = tuple(int(side) for side in dimensions)
                 items[i].regions = regions[row]
                 items[i].local = local
-                items[i].page = content is not None
+                items[i].page = page
             yield items

@@ -20,13 +20,14 @@ indexing time on photo-sized files. With 1x (SIFT's strongest 256, no choice) al
 
 A database image stores ``DATABASE_KEYPOINTS`` (256) of them: 256 x (128 + 8) bytes = 34.8 KB per image. A query is
 not stored and keeps up to ``QUERY_KEYPOINTS`` (512) at a larger ``QUERY_SIDE`` (640), so the photo inside a
-screenshot still gets keypoints of its own. An elongated query (several pictures side by side) is sized by its
-area instead, to ``QUERY_PIXELS`` (a 4:3 picture's at ``QUERY_SIDE``) with its longest side at most twice
-``QUERY_SIDE``: at 640 px wide, each picture of a 1524 x 360 three-picture collage was 151 px high against the
-database's 341, and its copy got 44 inliers that covered too little of its keypoints to count (hull density 0.20);
-at 1140 x 269, 101 inliers (density 0.58). The mirrored query is the same image flipped left-right: the keypoints
-found once, mirrored (x -> W - 1 - x, angle -> 180 - angle) and described again on the flipped pixels (SIFT
-descriptors are not mirror-invariant; detection is, so it is not repeated).
+screenshot still gets keypoints of its own. An elongated query (several pictures side by side: at least
+``regions.STRIP_ELONGATION`` times as long as it is deep) is sized by its area instead, to ``QUERY_PIXELS`` (a 4:3
+picture's at ``QUERY_SIDE``) with its longest side at most twice ``QUERY_SIDE``: at 640 px wide, each picture of a
+1524 x 360 three-picture collage was 151 px high against the database's 341, and its copy got 44 inliers that
+covered too little of its keypoints to count (hull density 0.20); at 1140 x 269, 101 inliers (density 0.58). The
+mirrored query is the same image flipped left-right: the keypoints found once, mirrored (x -> W - 1 - x, angle ->
+180 - angle) and described again on the flipped pixels (SIFT descriptors are not mirror-invariant; detection is, so
+it is not repeated).
 
 A database image's and a query's features also carry colour thumbnails (``thumbnails``: 32 px, at most 3 KB each),
 for the photometric check of the copies SIFT finds nothing in (``retrieval.search.photometric``): a database image's
@@ -51,6 +52,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .regions import STRIP_ELONGATION
 from .thumbnails import colour_thumbnail
 
 DATABASE_SIDE = 512
@@ -92,9 +94,9 @@ class LocalFeatures:
 
 
 def _grey(image: np.ndarray, max_side: int, min_pixels: int = 0) -> tuple[np.ndarray, float]:
-    """uint8 RGB (H, W, 3) -> uint8 grey resized (area filter) so its longest side is at most ``max_side``, or, where
-    that leaves fewer than ``min_pixels`` pixels (an elongated picture), to about ``min_pixels`` with its longest side
-    at most twice ``max_side``; never enlarged. Returns it and the scale."""
+    """uint8 RGB (H, W, 3) -> uint8 grey resized (area filter) so its longest side is at most ``max_side``, or, for
+    an elongated picture (``STRIP_ELONGATION``) where that leaves fewer than ``min_pixels`` pixels, to about
+    ``min_pixels`` with its longest side at most twice ``max_side``; never enlarged. Returns it and the scale."""
     import cv2
 
     image = np.asarray(image)
@@ -103,7 +105,9 @@ def _grey(image: np.ndarray, max_side: int, min_pixels: int = 0) -> tuple[np.nda
     grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
     height, width = grey.shape
     longest = max(height, width)
-    scale = min(1.0, max(max_side / longest, min(np.sqrt(min_pixels / (height * width)), 2 * max_side / longest)))
+    scale = min(1.0, max_side / longest)
+    if longest >= STRIP_ELONGATION * min(height, width):
+        scale = min(1.0, max(scale, min(np.sqrt(min_pixels / (height * width)), 2 * max_side / longest)))
     if scale < 1.0:
         grey = cv2.resize(grey, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
     return grey, scale

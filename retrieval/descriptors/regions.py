@@ -65,6 +65,15 @@ def region_vectors(feature_maps: np.ndarray) -> list[np.ndarray]:
     return [l2_normalize(per_image) for per_image in stacked]
 
 
+def database_strip_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """The regions of an elongated database picture as PIL crop boxes: its ``strip_boxes``, at most
+    ``MAX_DATABASE_REGIONS`` of them spread evenly from one end to the other; [] for other pictures."""
+    boxes = strip_boxes(width, height)
+    if len(boxes) <= MAX_DATABASE_REGIONS:
+        return boxes
+    return [boxes[i] for i in np.linspace(0, len(boxes) - 1, MAX_DATABASE_REGIONS).round().astype(int)]
+
+
 def window_detail(grey: np.ndarray, box: tuple[int, int, int, int]) -> float:
     """Mean gradient magnitude (grey levels per pixel) of ``box`` (PIL crop box) of a uint8 grey picture (H, W),
     resized to ``DETAIL_SIDE`` x ``DETAIL_SIDE``: about 0 for a flat part, 3-10 for parts of photos."""

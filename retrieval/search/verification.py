@@ -21,7 +21,15 @@ Per candidate and per orientation (direct, mirrored):
    an avatar, a caption's glyphs, a watermark). Each inlier counts ``1 / n`` where ``n`` is the number of candidates
    for which that query keypoint is an inlier: the ``strength``. Measured on the copy-detection set, plain inlier
    counts made verification worse than none (mAP 0.67): two unrelated screenshots of one template share ~465 inliers.
-   Candidates whose shared evidence was split this way keep only what is theirs alone.
+   Candidates whose shared evidence was split this way keep only what is theirs alone. The sum is then weighted
+   by the match's **hull density** (``FULL_DENSITY``): the inliers over the keypoints inside their convex hull, how
+   much of the region the match spans it explains. A shared frame spans a whole page whose picture does not match.
+   It is the query's density, or the candidate's where that is higher and the match covers a part of the candidate
+   (its hull there at most ``PART_AREA`` of the picture): a database image that holds the query as a part of itself
+   (the original of a small crop, a collage searched with one of its photos) keeps few keypoints of that part, and
+   the detailed query has many there with nothing to match. A shared frame covers the whole candidate, so only the
+   query's density counts for it. On the copy-detection set this lifted seed 1's small crops from AP 0.949 to 0.963,
+   its µAP from 0.945 to 0.967 and seed 0's from 0.964 to 0.977; all-vs-all went from 0.893 / 0.940 to 0.896 / 0.944.
 
 A candidate is ``verified`` when it has at least ``MIN_INLIERS`` inliers and a strength of at least ``MIN_STRENGTH``.
 """
@@ -47,6 +55,7 @@ SCALE_RANGE = (1 / 8, 8.0)  # candidate / query scale of the fitted similarity
 REPROJECTION = 0.015  # RANSAC threshold, a fraction of the candidate image's longest side
 RANSAC_ITERATIONS = 1000
 FULL_DENSITY = 0.6  # hull density at which inliers count fully; below it they count (density / 0.6) ** 3
+PART_AREA = 0.5  # a match whose hull on the candidate covers at most this share of it is a part of the candidate
 DENSITY_POWER = 3
 STRENGTH_HALF = 15.0  # the strength at which a verified score is half-way between 1 and 2
 BLOCK_KEYPOINTS = 16_384  # candidate keypoints matched per matrix product (bounded memory)
@@ -141,18 +150,29 @@ def inside_hull(points: np.ndarray, hull: np.ndarray) -> np.ndarray:
     return (cross >= -1e-6).all(axis=1) | (cross <= 1e-6).all(axis=1)
 
 
-def hull_density(points: np.ndarray, inliers: np.ndarray) -> float:
-    """Inliers / keypoints of the query inside the convex hull of the inliers: how much of the region the match
-    spans is explained by it. A copy pasted into a frame explains its own region; a shared frame spans the whole
-    picture, whose other content does not match."""
+def hull_density(points: np.ndarray, inliers: np.ndarray) -> tuple[float, float]:
+    """(inliers / keypoints inside the convex hull of the inliers, the hull's area in square pixels), on one side of
+    a match (``points`` (n, 2) that side's keypoints, ``inliers`` the indices of its inliers): how much of the region
+    the match spans is explained by it. A copy pasted into a frame explains its own region; a shared frame spans the
+    whole picture, whose other content does not match."""
     import cv2
 
     inlier_points = points[inliers]
     if len(inlier_points) < 3:
-        return 0.0
+        return 0.0, 0.0
     hull = cv2.convexHull(inlier_points.astype(np.float32)).reshape(-1, 2).astype(np.float64)
     inside = int(inside_hull(points.astype(np.float64), hull).sum())
-    return min(1.0, len(inlier_points) / max(inside, 1))
+    return min(1.0, len(inlier_points) / max(inside, 1)), float(cv2.contourArea(hull.astype(np.float32)))
+
+
+def match_density(query_points: np.ndarray, query_inliers: np.ndarray, candidate: LocalFeatures,
+                  candidate_inliers: np.ndarray) -> float:
+    """The hull density of a match: the query's, or the candidate's where that is higher and its hull covers at most
+    ``PART_AREA`` of the candidate picture (see the module docstring)."""
+    query_density, _ = hull_density(query_points, query_inliers)
+    candidate_density, area = hull_density(np.asarray(candidate.keypoints[:, :2], np.float32), candidate_inliers)
+    width, height = candidate.size
+    return max(query_density, candidate_density) if area <= PART_AREA * width * height else query_density
 
 
 def _inliers(query: LocalFeatures, candidates: Sequence[LocalFeatures]) -> list[tuple[np.ndarray, int, float]]:
@@ -168,7 +188,8 @@ def _inliers(query: LocalFeatures, candidates: Sequence[LocalFeatures]) -> list[
         mask = _fit(points[q_idx], np.asarray(candidate.keypoints[c_idx, :2], np.float32), max(candidate.size))
         if mask is None or mask.sum() < MIN_TENTATIVE:
             continue
-        out[i] = (q_idx[mask], int(mask.sum()), hull_density(points, q_idx[mask]))
+        density = match_density(points, q_idx[mask], candidate, c_idx[mask])
+        out[i] = (q_idx[mask], int(mask.sum()), density)
     return out
 
 
