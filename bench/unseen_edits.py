@@ -232,43 +232,47 @@ def run_seed(seed: int, work: Path) -> dict:
     return result
 
 
+def table(results: dict[int, dict], first_column: str, rows: list[str], cell: Callable[[dict, str], str]) -> list[str]:
+    """Markdown table lines: one row per entry of ``rows``, one column per seed and preset; ``cell(scores, row)``
+    formats one preset's scores of one seed."""
+    seeds = sorted(results)
+    lines = [
+        f"| {first_column} | " + " | ".join(f"seed {s}: classic | seed {s}: copy-detection" for s in seeds) + " |",
+        "|---|" + "---|---|" * len(seeds),
+    ]
+    for row in rows:
+        cells = [cell(results[seed][preset], row) for seed in seeds for preset in PRESETS]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def forward_cell(scores: dict, row: str) -> str:
+    ap, hit = (scores["mAP"], scores["P@1"]) if row == "**all**" else scores["per_edit"][row]
+    return f"{ap:.3f} / {hit:.3f}"
+
+
+def reverse_cell(scores: dict, row: str) -> str:
+    reverse = scores["reverse"]
+    return f"{reverse['mAP'] if row == '**mAP**' else reverse['per_edit'][row]:.3f}"
+
+
 def markdown(results: dict[int, dict]) -> str:
     cpu = machine()
-    seeds = sorted(results)
     lines = [
         "# Edits the copy-detection set never makes (held out)",
         "",
         f"Machine: {cpu['cpu']}, {cpu['cores']} cores. Each group original of the copy-detection set (seed "
-        f"{', '.join(map(str, seeds))}) edited {len(EDITS)} ways, searched against its references (originals + "
-        "distractors) through evaluate.py. AP / hit@1.",
+        f"{', '.join(map(str, sorted(results)))}) edited {len(EDITS)} ways, searched against its references "
+        "(originals + distractors) through evaluate.py. AP / hit@1.",
         "",
-        "| edit | " + " | ".join(f"seed {s}: classic | seed {s}: copy-detection" for s in seeds) + " |",
-        "|---|" + "---|---|" * len(seeds),
-    ]
-    for edit in [*EDITS, "all"]:
-        cells = []
-        for seed in seeds:
-            for preset in PRESETS:
-                scores = results[seed][preset]
-                ap, hit = (scores["mAP"], scores["P@1"]) if edit == "all" else scores["per_edit"][edit]
-                cells.append(f"{ap:.3f} / {hit:.3f}")
-        lines.append(f"| {'**all**' if edit == 'all' else edit} | " + " | ".join(cells) + " |")
-    lines += [
+        *table(results, "edit", [*EDITS, "**all**"], forward_cell),
         "",
         "The other way round: the edits (and the distractors) are the database, each original a query relevant to the "
         f"{len(EDITS)} edits of its group. Share of the originals that find the edit among their first {len(EDITS)} "
         "results; last row: mAP.",
         "",
-        "| edit in the database | " + " | ".join(f"seed {s}: classic | seed {s}: copy-detection" for s in seeds) + " |",
-        "|---|" + "---|---|" * len(seeds),
+        *table(results, "edit in the database", [*EDITS, "**mAP**"], reverse_cell),
     ]
-    for edit in [*EDITS, "mAP"]:
-        cells = []
-        for seed in seeds:
-            for preset in PRESETS:
-                reverse = results[seed][preset]["reverse"]
-                cells.append(f"{reverse['mAP'] if edit == 'mAP' else reverse['per_edit'][edit]:.3f}")
-        lines.append(f"| {'**mAP**' if edit == 'mAP' else edit} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
