@@ -103,15 +103,15 @@ class CopyEncoder:
 
         for start, results in prefetched_batches(list(paths), load, batch_size, workers):
             good = [i for i, (loaded, _) in enumerate(results) if loaded is not None]
-            owners = [row for row, i in enumerate(good) for _ in results[i][0][3]]  # the image row of each crop
             arrays = [results[i][0][0] for i in good] + [crop for i in good for crop in results[i][0][3]]
             vectors, regions = self.encode_arrays(arrays, region_count=len(good)) if good else (None, [])
-            crop_vectors = vectors[len(good):] if good else []
             items = [CopyItem(start + i, None, error) for i, (_, error) in enumerate(results)]
+            next_crop = len(good)  # the crops' vectors follow the images', in the same order
             for row, i in enumerate(good):
                 _, dimensions, local, crops, page = results[i][0]
                 if crops:  # a page keeps its regions and adds its picture's; an elongated picture's are its strips
-                    mine = np.asarray(crop_vectors[[n for n, owner in enumerate(owners) if owner == row]], regions[row].dtype)
+                    mine = vectors[next_crop : next_crop + len(crops)].astype(regions[row].dtype)
+                    next_crop += len(crops)
                     regions[row] = np.concatenate([regions[row], mine]) if page else mine
                 items[i].vector = vectors[row]
                 items[i].size = tuple(int(side) for side in dimensions)

@@ -55,8 +55,8 @@ SCALE_RANGE = (1 / 8, 8.0)  # candidate / query scale of the fitted similarity
 REPROJECTION = 0.015  # RANSAC threshold, a fraction of the candidate image's longest side
 RANSAC_ITERATIONS = 1000
 FULL_DENSITY = 0.6  # hull density at which inliers count fully; below it they count (density / 0.6) ** 3
-PART_AREA = 0.5  # a match whose hull on the candidate covers at most this share of it is a part of the candidate
 DENSITY_POWER = 3
+PART_AREA = 0.5  # a match whose hull on the candidate covers at most this share of it is a part of the candidate
 STRENGTH_HALF = 15.0  # the strength at which a verified score is half-way between 1 and 2
 BLOCK_KEYPOINTS = 16_384  # candidate keypoints matched per matrix product (bounded memory)
 
