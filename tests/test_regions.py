@@ -235,6 +235,22 @@ def test_page_furniture_at_the_edge_of_a_content_box_is_cut_off():
     assert abs(box[1] - 430) <= 6 and abs(box[3] - 610) <= 6 and abs(box[0] - 27) <= 6 and abs(box[2] - 387) <= 6, box
 
 
+def test_a_post_header_above_a_narrow_letterboxed_picture_is_cut_off():
+    # a web post: an avatar and a name, a white gap, then a portrait picture between black bars wider than it, all
+    # one connected region. Cutting the bars would keep less than half of the region's width; the header goes anyway
+    from test_verification import photo
+
+    page = np.full((736, 1200, 3), 246, np.uint8)
+    page[356:400, 260:304] = 60  # the avatar
+    page[362:372, 316:400] = 40  # the name
+    page[380:386, 316:370] = 140  # "a minute ago"
+    page[420:712, 250:790] = 0  # the black bars
+    inner = np.asarray(photo("coffee", 360).transpose(Image.Transpose.ROTATE_90).resize((250, 292)))
+    page[420:712, 395:645] = inner
+    (box,) = regions.content_boxes(page)
+    assert box[1] >= 414 and abs(box[3] - 712) <= 6 and box[0] <= 400 and box[2] >= 640, box
+
+
 @pytest.mark.parametrize("name", ["chelsea", "coffee", "rocket", "astronaut"])
 def test_a_plain_photo_has_no_content_box(name):
     from test_verification import photo
@@ -334,3 +350,25 @@ def test_index_time_pages_get_the_picture_as_one_more_region(tmp_path):
     copies = database.copies
     assert copies.is_page(row["screenshot.png"]) and not copies.is_page(row["coffee.jpg"])
     assert len(copies.regions_of(row["screenshot.png"])) == len(copies.regions_of(row["coffee.jpg"])) + 1
+
+
+def test_a_stored_page_is_verified_by_its_picture_not_by_its_page_template():
+    """A stored screenshot as a query (its stored local features: a search by id, the duplicates finder) against
+    another screenshot of the same page template and its picture's original. A page's stored keypoints are its
+    picture's, so the template gives no inliers; with the whole page's, the template's header and lines matched."""
+    from retrieval.descriptors.local_features import LocalFeatures, extract_local_features
+    from retrieval.search.verification import MIN_INLIERS, QueryLocalFeatures, verify
+    from test_verification import photo
+
+    def stored(name: str) -> tuple[LocalFeatures, LocalFeatures]:
+        page = web_page(np.asarray(photo(name, 360)))
+        left, top, right, bottom = regions.content_boxes(page)[0]
+        return extract_local_features(page, picture=page[top:bottom, left:right]), extract_local_features(page)
+
+    (page, whole_page), (other, other_whole_page) = stored("chelsea"), stored("coffee")
+    assert abs(page.size[0] - 360) <= 8 and abs(page.size[1] - 240) <= 8  # the picture's coordinates (its content box)
+    original = extract_local_features(np.asarray(photo("chelsea", 512)))
+    result = verify(QueryLocalFeatures(page, LocalFeatures.empty()), [other, original])
+    assert result.verified.tolist() == [False, True] and result.inliers[0] < MIN_INLIERS
+    template = verify(QueryLocalFeatures(whole_page, LocalFeatures.empty()), [other_whole_page, original])
+    assert template.inliers[0] >= 20

@@ -16,7 +16,7 @@ from retrieval.descriptors.local_features import (
     DATABASE_KEYPOINTS, LocalFeatures, extract_local_features, query_local_features, spread_choice,
 )
 from retrieval.errors import IndexFileError
-from retrieval.search.verification import QueryLocalFeatures, verify
+from retrieval.search.verification import QueryLocalFeatures, has_hole, similarity_inliers, stretch_inliers, verify
 
 from conftest import DEMO_DATABASE, REPO
 
@@ -160,6 +160,118 @@ def test_the_query_resolution():
     for (width, height), expected in sizes.items():
         pixels = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
         assert query_local_features(pixels)[0].size == expected, (width, height)
+
+
+def stretched_points(scale_x: float, scale_y: float, count: int = 60, outliers: int = 40, seed: int = 0):
+    """Query points (count + outliers, 2), their images under (scale_x * x + 30, scale_y * y - 12) with 0.5 px of
+    noise, the outliers' images random; and which are true matches."""
+    rng = np.random.default_rng(seed)
+    query = rng.uniform(0, 400, (count + outliers, 2))
+    candidate = query * [scale_x, scale_y] + [30.0, -12.0] + rng.normal(0, 0.5, query.shape)
+    candidate[count:] = rng.uniform(0, 400, (outliers, 2))
+    return query, candidate, np.arange(count + outliers) < count
+
+
+@pytest.mark.parametrize("scales", [(1.6, 1.0), (1.0, 0.55), (0.7, 1.4), (2.0, 2.0)])
+def test_a_stretch_is_fitted_with_its_inliers(scales):
+    query, candidate, true = stretched_points(*scales)
+    mask = stretch_inliers(query, candidate, threshold=3.0)
+    assert mask is not None and (mask == true).mean() >= 0.98 and mask[true].all()
+    if scales[0] != scales[1]:  # no similarity explains an aspect change
+        similar = similarity_inliers(query, candidate, threshold=3.0)
+        assert similar is None or similar.sum() < 0.5 * true.sum()
+
+
+@pytest.mark.parametrize("scales", [(-1.0, 1.0), (4.0, 1.0), (1 / 16, 1 / 16)])
+def test_an_implausible_stretch_is_not_fitted(scales):
+    """A flip (the mirrored query's job), a 4:1 stretch, a 16x reduction: not what a resize to another aspect makes."""
+    query, candidate, true = stretched_points(*scales)
+    mask = stretch_inliers(query, candidate, threshold=3.0)
+    assert mask is None or mask.sum() < 8
+
+
+def test_a_rotation_is_not_a_stretch():
+    query, _, true = stretched_points(1.0, 1.0)
+    angle = np.deg2rad(30)
+    rotated = query @ np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])
+    stretch = stretch_inliers(query[true], rotated[true], threshold=3.0)
+    assert stretch is None or stretch.sum() < 0.3 * true.sum()
+    assert similarity_inliers(query[true], rotated[true], threshold=3.0).all()
+
+
+def grid_of_squares(names: list[str], cell: int = 300) -> np.ndarray:
+    """A 2 x 2 grid of the named photos, each squashed into a ``cell`` px square (3:2 -> 1:1)."""
+    grid = Image.new("RGB", (2 * cell, 2 * cell), "white")
+    for n, name in enumerate(names):
+        grid.paste(photo(name).resize((cell, cell), Image.Resampling.BICUBIC), ((n % 2) * cell, (n // 2) * cell))
+    return np.asarray(grid)
+
+
+@pytest.mark.parametrize("name", ["chelsea", "coffee"])
+def test_a_photo_squashed_into_a_grid_cell_is_verified_at_full_strength(name):
+    """The photo searched in a database that holds a grid with it squashed into a square: with the similarity alone
+    the grid got strengths 22 (chelsea) and 15 (coffee), with the stretch 39 and 32."""
+    others = ["camera", "brick", "clock", "coins", "retina", "cell"]
+    candidates = [extract_local_features(grid_of_squares([name] + others[:3])),
+                  extract_local_features(grid_of_squares(others[3:] + others[:1])),
+                  extract_local_features(np.asarray(photo("rocket", 512)))]
+    result = verify(as_query(np.asarray(photo(name))), candidates)
+    assert result.verified.tolist() == [True, False, False]
+    assert result.strength[0] >= 30
+
+
+def test_a_hole_is_a_region_with_keypoints_and_no_inlier():
+    points = np.stack(np.meshgrid(np.arange(40.0), np.arange(40.0)), axis=-1).reshape(-1, 2)  # 100 per 10 px cell
+    everywhere = np.flatnonzero((points % 10 == 5).all(axis=1))  # one inlier in every cell
+    assert not has_hole(points, everywhere)
+    framed = everywhere[~((points[everywhere] >= 10) & (points[everywhere] < 20)).all(axis=1)]  # not in one cell
+    assert has_hole(points, framed)
+    lone = np.concatenate([points, [[100.0, 100.0]]])  # a cell with one keypoint and no inlier is no hole
+    assert not has_hole(lone, everywhere)
+
+
+@pytest.mark.parametrize("name", ["chelsea", "coffee"])
+def test_copies_of_the_whole_query_do_not_split_each_others_evidence(name, monkeypatch):
+    """A photo searched in a database that holds it, a grid with it in a cell and three edited copies ("where was my
+    photo used?"). Each copy matches the same query keypoints; split 1 / n among them, their strengths fell to a
+    quarter and some copies of coffee were not verified. A match that covers the query with no hole is a copy of it,
+    not an element it shares with others."""
+    from PIL import ImageEnhance, ImageFilter, ImageOps
+
+    from retrieval.search import verification
+
+    original = photo(name, 512)
+    copies = [grid_of_squares([name, "camera", "brick", "clock"]), np.asarray(original),
+              np.asarray(ImageOps.grayscale(original).convert("RGB")), np.asarray(original.filter(ImageFilter.GaussianBlur(1))),
+              np.asarray(ImageEnhance.Brightness(original).enhance(1.3))]
+    candidates = [extract_local_features(copy) for copy in copies] + [extract_local_features(np.asarray(photo("rocket", 512)))]
+    query = as_query(np.asarray(photo(name)))
+    result = verify(query, candidates)
+    assert result.verified.tolist() == [True] * len(copies) + [False]
+    monkeypatch.setattr(verification, "WHOLE_QUERY", 2.0)  # no match counts as a copy of the whole query
+    split = verify(query, candidates)
+    assert split.strength[: len(copies)].sum() < 0.5 * result.strength[: len(copies)].sum()
+
+
+@pytest.mark.parametrize("badge_size", [(64, 40), (80, 50)])
+def test_a_badge_two_unrelated_photos_share_is_not_evidence_of_a_copy(badge_size, monkeypatch):
+    """The same busy badge (2-4 % of the picture) in a corner of two unrelated photos: 8-12 inliers, all inside it,
+    which verified the other photo until the match's coverage weighed them."""
+    from retrieval.search import verification
+
+    badge = frame(seed=7, size=badge_size)
+
+    def with_badge(name: str, at: tuple[int, int]) -> np.ndarray:
+        image = photo(name).copy()
+        image.paste(badge, at)
+        return np.asarray(image)
+
+    query = as_query(with_badge("chelsea", (10, 10)))
+    candidates = [extract_local_features(with_badge("coffee", (280, 180))), extract_local_features(np.asarray(photo("chelsea", 512)))]
+    result = verify(query, candidates)
+    assert result.verified.tolist() == [False, True] and result.inliers[0] >= verification.MIN_INLIERS
+    monkeypatch.setattr(verification, "FULL_COVERAGE", 1e-9)  # every match counted as covering its pictures
+    assert verify(query, candidates).verified.tolist() == [True, True]
 
 
 @pytest.mark.parametrize("name", ["coffee", "astronaut"])

@@ -9,8 +9,9 @@ descriptor (one forward pass); otherwise the global descriptor is the extractor'
 pass at scale 1. One decode of each file (JPEG's DCT scaling down to ``DATABASE_SIDE`` pixels at most) serves the
 model's input, the page detector and the local features, computed at up to ``DATABASE_SIDE`` pixels. An image
 that is a page around a picture (a screenshot: ``regions.content_boxes``) gets that picture's descriptor as one more
-region, its last, and is marked ``page``; its local features carry that picture's colour thumbnail beside the
-page's (a query that is a page is searched as its picture). An elongated image (a collage of pictures side by side:
+region, its last, and is marked ``page``; its local features are that picture's keypoints, with its colour
+thumbnail beside the page's (a query that is a page is searched and verified as its picture; the page's template
+is shared by unrelated screenshots). An elongated image (a collage of pictures side by side:
 ``regions.database_strip_boxes``) has its strips, encoded in the same forward pass, as its regions instead of its
 conv map's (a squashed map, where no region holds one of its pictures).
 """

@@ -29,6 +29,11 @@ mirrored query is the same image flipped left-right: the keypoints found once, m
 180 - angle) and described again on the flipped pixels (SIFT descriptors are not mirror-invariant; detection is, so
 it is not repeated).
 
+A page around a picture (a screenshot: ``regions.content_boxes``) gets its picture's keypoints, in the database as
+in a query: the template around the picture (menus, a post's header, icons) is the same in unrelated screenshots.
+Stored with the whole page's, a screenshot searched by its id matched every screenshot of its template (all-vs-all
+screenshot AP 0.41; with its picture's, 0.87).
+
 A database image's and a query's features also carry colour thumbnails (``thumbnails``: 32 px, at most 3 KB each),
 for the photometric check of the copies SIFT finds nothing in (``retrieval.search.photometric``): a database image's
 whole picture and, for a page around a picture (a screenshot), that picture's too; a query's picture as it is
@@ -183,8 +188,10 @@ def extract_local_features(
     image: np.ndarray, max_side: int = DATABASE_SIDE, max_keypoints: int = DATABASE_KEYPOINTS, picture: np.ndarray | None = None,
 ) -> LocalFeatures:
     """uint8 RGB (H, W, 3) -> ``LocalFeatures`` with at most ``max_keypoints`` SIFT keypoints (none for a flat image)
-    and the colour thumbnails of the image and of ``picture`` (the picture inside a page, when it is one)."""
-    grey, _ = _grey(image, max_side)
+    and the colour thumbnails of the image and of ``picture`` (the picture inside a page, when it is one). The
+    keypoints are the picture's when there is one, as a query that is a page is verified with its picture's: the
+    frame of a screenshot template is shared by unrelated screenshots, so its keypoints are no evidence of a copy."""
+    grey, _ = _grey(image if picture is None else picture, max_side)
     features = _detect_described(grey, max_keypoints, DATABASE_DETECT_FACTOR)[2]
     pictures = (image,) if picture is None else (image, picture)
     return replace(features, thumbnails=tuple(colour_thumbnail(p) for p in pictures))

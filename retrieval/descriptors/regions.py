@@ -211,8 +211,11 @@ def _trimmed(small: np.ndarray, y: int, x: int, h: int, w: int) -> tuple[int, in
     """(y, x, h, w) without the flat rows and columns at its edges (>= 95 % of their pixels within 8 grey levels of
     their median: letterbox bars) and, where that still leaves half of it, without page furniture at its edges: a
     band of busy rows thinner than ``FURNITURE_SHARE`` of it, cut off from the rest by flat rows (a post's header,
-    an app's navigation bar), then the same for the columns of the rows kept, then the rows of the columns kept.
-    Unchanged when even the flat edges take more than half of it."""
+    an app's navigation bar), then the same for the columns of the rows kept, then the rows of the columns kept. A
+    column cut that would keep less than half (a narrow picture between wide letterbox bars) keeps every column, and
+    a second row cut that would keep less than half (a dark picture's quiet rows) keeps the first: a post's header
+    above such a picture is cut off all the same (it was kept, and its avatar and name matched every screenshot of
+    the template). Unchanged when even the flat edges take more than half of it."""
     grey = small[y : y + h, x : x + w].astype(np.float32).mean(axis=2)
 
     def busy(lines: np.ndarray) -> np.ndarray:
@@ -236,11 +239,15 @@ def _trimmed(small: np.ndarray, y: int, x: int, h: int, w: int) -> tuple[int, in
         if len(cols) == 0:
             return None
         left, right = span(cols, w, furniture)
+        if furniture and (right - left) * 2 < w:  # a narrow picture between letterbox bars: the header cut stands
+            left, right = 0, w
         if furniture:  # the rows again, within the columns kept: bars that side margins made look busy
             rows = top + busy(grey[top:bottom, left:right])
             if len(rows) == 0:
                 return None
-            top, bottom = span(rows, h, furniture)
+            again = span(rows, h, furniture)
+            if (again[1] - again[0]) * 2 >= h:  # not when a dark picture's quiet rows would take half of it
+                top, bottom = again
         if (bottom - top) * 2 < h or (right - left) * 2 < w:
             return None
         return y + top, x + left, bottom - top, right - left
