@@ -32,7 +32,7 @@ it is not repeated).
 A page around a picture (a screenshot: ``regions.content_boxes``) gets its picture's keypoints, in the database as
 in a query: the template around the picture (menus, a post's header, icons) is the same in unrelated screenshots.
 Stored with the whole page's, a screenshot searched by its id matched every screenshot of its template (all-vs-all
-screenshot AP 0.41; with its picture's, 0.87).
+screenshot AP 0.41; with its picture's, and the post header cut from its box, 0.87).
 
 A database image's and a query's features also carry colour thumbnails (``thumbnails``: 32 px, at most 3 KB each),
 for the photometric check of the copies SIFT finds nothing in (``retrieval.search.photometric``): a database image's
