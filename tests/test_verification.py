@@ -15,8 +15,11 @@ from PIL import Image
 from retrieval.descriptors.local_features import (
     DATABASE_KEYPOINTS, LocalFeatures, extract_local_features, query_local_features, spread_choice,
 )
+from bench import unseen_edits
 from retrieval.errors import IndexFileError
-from retrieval.search.verification import QueryLocalFeatures, has_hole, similarity_inliers, stretch_inliers, verify
+from retrieval.search.verification import (
+    QueryLocalFeatures, has_hole, similarity_inliers, stretch_inliers, verify, visible_share,
+)
 
 from conftest import DEMO_DATABASE, REPO
 
@@ -151,6 +154,21 @@ def test_a_small_crop_is_verified_at_full_strength():
         assert result.strength[n] >= 30, name
 
 
+@pytest.mark.parametrize("width", [400, 280])
+def test_a_picture_inset_on_another_at_half_its_size_is_verified_at_full_strength(width):
+    """A photo pasted on a busy drawn picture at 0.4-0.55x its database size: the database original keeps its 256
+    strongest keypoints, mostly too fine to be seen at that size, so the query's hull density alone (its many
+    keypoints in the inset over the few the original could match) left coffee and rocket at strength 3-6, not
+    verified; with the original's visible share, 29-66."""
+    candidates = [extract_local_features(np.asarray(photo(name, 512))) for name in PHOTOS]
+    for n, name in enumerate(PHOTOS):
+        canvas = unseen_edits.shapes(800, 600, np.random.default_rng(n))
+        canvas.paste(photo(name, width), (230, 150))
+        result = verify(as_query(np.asarray(canvas)), candidates)
+        assert result.verified.tolist() == [i == n for i in range(len(PHOTOS))], name
+        assert result.strength[n] >= 25, name
+
+
 def test_the_query_resolution():
     """A query's longest side is 640 px, or its area 640 x 480 where that is more (an elongated picture), its
     longest side at most 1280 px; a small picture is not enlarged."""
@@ -218,6 +236,15 @@ def test_a_photo_squashed_into_a_grid_cell_is_verified_at_full_strength(name):
     result = verify(as_query(np.asarray(photo(name))), candidates)
     assert result.verified.tolist() == [True, False, False]
     assert result.strength[0] >= 30
+
+
+def test_the_visible_share_counts_the_keypoints_a_smaller_copy_can_show():
+    sizes = np.array([1.8, 2.0, 4.0, 8.0, 16.0], np.float32)
+    inside = np.array([True, True, True, True, False])
+    assert visible_share(sizes, inside, 1.0) == 1.0
+    assert visible_share(sizes, inside, 2.0) == 0.5  # 4 and 8 px are 2 and 4 px at half the size; 16 px is outside
+    assert visible_share(sizes, inside, 0.5) == 1.0  # a larger copy shows every keypoint
+    assert visible_share(sizes, np.zeros(5, bool), 2.0) == 1.0
 
 
 def test_a_hole_is_a_region_with_keypoints_and_no_inlier():
