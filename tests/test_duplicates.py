@@ -168,7 +168,7 @@ def test_verification_stage_is_pluggable():
     assert len(seen) == 1 and len(seen[0]) == plain.pairs
     assert verified.verified == "odd_rows_only" and verified.rejected == plain.pairs - verified.pairs > 0
     assert all(member.id % 2 == 1 for group in verified.groups for member in group.members)
-    # no threshold: 0.78 for cosine alone, the lower VERIFIED_THRESHOLD when a stage confirms the pairs
+    # no threshold: DEFAULT_THRESHOLD for cosine alone, the lower VERIFIED_THRESHOLD when a stage confirms the pairs
     assert find_duplicates(database).threshold == DEFAULT_THRESHOLD
     assert find_duplicates(database, verify=odd_rows_only).threshold == VERIFIED_THRESHOLD < DEFAULT_THRESHOLD
 
