@@ -1,23 +1,24 @@
 #!/usr/bin/env python3
 """Edits the copy-detection set never makes: a held-out check of the ``copy-detection`` preset, per edit type.
 
-    python -m bench.unseen_edits               # seeds 0 and 1 (about 8 minutes on 2 cores)
+    python -m bench.unseen_edits               # seeds 0 and 1 (about 11 minutes on 2 cores)
     python -m bench.unseen_edits --seeds 1
 
 The preset's settings were chosen on the copy-detection set's eight edit types (``bench/copy_detection.py``), so its
 score there flatters it. Here each group original of that set (``references/<group>/original.jpg``) is edited in
 ways the set does not contain: composites (side-by-side collages of two, three and four pictures, a 2 x 2 grid, a
 stack, a picture inset on another picture, a thick border), geometric ones (rotated 90 degrees, flipped upside down,
-stretched, sheared, rotated and cropped), and photometric ones (grey, blur, brightness + contrast, JPEG quality 10, a
-96 px thumbnail). The other pictures of a composite are drawn shapes, never a database image, so the original is
+stretched, sheared, rotated and cropped, seen in perspective), photometric ones (grey, blur, brightness + contrast,
+JPEG quality 10, a 96 px thumbnail, noise, faded towards white), and overlays (opaque stripes, a drawn picture 70 %
+opaque over part of it). The other pictures of a composite are drawn shapes, never a database image, so the original is
 the only right answer. Each edit is a query against the set's references (originals + distractors), indexed by
 ``index.py`` once per preset and scored by ``evaluate.py --queries``, as bench/presets.py does. Reports AP and
 hit@1 per edit type.
 
 Then the other way round ("where was my photo used?"): the edits and the distractors are the database and each
-original is a query, relevant to the 17 edits of its group. Scored in-process through ``RetrievalEngine.search_image``
+original is a query, relevant to the 22 edits of its group. Scored in-process through ``RetrievalEngine.search_image``
 (what server.py and query_online.py call) with the trapezoid AP evaluate.py uses; per edit type, the share of the
-originals that find it among their first 17 results. Writes bench/out/unseen_edits.md (and .json).
+originals that find it among their first 22 results. Writes bench/out/unseen_edits.md (and .json).
 """
 
 from __future__ import annotations
@@ -119,6 +120,48 @@ def rotated_crop(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return turned.crop((round(0.15 * width), round(0.15 * height), round(0.85 * width), round(0.85 * height)))
 
 
+def striped(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Opaque parallel stripes of one colour at a random angle over about 40 % of the picture (AugLy's
+    ``overlay_stripes``, DISC21's occlusion edits)."""
+    width, height = image.size
+    angle = np.deg2rad(rng.uniform(-60, 60))
+    period = rng.uniform(0.2, 0.3) * max(width, height)
+    y, x = np.mgrid[0:height, 0:width]
+    phase = (x * np.cos(angle) + y * np.sin(angle)) % period
+    pixels = np.asarray(image).copy()
+    pixels[phase < 0.4 * period] = rng.integers(0, 256, 3) if rng.random() < 0.5 else 255
+    return Image.fromarray(pixels)
+
+
+def overlaid(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A drawn picture 40 % of the size, 70 % opaque, over a random place in the picture (AugLy's ``overlay_image``)."""
+    width, height = image.size
+    other = shapes(max(1, round(0.4 * width)), max(1, round(0.4 * height)), rng)
+    x, y = int(rng.integers(0, width - other.width + 1)), int(rng.integers(0, height - other.height + 1))
+    out = image.copy()
+    out.paste(Image.blend(image.crop((x, y, x + other.width, y + other.height)), other, 0.7), (x, y))
+    return out
+
+
+def noisy(image: Image.Image, rng: np.random.Generator, sigma: float = 40.0) -> Image.Image:
+    """Gaussian noise of ``sigma`` grey levels on every channel (AugLy's ``random_noise`` at variance ~0.025)."""
+    noise = rng.normal(0.0, sigma, (image.height, image.width, 3))
+    return Image.fromarray(np.clip(np.asarray(image, np.float64) + noise, 0, 255).astype(np.uint8))
+
+
+def perspective(image: Image.Image, rng: np.random.Generator, shift: float = 0.08) -> Image.Image:
+    """The picture seen at an angle: each corner moved by up to ``shift`` of the picture's size (AugLy's
+    ``perspective_transform``), black outside."""
+    width, height = image.size
+    corners = np.array([(0, 0), (width, 0), (width, height), (0, height)], np.float64)
+    moved = corners + rng.uniform(-shift, shift, (4, 2)) * (width, height)
+    rows = []
+    for (u, v), (x, y) in zip(moved, corners):  # PIL maps each output pixel (u, v) back to the input pixel (x, y)
+        rows += [[u, v, 1, 0, 0, 0, -x * u, -x * v], [0, 0, 0, u, v, 1, -y * u, -y * v]]
+    coefficients = np.linalg.solve(np.array(rows), corners.reshape(-1))
+    return image.transform((width, height), Image.Transform.PERSPECTIVE, tuple(coefficients), Image.Resampling.BICUBIC)
+
+
 def jpeg(image: Image.Image, quality: int) -> Image.Image:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=quality)
@@ -143,6 +186,11 @@ EDITS: dict[str, Callable[[Image.Image, np.random.Generator], Image.Image]] = {
     "brightness + contrast": lambda image, rng: ImageEnhance.Contrast(ImageEnhance.Brightness(image).enhance(1.4)).enhance(0.6),
     "JPEG 10": lambda image, rng: jpeg(image, 10),
     "96 px thumbnail": lambda image, rng: to_width(image, 96) if image.width >= image.height else to_height(image, 96),
+    "stripes": striped,
+    "overlaid picture": overlaid,
+    "noise": noisy,
+    "faded": lambda image, rng: Image.blend(image, Image.new("RGB", image.size, "white"), 0.55),
+    "perspective": perspective,
 }
 
 
@@ -184,7 +232,7 @@ def write_reverse_database(references: Path, queries: Path, out: Path) -> None:
 
 
 def reverse_scores(index: Path, references: Path) -> dict:
-    """Each group original searched in the reverse database ``index``: mAP over the 17 edits of its group, and per
+    """Each group original searched in the reverse database ``index``: mAP over the 22 edits of its group, and per
     edit type the share of originals with it among their first ``len(EDITS)`` results."""
     from retrieval.engine import RetrievalEngine
     from retrieval.evaluation.metrics import average_precision

@@ -18,7 +18,7 @@ from retrieval.descriptors.local_features import (
 from bench import unseen_edits
 from retrieval.errors import IndexFileError
 from retrieval.search.verification import (
-    QueryLocalFeatures, has_hole, similarity_inliers, stretch_inliers, verify, visible_share,
+    QueryLocalFeatures, has_hole, shown_in_query, similarity_inliers, stretch_inliers, verify, visible_share,
 )
 
 from conftest import DEMO_DATABASE, REPO
@@ -241,10 +241,32 @@ def test_a_photo_squashed_into_a_grid_cell_is_verified_at_full_strength(name):
 def test_the_visible_share_counts_the_keypoints_a_smaller_copy_can_show():
     sizes = np.array([1.8, 2.0, 4.0, 8.0, 16.0], np.float32)
     inside = np.array([True, True, True, True, False])
-    assert visible_share(sizes, inside, 1.0) == 1.0
-    assert visible_share(sizes, inside, 2.0) == 0.5  # 4 and 8 px are 2 and 4 px at half the size; 16 px is outside
-    assert visible_share(sizes, inside, 0.5) == 1.0  # a larger copy shows every keypoint
-    assert visible_share(sizes, np.zeros(5, bool), 2.0) == 1.0
+    everywhere = np.ones(5, bool)
+    assert visible_share(sizes, inside, 1.0, everywhere) == 1.0
+    assert visible_share(sizes, inside, 2.0, everywhere) == 0.5  # 4 and 8 px are 2 and 4 px at half the size
+    assert visible_share(sizes, inside, 0.5, everywhere) == 1.0  # a larger copy shows every keypoint
+    assert visible_share(sizes, inside, 1.0, np.array([True, False, False, True, True])) == 0.5  # two are hidden
+    assert visible_share(sizes, np.zeros(5, bool), 2.0, everywhere) == 1.0
+
+
+def test_a_candidate_keypoint_is_shown_where_the_query_has_keypoints_near_it():
+    rng = np.random.default_rng(0)
+    candidate = rng.uniform(0, 500, (200, 2)).astype(np.float32)
+    query = candidate * 0.5 + 10.0  # the candidate at half its size, shifted
+    hidden = query[:, 0] < 60  # under an overlay: the query has no keypoints there
+    kept = np.flatnonzero(~hidden)
+    shown = shown_in_query(query[kept], np.arange(len(kept)), candidate, kept)
+    assert shown[~hidden].all() and not shown[hidden].any()
+
+
+def test_a_photo_under_opaque_stripes_is_verified():
+    """Stripes hide 40 % of the photo: the query keeps its 512 keypoints in the rest, where the original has fewer
+    than half of its 256, so the query's hull density alone left the copies at strength 1-5."""
+    candidates = [extract_local_features(np.asarray(photo(name, 512))) for name in PHOTOS]
+    for n, name in enumerate(PHOTOS):
+        query = unseen_edits.striped(photo(name, 512), np.random.default_rng(n))
+        result = verify(as_query(np.asarray(query)), candidates)
+        assert result.verified.tolist() == [i == n for i in range(len(PHOTOS))], name
 
 
 def test_a_hole_is_a_region_with_keypoints_and_no_inlier():
