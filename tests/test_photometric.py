@@ -16,7 +16,7 @@ from retrieval.descriptors.local_features import LocalFeatures, extract_local_fe
 from retrieval.descriptors.thumbnails import THUMBNAIL_SIDE, colour_thumbnail
 from retrieval.errors import IndexFileError
 from retrieval.search import photometric
-from retrieval.search.copies import verified_ranking
+from retrieval.search.copies import photometric_boost, verified_ranking
 from retrieval.search.verification import QueryLocalFeatures
 from retrieval.storage.copy_features import CopyFeatures
 
@@ -106,6 +106,20 @@ def test_beyond_the_checked_top_and_without_thumbnails_nothing_is_gained():
         order, fused, _ = verified_ranking(scores, q, c)
         assert order[0] == 0
         np.testing.assert_allclose(fused, np.sort(scores)[::-1])
+
+
+def test_the_first_unverified_candidates_are_checked_however_many_were_verified_above_them():
+    """A photo searched among many verified copies of it: its noisy copy (SIFT finds nothing in it) ranks below them
+    and is still among the first CHECK_TOP unverified, so its thumbnail is compared."""
+    pictures = [misty(seed) for seed in range(photometric.CHECK_TOP + 4)]
+    candidates = [extract_local_features(p) for p in pictures]
+    query = query_local_features(captioned_jpeg(pictures[-1]))[0]
+    verified = np.zeros(len(pictures), bool)
+    verified[: photometric.CHECK_TOP + 2] = True  # more verified candidates above it than CHECK_TOP
+    gained = photometric_boost(query, candidates, verified)
+    assert gained[-1] > 0.1 and (gained[:-1] == 0).all()
+    verified[:] = False  # with nothing verified, it is the 14th unverified: not checked
+    assert photometric_boost(query, candidates, verified)[-1] == 0
 
 
 def test_thumbnails_round_trip_and_damage(tmp_path):

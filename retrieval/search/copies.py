@@ -14,8 +14,8 @@ so several vectors stand for one image and the results are always images (each a
 keeps the ranking of the global descriptor wherever the regions do not match better. Then, when verification is on,
 the best ``verify_top`` images are verified with local features (``verification.verify``) and a verified image
 scores ``1 + strength / (strength + 15)``, above every unverified cosine; unverified ones keep their score, plus, for
-the first ``photometric.CHECK_TOP``, what their colour thumbnail's likeness to the query's adds (``photometric``:
-the copies of smooth and blurred pictures, which have no keypoints to verify).
+the first ``photometric.CHECK_TOP`` of them, what their colour thumbnail's likeness to the query's adds
+(``photometric``: the copies of smooth, blurred and noisy pictures, which have no keypoints to verify).
 
 Each of these is a ranked list of images, as deep as the verification needs (``verify_top``), so the fused top of
 the ranking is the same as if every image were scored.
@@ -93,17 +93,18 @@ def weighted_lists(rows: np.ndarray, scores: np.ndarray, weights: np.ndarray | N
     return [(r, s * np.float32(w)) for r, s, w in zip(rows, scores, weights)]
 
 
-def photometric_boost(query: LocalFeatures, candidates: Sequence[LocalFeatures], positions: np.ndarray, verified: np.ndarray) -> np.ndarray:
+def photometric_boost(query: LocalFeatures, candidates: Sequence[LocalFeatures], verified: np.ndarray) -> np.ndarray:
     """(K,) score increments: ``photometric.boost`` of the best likeness of the query's picture (its last thumbnail:
     a page is searched as its picture) to a candidate's thumbnails (its whole picture, a page's picture), for the
-    candidates at ranking ``positions`` below ``photometric.CHECK_TOP`` that were not verified; 0 for the others and
-    where either side has no thumbnail (an older file)."""
+    first ``photometric.CHECK_TOP`` of the ``candidates`` (in ranking order) that were not ``verified``; 0 for the
+    others and where either side has no thumbnail (an older file)."""
     likeness = np.full(len(candidates), -1.0)
     if query.thumbnails:
         picture = query.thumbnails[-1]
-        for j, (position, ok, candidate) in enumerate(zip(positions, verified, candidates)):
-            if position < photometric.CHECK_TOP and not ok and candidate.thumbnails:
-                likeness[j] = max(photometric.similarity(picture, t) for t in candidate.thumbnails)
+        unverified = np.flatnonzero(~np.asarray(verified, bool))[: photometric.CHECK_TOP]
+        for j in unverified:
+            if candidates[j].thumbnails:
+                likeness[j] = max(photometric.similarity(picture, t) for t in candidates[j].thumbnails)
     return photometric.boost(likeness)
 
 
@@ -123,7 +124,7 @@ def verified_ranking(
         index = np.array(candidates)
         inliers[index] = np.where(result.verified, result.inliers, 0)
         fused[index] = np.where(result.verified, result.scores(), fused[index]).astype(np.float32)
-        fused[index] += photometric_boost(query.direct, features, index, result.verified).astype(np.float32)
+        fused[index] += photometric_boost(query.direct, features, result.verified).astype(np.float32)
         again = np.argsort(-fused, kind="stable")
         order, fused, inliers = order[again], fused[again], inliers[again]
     return order, fused, inliers
