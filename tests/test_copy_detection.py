@@ -199,3 +199,27 @@ def test_the_unseen_edits_bench_writes_every_edit_of_every_group_the_same_way_tw
     rows = [{"query": first, "ap": 1.0, "P@1": 1.0}, {"query": second, "ap": 0.5, "P@1": 0.0}]
     report.write_text(json.dumps({"per_query": rows}))
     assert unseen_edits.per_edit(report)["blur"] == (0.75, 0.5)
+
+
+def test_the_chained_edits_bench_chains_two_or_three_edits_the_same_way_twice(quick_set, tmp_path):
+    from bench import chained_edits
+
+    out, manifest = quick_set
+    chains = chained_edits.write_queries(out / "references", tmp_path / "a", seed=0, per_group=3)
+    assert len(chains) == 3 * manifest["counts"]["groups"]
+    assert chained_edits.write_queries(out / "references", tmp_path / "b", seed=0, per_group=3) == chains
+    known = set(chained_edits.SET_EDITS + chained_edits.HELD_OUT_EDITS)
+    for name, edits in chains.items():
+        assert 2 <= len(edits) <= 3 and len(set(edits)) == len(edits)
+        assert set(edits[:-1]) <= known and (edits[-1] in known or edits[-1] in chained_edits.CONTAINERS)
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert any(edits[-1] in chained_edits.CONTAINERS for edits in chains.values())
+    report = tmp_path / "report.json"
+    first, second = sorted(chains)[:2]
+    rows = [{"query": str(tmp_path / "a" / first), "ap": 1.0}, {"query": str(tmp_path / "a" / second), "ap": 0.5}]
+    report.write_text(json.dumps({"per_query": rows}))
+    expected = {}
+    for name, ap in ((first, 1.0), (second, 0.5)):
+        for edit in chains[name]:
+            expected.setdefault(edit, []).append(ap)
+    assert chained_edits.per_edit(report, {n: chains[n] for n in (first, second)}) == {e: sum(v) / len(v) for e, v in expected.items()}

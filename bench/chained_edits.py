@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Chained edits, as DISC21's queries are made: a held-out copy-detection check on which the preset is far from 1.
+
+    python -m bench.chained_edits               # seeds 0 and 1 (about 8 minutes on 2 cores)
+    python -m bench.chained_edits --seeds 1 --per-group 2
+
+On the copy-detection set's own protocol (one edit per query) the preset scores 0.99 and classic 0.84: a set where
+the candidate is that close to 1 cannot tell two versions of it apart. DISC21's queries (the Image Similarity
+Challenge, made with AugLy) apply several edits one after another: a crop, then a colour change, then a caption,
+then a screenshot frame. Here each group original of the copy-detection set (``references/<group>/original.jpg``)
+gets ``per_group`` queries, each 2 or 3 edits drawn without repetition from the set's own edit types
+(``bench/copy_detection.py``: emoji + crop, caption + JPEG, padded + rotated, pixelized, colour, small crop, mirrored)
+and the held-out ones (``bench/unseen_edits.py``: border, stretched, sheared, rotated + cropped, grey, blur,
+brightness + contrast, JPEG 10, stripes, overlaid picture, noise, faded, perspective); with probability
+``CONTAINER_RATE`` the last one puts the result inside something (a screenshot frame, an inset on a drawn picture, a
+collage of 2, a 2 x 2 grid). Every random choice comes from ``numpy.random.default_rng([seed, STREAM, group,
+query])``. The queries are searched against the set's references (originals + distractors), indexed by ``index.py``
+once per preset and scored by ``evaluate.py --queries`` (each query relevant to its group's original only), as
+bench/presets.py does. Reports mAP, hit@1 and µAP per seed and preset, and per edit the mean AP of the queries that
+contain it. Writes bench/out/chained_edits.md (and .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench import copy_detection, unseen_edits
+from bench.presets import OUT, PRESETS, indexed, script
+from bench.run import machine
+
+STREAM = 77  # the random stream of the chains (copy_detection uses small stream numbers for its own choices)
+PER_GROUP = 4
+CHAIN_LENGTHS = (2, 3)
+CONTAINER_RATE = 0.3
+SET_EDITS = ("emoji_crop", "text_jpeg", "pad_rotate", "pixelize", "colour", "small_crop", "hflip")
+HELD_OUT_EDITS = ("border", "stretched", "sheared", "rotated + cropped", "grey", "blur", "brightness + contrast",
+                  "JPEG 10", "stripes", "overlaid picture", "noise", "faded", "perspective")
+CONTAINERS = ("screenshot", "inset", "collage of 2", "2 x 2 grid")  # only ever the last edit of a chain
+QUERY_JPEG_QUALITY = 85
+
+
+def apply(image: Image.Image, edit: str, rng: np.random.Generator) -> Image.Image:
+    """One edit of either bench, by name."""
+    if edit in copy_detection.EDITS:
+        return copy_detection.apply_edit(image, edit, rng)[0].convert("RGB")
+    return unseen_edits.EDITS[edit](image, rng).convert("RGB")
+
+
+def chain(original: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, list[str]]:
+    """``original`` after 2 or 3 edits in a row (the last maybe a container); the edited image and the edits."""
+    count = int(rng.choice(CHAIN_LENGTHS))
+    edits = [str(e) for e in rng.choice(SET_EDITS + HELD_OUT_EDITS, count, replace=False)]
+    if rng.random() < CONTAINER_RATE:
+        edits[-1] = str(rng.choice(CONTAINERS))
+    image = original.convert("RGB")
+    for edit in edits:
+        image = apply(image, edit, rng)
+    return image, edits
+
+
+def write_queries(references: Path, out: Path, seed: int, per_group: int = PER_GROUP) -> dict[str, list[str]]:
+    """``out/<group>/qN.jpg`` for every group original under ``references``: {"<group>/qN.jpg": edits}."""
+    made = {}
+    groups = sorted(p for p in references.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    for g, group in enumerate(groups):
+        original = Image.open(group / "original.jpg").convert("RGB")
+        (out / group.name).mkdir(parents=True, exist_ok=True)
+        for n in range(per_group):
+            image, edits = chain(original, np.random.default_rng([seed, STREAM, g, n]))
+            image.save(out / group.name / f"q{n}.jpg", quality=QUERY_JPEG_QUALITY)
+            made[f"{group.name}/q{n}.jpg"] = edits
+    return made
+
+
+def per_edit(report: Path, chains: dict[str, list[str]]) -> dict[str, float]:
+    """evaluate.py's JSON -> {edit: mean AP of the queries whose chain holds it}."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for query in json.loads(report.read_text())["per_query"]:
+        path = Path(query["query"])
+        for edit in chains[f"{path.parent.name}/{path.name}"]:
+            values[edit].append(query["ap"])
+    return {edit: float(np.mean(aps)) for edit, aps in values.items()}
+
+
+def run_seed(seed: int, work: Path, per_group: int) -> dict:
+    copies = work / f"copy-detection-{seed}"
+    if copies.exists():
+        shutil.rmtree(copies)
+    copy_detection.build(copies, seed=seed)
+    queries = work / f"chained-{seed}"
+    if queries.exists():
+        shutil.rmtree(queries)
+    chains = write_queries(copies / "references", queries, seed, per_group)
+    result = {"queries": len(chains), "chains": chains}
+    for preset, flags in PRESETS.items():
+        index = work / f"references-{seed}-{preset}.h5"
+        indexed(copies / "references", index, flags)
+        report = work / f"chained-{seed}-{preset}.json"
+        script("evaluate.py", "--index", index, "--ground-truth", "folders", "--queries", queries, "--json", report)
+        metrics = json.loads(report.read_text())["metrics"]
+        result[preset] = {"mAP": metrics["mAP"], "P@1": metrics["P@1"], "µAP": metrics["µAP"],
+                          "per_edit": per_edit(report, chains)}
+    return result
+
+
+def markdown(results: dict[int, dict]) -> str:
+    cpu = machine()
+    seeds = sorted(results)
+    head = "| " + " | ".join(f"seed {s}: classic | seed {s}: copy-detection" for s in seeds) + " |"
+    rule = "|---|" + "---|---|" * len(seeds)
+    lines = [
+        "# Chained edits (DISC21-style queries, held out)",
+        "",
+        f"Machine: {cpu['cpu']}, {cpu['cores']} cores. Each group original of the copy-detection set edited 2-3 times "
+        "in a row, searched against the references (originals + distractors) through evaluate.py.",
+        "",
+        "| metric " + head,
+        rule,
+    ]
+    for metric in ("mAP", "P@1", "µAP"):
+        lines.append(f"| {metric} | " + " | ".join(f"{results[s][p][metric]:.3f}" for s in seeds for p in PRESETS) + " |")
+    lines += ["", "Per edit: mean AP of the queries whose chain holds it (weakest first for the preset, first seed).", "",
+              "| edit (queries) " + head, rule]
+    first = results[seeds[0]]["copy-detection"]["per_edit"]
+    for edit in sorted(first, key=first.get):
+        counts = "/".join(str(sum(edit in c for c in results[s]["chains"].values())) for s in seeds)
+        cells = [f"{results[s][p]['per_edit'].get(edit, float('nan')):.3f}" for s in seeds for p in PRESETS]
+        lines.append(f"| {edit} ({counts}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--seeds", default="0,1", help="copy-detection set seeds, comma-separated (default: 0,1)")
+    parser.add_argument("--per-group", type=int, default=PER_GROUP, help=f"queries per group original (default {PER_GROUP})")
+    parser.add_argument("--keep", type=Path, help="keep the sets, queries and indexes in this folder")
+    args = parser.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds: expected integers separated by commas, got {args.seeds!r}")
+    if args.per_group < 1:
+        parser.error(f"--per-group: expected at least 1, got {args.per_group}")
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-chained-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        results = {}
+        for seed in seeds:
+            results[seed] = run_seed(seed, work, args.per_group)
+            print(f"seed {seed}: done", file=sys.stderr)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    text = markdown(results)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "chained_edits.md").write_text(text)
+    (OUT / "chained_edits.json").write_text(json.dumps({str(s): r for s, r in results.items()}, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
