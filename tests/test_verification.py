@@ -18,7 +18,7 @@ from retrieval.descriptors.local_features import (
 from bench import unseen_edits
 from retrieval.errors import IndexFileError
 from retrieval.search.verification import (
-    QueryLocalFeatures, has_hole, shown_in_query, similarity_inliers, stretch_inliers, verify, visible_share,
+    QueryLocalFeatures, has_hole, shown_in_query, similarity_inliers, stretch_inliers, surrounds, verify, visible_share,
 )
 
 from conftest import DEMO_DATABASE, REPO
@@ -267,6 +267,63 @@ def test_a_photo_under_opaque_stripes_is_verified():
         query = unseen_edits.striped(photo(name, 512), np.random.default_rng(n))
         result = verify(as_query(np.asarray(query)), candidates)
         assert result.verified.tolist() == [i == n for i in range(len(PHOTOS))], name
+
+
+def noisy_jpeg(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Gaussian noise (sigma 40 grey levels), then JPEG quality 10: the query's keypoints are mostly noise and blocks."""
+    import io
+
+    noisy = np.clip(np.asarray(image, np.float32) + rng.normal(0.0, 40.0, (image.height, image.width, 3)), 0, 255)
+    buffer = io.BytesIO()
+    Image.fromarray(noisy.astype(np.uint8)).save(buffer, "JPEG", quality=10)
+    return Image.open(buffer).convert("RGB")
+
+
+def pixelized(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    small = image.resize((image.width // 6, image.height // 6), Image.Resampling.NEAREST)
+    return small.resize(image.size, Image.Resampling.NEAREST)
+
+
+@pytest.mark.parametrize("edit", [noisy_jpeg, pixelized])
+def test_a_copy_whose_keypoints_the_edit_thinned_is_verified(edit, monkeypatch):
+    """Noise, JPEG blocks and pixels give the query keypoints of their own: the copy's inliers are 10-20 % of the
+    keypoints around them, and the hull density alone left every copy of chelsea, coffee and rocket unverified
+    (strength 0.2-3). Its inliers are specific to it and almost all its tentative matches, so they count in full."""
+    from retrieval.search import verification
+
+    candidates = [extract_local_features(np.asarray(photo(name, 512))) for name in PHOTOS]
+    queries = [as_query(np.asarray(edit(photo(name, 512), np.random.default_rng(n)))) for n, name in enumerate(PHOTOS)]
+    for n, query in enumerate(queries):
+        assert verify(query, candidates).verified.tolist() == [i == n for i in range(len(PHOTOS))], PHOTOS[n]
+    monkeypatch.setattr(verification, "CLEAN_INLIERS", 10**9)  # no match is clean: the hull density alone
+    assert sum(verify(query, candidates).verified[n] for n, query in enumerate(queries)) <= 1
+
+
+def test_a_clean_match_around_another_verified_copy_keeps_its_density_weight(monkeypatch):
+    """A screenshot frame shared with one other screenshot: its match (~147 inliers, clean, specific to that
+    screenshot) surrounds the original's, so its density still weighs it."""
+    from retrieval.search import verification
+
+    query = as_query(pasted(photo("chelsea")))
+    candidates = [extract_local_features(pasted(photo("coffee"))), extract_local_features(np.asarray(photo("chelsea", 512)))]
+    result = verify(query, candidates)
+    assert result.verified[1] and result.inliers[0] > 100
+    monkeypatch.setattr(verification, "CLEAN_INLIERS", 10**9)
+    assert verify(query, candidates).strength[0] == pytest.approx(result.strength[0])  # the density's weight
+    monkeypatch.setattr(verification, "CLEAN_INLIERS", 10)
+    monkeypatch.setattr(verification, "SURROUNDED_SHARE", 2.0)  # nothing surrounds anything
+    assert verify(query, candidates).strength[0] > 3 * result.strength[0]
+
+
+def test_a_match_surrounds_the_inliers_of_another_inside_its_hull():
+    points = np.stack(np.meshgrid(np.arange(10.0), np.arange(10.0)), axis=-1).reshape(-1, 2)
+    border = np.flatnonzero((points == 0).any(axis=1) | (points == 9).any(axis=1))  # a frame around the picture
+    middle = np.flatnonzero(((points >= 3) & (points <= 6)).all(axis=1))
+    corner = np.flatnonzero((points <= 2).all(axis=1))
+    assert surrounds(points, border, [middle])
+    assert not surrounds(points, middle, [border]) and not surrounds(points, border, [])
+    assert not surrounds(points, corner, [middle])
+    assert surrounds(points, border, [np.concatenate([middle, border[:5]])])  # its own inliers are not the other's
 
 
 def test_a_hole_is_a_region_with_keypoints_and_no_inlier():
