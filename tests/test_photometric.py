@@ -64,6 +64,15 @@ def test_similarity_of_copies_crops_look_alikes_and_flat_pictures():
     assert photometric.similarity(flat, thumb) == 0.0 and photometric.similarity(thumb, flat) == 0.0
 
 
+def test_likeness_finds_a_mirrored_copy():
+    original = misty(1)
+    mirrored = colour_thumbnail(np.ascontiguousarray(captioned_jpeg(original)[:, ::-1]))
+    thumb = colour_thumbnail(original)
+    assert photometric.similarity(mirrored, thumb) < photometric.MIN_SIMILARITY  # as it is, the layout is reversed
+    assert photometric.likeness(mirrored, [colour_thumbnail(misty(2)), thumb]) > 0.95
+    assert photometric.likeness(mirrored, []) == -1.0
+
+
 def test_boost_is_zero_below_the_threshold_and_stays_below_a_verified_score():
     values = photometric.boost(np.array([-1.0, 0.5, photometric.MIN_SIMILARITY, 0.95, 1.0]))
     np.testing.assert_allclose(values, [0, 0, 0, photometric.MAX_BOOST / 2, photometric.MAX_BOOST])

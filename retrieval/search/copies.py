@@ -94,17 +94,16 @@ def weighted_lists(rows: np.ndarray, scores: np.ndarray, weights: np.ndarray | N
 
 
 def photometric_boost(query: LocalFeatures, candidates: Sequence[LocalFeatures], verified: np.ndarray) -> np.ndarray:
-    """(K,) score increments: ``photometric.boost`` of the best likeness of the query's picture (its last thumbnail:
-    a page is searched as its picture) to a candidate's thumbnails (its whole picture, a page's picture), for the
-    first ``photometric.CHECK_TOP`` of the ``candidates`` (in ranking order) that were not ``verified``; 0 for the
-    others and where either side has no thumbnail (an older file)."""
+    """(K,) score increments: ``photometric.boost`` of the ``photometric.likeness`` of the query's picture (its last
+    thumbnail: a page is searched as its picture) to a candidate's thumbnails (its whole picture, a page's picture),
+    for the first ``photometric.CHECK_TOP`` of the ``candidates`` (in ranking order) that were not ``verified``; 0 for
+    the others and where either side has no thumbnail (an older file)."""
     likeness = np.full(len(candidates), -1.0)
     if query.thumbnails:
         picture = query.thumbnails[-1]
         unverified = np.flatnonzero(~np.asarray(verified, bool))[: photometric.CHECK_TOP]
         for j in unverified:
-            if candidates[j].thumbnails:
-                likeness[j] = max(photometric.similarity(picture, t) for t in candidates[j].thumbnails)
+            likeness[j] = photometric.likeness(picture, candidates[j].thumbnails)
     return photometric.boost(likeness)
 
 
