@@ -58,15 +58,17 @@ Per candidate and per orientation (direct, mirrored):
    0.971 -> 0.986).
 4. **clean, specific matches count in full**: noise, JPEG blocks and pixels give a query keypoints of their own that
    match nothing, so a copy's inliers are 10-20 % of the query's keypoints around them and the hull density made
-   its strength 0.2-3: a copy of a camera photo under colour, contrast and JPEG 10 had 79 inliers of 85 tentative
+   its strength 0.2-3: a copy of the coins photo under colour, contrast and JPEG 10 had 79 inliers of 85 tentative
    matches, density 0.19, strength 2.6, and no other candidate had any. A match is *clean* when it has at least
    ``CLEAN_INLIERS`` inliers and they are at least ``CLEAN_RATIO`` of its tentative matches (random agreement on a
    texture gives 10 inliers of 20-40); a clean match whose inliers are specific to its candidate (at most
    ``SPECIFIC_SHARE`` of them are other candidates' inliers too: a template frame shared by several screenshots is
    not) and that does not surround another candidate's verified match (``surrounds``: a frame or a background around
-   the picture another candidate matches) counts with the coverage's weight alone. On chained edits (DISC21-style,
-   ``bench/chained_edits.py``) it verified copies under noise, JPEG 10, pixels and fading that ranked 2nd-40th; the
-   copy-detection protocol and all-vs-all did not move.
+   the picture another candidate matches) counts with the coverage's weight alone, where that gives more. The clean
+   transform need not be the one whose inliers count most by density: a stretched, pixelized copy matched 27 of its
+   39 tentative matches on the stretch (density weight 0.002) and 10 on a similarity around a detail (0.06). On
+   chained edits (DISC21-style, ``bench/chained_edits.py``) this verified copies under noise, JPEG 10, pixels and
+   fading that had ranked 2nd-40th; the copy-detection protocol and all-vs-all did not move.
 
 A candidate is ``verified`` when it has at least ``MIN_INLIERS`` inliers and a strength of at least ``MIN_STRENGTH``.
 """
@@ -383,12 +385,18 @@ class Match(NamedTuple):
 NO_MATCH = Match(np.zeros(0, np.int64), 0.0, 0.0, 0.0)
 
 
-def _matches(query: LocalFeatures, candidates: Sequence[LocalFeatures]) -> list[Match]:
-    """Per candidate, the ``Match`` of the transform whose inliers count most (their number times their weight), or,
-    where a transform is clean (``Match.clean``), the clean one with the most inliers: the relation most of the
-    tentative matches agree on (a stretched, pixelized copy: 27 of 39 on the stretch, whose density weighed them
-    0.002, against 10 on a similarity around a detail, weighed 0.06)."""
-    out = [NO_MATCH] * len(candidates)
+class Candidate(NamedTuple):
+    """One candidate's matches (``_matches``): the ``best`` (its inliers' number times their weight is the largest)
+    and the ``clean`` one with the most inliers (``NO_MATCH`` where no transform is clean; the same where the best
+    is clean)."""
+
+    best: Match
+    clean: Match
+
+
+def _matches(query: LocalFeatures, candidates: Sequence[LocalFeatures]) -> list[Candidate]:
+    """Per candidate, the ``Candidate`` of its plausible transforms."""
+    out = [Candidate(NO_MATCH, NO_MATCH)] * len(candidates)
     if len(query) < MIN_TENTATIVE:
         return out
     points = np.asarray(query.keypoints[:, :2], np.float32)
@@ -397,39 +405,51 @@ def _matches(query: LocalFeatures, candidates: Sequence[LocalFeatures]) -> list[
         if len(q_idx) < MIN_TENTATIVE:
             continue
         candidate = candidates[i]
+        best = clean = NO_MATCH
         for mask in _transforms(points[q_idx], np.asarray(candidate.keypoints[c_idx, :2], np.float32), max(candidate.size)):
             if mask.sum() < MIN_TENTATIVE:
                 continue
             density, coverage, whole_coverage = density_and_coverage(query, q_idx[mask], extent, candidate, c_idx[mask])
             weight = match_weight(density, coverage)
-            clean = bool(mask.sum() >= max(CLEAN_INLIERS, CLEAN_RATIO * len(q_idx)))
-            match = Match(q_idx[mask], weight, whole_coverage, match_weight(1.0, coverage) if clean else weight, clean)
-            if (match.clean, match.inliers if match.clean else match.inliers * match.weight) > (
-                out[i].clean, out[i].inliers if out[i].clean else out[i].inliers * out[i].weight
-            ):
-                out[i] = match
+            is_clean = bool(mask.sum() >= max(CLEAN_INLIERS, CLEAN_RATIO * len(q_idx)))
+            match = Match(q_idx[mask], weight, whole_coverage, match_weight(1.0, coverage) if is_clean else weight, is_clean)
+            if match.inliers * match.weight > best.inliers * best.weight:
+                best = match
+            if is_clean and match.inliers > clean.inliers:
+                clean = match
+        out[i] = Candidate(best, clean)
     return out
 
 
-def _strength(matches: list[Match], query_points: np.ndarray) -> np.ndarray:
-    """Per candidate, each inlier weighted 1 / (how many candidates that query keypoint is an inlier of), times the
-    match's weight; a candidate that copies the whole query (``Match.copies_query``) is not counted against the
-    others. A clean match whose inliers are specific to its candidate (at most ``SPECIFIC_SHARE`` of them are other
-    candidates' inliers too) and that does not surround another candidate's verified match (``surrounds``) counts
-    with its ``specific_weight`` instead (see the module docstring). ``query_points`` (n, 2)."""
+def _strength(candidates: list[Candidate], query_points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per candidate (strength, inliers of the match it comes from). Each inlier of its best match is weighted
+    1 / (how many candidates' best matches hold that query keypoint), times the match's weight; a candidate that
+    copies the whole query (``Match.copies_query``) is not counted against the others. Its clean match, where its
+    inliers are specific to it (at most ``SPECIFIC_SHARE`` of them are in other candidates' best matches) and it does
+    not surround another candidate's verified match (``surrounds``), counts with its ``specific_weight`` instead
+    where that gives more (see the module docstring). ``query_points`` (n, 2)."""
+    best = [c.best for c in candidates]
     shared = np.zeros(max(len(query_points), 1), np.float64)
-    for match in matches:
+    for match in best:
         if not match.copies_query:
             shared[match.query_inliers] += 1.0
-    holders = [shared[m.query_inliers] + m.copies_query for m in matches]  # candidates with each inlier, this one too
-    strength = np.array([float(np.sum(1.0 / np.maximum(h, 1.0))) * m.weight for m, h in zip(matches, holders)])
-    verified = [i for i, m in enumerate(matches) if m.inliers >= MIN_INLIERS and strength[i] >= MIN_STRENGTH]
-    for i, (match, held) in enumerate(zip(matches, holders)):
-        if match.specific_weight <= match.weight or float(np.mean(held > 1.0)) > SPECIFIC_SHARE:
+    strength = np.array([
+        float(np.sum(1.0 / np.maximum(shared[m.query_inliers] + m.copies_query, 1.0))) * m.weight for m in best
+    ])
+    inliers = np.array([m.inliers for m in best], np.int64)
+    verified = [i for i, m in enumerate(best) if m.inliers >= MIN_INLIERS and strength[i] >= MIN_STRENGTH]
+    for i, (own, clean) in enumerate(candidates):
+        if not clean.clean:
             continue
-        if not surrounds(query_points, match.query_inliers, [matches[j].query_inliers for j in verified if j != i]):
-            strength[i] = float(np.sum(1.0 / np.maximum(held, 1.0))) * match.specific_weight
-    return strength
+        others = shared[clean.query_inliers] - np.isin(clean.query_inliers, own.query_inliers) * (not own.copies_query)
+        if float(np.mean(others > 0)) > SPECIFIC_SHARE:
+            continue
+        if surrounds(query_points, clean.query_inliers, [best[j].query_inliers for j in verified if j != i]):
+            continue
+        specific = float(np.sum(1.0 / (others + 1.0))) * clean.specific_weight
+        if specific > strength[i]:
+            strength[i], inliers[i] = specific, clean.inliers
+    return strength, inliers
 
 
 def surrounds(points: np.ndarray, inliers: np.ndarray, others: Sequence[np.ndarray]) -> bool:
@@ -452,9 +472,8 @@ def verify(query: QueryLocalFeatures, candidates: Sequence[LocalFeatures], mirro
     mirrored = np.zeros(count, bool)
     for is_mirror, side in ((False, query.direct), (True, query.mirrored)):
         checked = candidates[:mirror_top] if is_mirror else candidates
-        found = _matches(side, checked) + [NO_MATCH] * (count - len(checked))
-        weighted = _strength(found, np.asarray(side.keypoints[:, :2], np.float32))
-        raw = np.array([match.inliers for match in found], np.int64)
+        found = _matches(side, checked) + [Candidate(NO_MATCH, NO_MATCH)] * (count - len(checked))
+        weighted, raw = _strength(found, np.asarray(side.keypoints[:, :2], np.float32))
         better = weighted > strength
         strength = np.where(better, weighted, strength)
         inliers = np.where(better, raw, inliers)
