@@ -361,10 +361,10 @@ def match_weight(density: float, coverage: float) -> float:
 
 
 class Match(NamedTuple):
-    """The best plausible transform between the query and one candidate: the query keypoint indices that are its
-    inliers, how fully they count (``match_weight``), the share of the query's keypoint hull they cover where they
-    leave no hole in it (0 where they do), how fully they count where they are specific to this candidate
-    (``_strength``): for a ``clean`` match the coverage's weight alone, else ``weight``, and whether it is clean."""
+    """A plausible transform between the query and one candidate: the query keypoint indices that are its inliers,
+    how fully they count (``match_weight``), the share of the query's keypoint hull they cover where they leave no
+    hole in it (0 where they do), how fully they count where they are specific to this candidate (``_strength``:
+    for a ``clean`` match the coverage's weight alone, else ``weight``), and whether it is clean."""
 
     query_inliers: np.ndarray  # int64 (n,)
     weight: float
