@@ -26,7 +26,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from bench import copy_detection, unseen_edits
-from bench.presets import OUT, PRESETS, indexed, script
+from bench.presets import PRESETS
 from bench.run import machine
 
 STREAM = 77  # the random stream of the chains (copy_detection uses small stream numbers for its own choices)
@@ -92,21 +91,13 @@ def per_edit(report: Path, chains: dict[str, list[str]]) -> dict[str, float]:
 
 
 def run_seed(seed: int, work: Path, per_group: int) -> dict:
-    copies = work / f"copy-detection-{seed}"
-    if copies.exists():
-        shutil.rmtree(copies)
-    copy_detection.build(copies, seed=seed)
+    copies = unseen_edits.fresh_set(work, seed)
     queries = work / f"chained-{seed}"
     if queries.exists():
         shutil.rmtree(queries)
     chains = write_queries(copies / "references", queries, seed, per_group)
     result = {"queries": len(chains), "chains": chains}
-    for preset, flags in PRESETS.items():
-        index = work / f"references-{seed}-{preset}.h5"
-        indexed(copies / "references", index, flags)
-        report = work / f"chained-{seed}-{preset}.json"
-        script("evaluate.py", "--index", index, "--ground-truth", "folders", "--queries", queries, "--json", report)
-        metrics = json.loads(report.read_text())["metrics"]
+    for preset, (metrics, report) in unseen_edits.scored_per_preset(copies, queries, work, seed).items():
         result[preset] = {"mAP": metrics["mAP"], "P@1": metrics["P@1"], "µAP": metrics["µAP"],
                           "per_edit": per_edit(report, chains)}
     return result
@@ -138,34 +129,21 @@ def markdown(results: dict[int, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_group_argument(parser: argparse.ArgumentParser) -> None:
+    def count(text: str) -> int:
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+        return value
+
+    parser.add_argument("--per-group", type=count, default=PER_GROUP, help=f"queries per group original (default {PER_GROUP})")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--seeds", default="0,1", help="copy-detection set seeds, comma-separated (default: 0,1)")
-    parser.add_argument("--per-group", type=int, default=PER_GROUP, help=f"queries per group original (default {PER_GROUP})")
-    parser.add_argument("--keep", type=Path, help="keep the sets, queries and indexes in this folder")
-    args = parser.parse_args(argv)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds: expected integers separated by commas, got {args.seeds!r}")
-    if args.per_group < 1:
-        parser.error(f"--per-group: expected at least 1, got {args.per_group}")
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-chained-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        results = {}
-        for seed in seeds:
-            results[seed] = run_seed(seed, work, args.per_group)
-            print(f"seed {seed}: done", file=sys.stderr)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    text = markdown(results)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "chained_edits.md").write_text(text)
-    (OUT / "chained_edits.json").write_text(json.dumps({str(s): r for s, r in results.items()}, indent=1))
-    print(text)
-    return 0
+    return unseen_edits.seeded_bench(
+        argv, __doc__.splitlines()[1], "chained_edits", lambda seed, work, args: run_seed(seed, work, args.per_group),
+        markdown, per_group_argument,
+    )
 
 
 if __name__ == "__main__":

@@ -254,20 +254,34 @@ def reverse_scores(index: Path, references: Path) -> dict:
     return {"mAP": float(np.mean(precisions)), "per_edit": {edit: float(np.mean(found[edit])) for edit in EDITS}}
 
 
-def run_seed(seed: int, work: Path) -> dict:
+def fresh_set(work: Path, seed: int) -> Path:
+    """The copy-detection set of ``seed``, built anew in ``work/copy-detection-<seed>``."""
     copies = work / f"copy-detection-{seed}"
     if copies.exists():
         shutil.rmtree(copies)
     copy_detection.build(copies, seed=seed)
-    queries = work / f"unseen-{seed}"
-    count = write_queries(copies / "references", queries, seed)
-    result = {"queries": count}
+    return copies
+
+
+def scored_per_preset(copies: Path, queries: Path, work: Path, seed: int) -> dict[str, tuple[dict, Path]]:
+    """Per preset: the set's references indexed by index.py (``work/references-<seed>-<preset>.h5``) and ``queries``
+    scored against them by evaluate.py -> (its metrics, its JSON report ``work/<queries' name>-<preset>.json``)."""
+    scored = {}
     for preset, flags in PRESETS.items():
         index = work / f"references-{seed}-{preset}.h5"
         indexed(copies / "references", index, flags)
-        report = work / f"unseen-{seed}-{preset}.json"
+        report = work / f"{queries.name}-{preset}.json"
         script("evaluate.py", "--index", index, "--ground-truth", "folders", "--queries", queries, "--json", report)
-        metrics = json.loads(report.read_text())["metrics"]
+        scored[preset] = (json.loads(report.read_text())["metrics"], report)
+    return scored
+
+
+def run_seed(seed: int, work: Path) -> dict:
+    copies = fresh_set(work, seed)
+    queries = work / f"unseen-{seed}"
+    count = write_queries(copies / "references", queries, seed)
+    result = {"queries": count}
+    for preset, (metrics, report) in scored_per_preset(copies, queries, work, seed).items():
         result[preset] = {"mAP": metrics["mAP"], "P@1": metrics["P@1"], "per_edit": per_edit(report)}
     reverse = work / f"reverse-{seed}"
     if reverse.exists():
@@ -324,31 +338,41 @@ def markdown(results: dict[int, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+def seeded_bench(argv, description: str, name: str, run_seed: Callable[[int, Path, argparse.Namespace], dict],
+                 markdown: Callable[[dict[int, dict]], str],
+                 add_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None) -> int:
+    """The command line of a bench run once per copy-detection set seed (``--seeds``, ``--keep`` and what
+    ``add_arguments`` adds): ``run_seed(seed, work folder, args)`` per seed, then ``markdown(results)`` printed and
+    written to ``bench/out/<name>.md`` with the results as ``.json``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seeds", default="0,1", help="copy-detection set seeds, comma-separated (default: 0,1)")
+    add_arguments(parser)
     parser.add_argument("--keep", type=Path, help="keep the sets, queries and indexes in this folder")
     args = parser.parse_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         parser.error(f"--seeds: expected integers separated by commas, got {args.seeds!r}")
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-unseen-"))
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         results = {}
         for seed in seeds:
-            results[seed] = run_seed(seed, work)
+            results[seed] = run_seed(seed, work, args)
             print(f"seed {seed}: done", file=sys.stderr)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     text = markdown(results)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "unseen_edits.md").write_text(text)
-    (OUT / "unseen_edits.json").write_text(json.dumps({str(s): r for s, r in results.items()}, indent=1))
+    (OUT / f"{name}.md").write_text(text)
+    (OUT / f"{name}.json").write_text(json.dumps({str(s): r for s, r in results.items()}, indent=1))
     print(text)
     return 0
+
+
+def main(argv=None) -> int:
+    return seeded_bench(argv, __doc__.splitlines()[1], "unseen_edits", lambda seed, work, args: run_seed(seed, work), markdown)
 
 
 if __name__ == "__main__":
