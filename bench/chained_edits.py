@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Chained edits, as DISC21's queries are made: a held-out copy-detection check on which the preset is far from 1.
 
-    python -m bench.chained_edits               # seeds 0 and 1 (about 8 minutes on 2 cores)
+    python -m bench.chained_edits               # seeds 0 and 1 (about 5 minutes on 2 cores)
     python -m bench.chained_edits --seeds 1 --per-group 2
 
 On the copy-detection set's own protocol (one edit per query) the preset scores 0.99 and classic 0.84: a set where
