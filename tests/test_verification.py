@@ -271,12 +271,7 @@ def test_a_photo_under_opaque_stripes_is_verified():
 
 def noisy_jpeg(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Gaussian noise (sigma 40 grey levels), then JPEG quality 10: the query's keypoints are mostly noise and blocks."""
-    import io
-
-    noisy = np.clip(np.asarray(image, np.float32) + rng.normal(0.0, 40.0, (image.height, image.width, 3)), 0, 255)
-    buffer = io.BytesIO()
-    Image.fromarray(noisy.astype(np.uint8)).save(buffer, "JPEG", quality=10)
-    return Image.open(buffer).convert("RGB")
+    return unseen_edits.jpeg(unseen_edits.noisy(image, rng), 10)
 
 
 def pixelized(image: Image.Image, rng: np.random.Generator) -> Image.Image:
