@@ -195,7 +195,7 @@ def content_boxes(pixels: np.ndarray) -> list[tuple[int, int, int, int]]:
     boxes = []
     for label in np.argsort(-stats[1:, cv2.CC_STAT_AREA]) + 1 if count > 1 else []:
         x, y, w, h, area = (int(v) for v in stats[label])
-        if area < CONTENT_MIN_FILL * w * h:
+        if area < CONTENT_MIN_FILL * w * h or w * h < CONTENT_MIN_AREA * rows * cols:  # trimming only shrinks a box
             continue
         y, x, h, w = _trimmed(small, y, x, h, w)
         if not CONTENT_MIN_AREA <= w * h / (rows * cols) <= CONTENT_MAX_AREA:
