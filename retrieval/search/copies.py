@@ -12,7 +12,8 @@ parts of the query encoded like whole images) and its local features. Against a 
 
 so several vectors stand for one image and the results are always images (each at most once). Taking the maximum
 keeps the ranking of the global descriptor wherever the regions do not match better. Then, when verification is on,
-the best ``verify_top`` images are verified with local features (``verification.verify``) and a verified image
+the best ``verify_top`` images, and the best of a search over the local features themselves that are not among
+them (``visual_words``), are verified with local features (``verification.verify``) and a verified image
 scores ``1 + strength / (strength + 15)``, above every unverified cosine; unverified ones keep their score, plus, for
 the first ``photometric.CHECK_TOP`` of them, what their colour thumbnail's likeness to the query's adds
 (``photometric``: the copies of smooth, blurred and noisy pictures, which have no keypoints to verify).
@@ -109,14 +110,23 @@ def photometric_boost(query: LocalFeatures, candidates: Sequence[LocalFeatures],
 
 def verified_ranking(
     scores: np.ndarray, query: QueryLocalFeatures, copies, top: int = VERIFY_TOP, exclude: int | None = None,
+    also: Sequence[int] = (),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Verify the best ``top`` images of ``scores`` (count,) -> (order of all found rows, their scores, inliers: the
-    inlier count of verified rows, 0 for rows verified without success, -1 for rows not verified)."""
+    """Verify the best ``top`` images of ``scores`` (count,), and the rows ``also`` (the visual-word search's,
+    ``visual_words``) -> (order of all found rows, their scores, inliers: the inlier count of verified rows, 0 for
+    rows verified without success, -1 for rows not verified). A row of ``also`` that does not verify keeps the place
+    its score gives it, or stays out of the ranking where it has none."""
     order = np.argsort(-scores, kind="stable")
     order = order[np.isfinite(scores[order])]
     fused = scores[order].astype(np.float32)
+    head = set(order[:top].tolist())
+    extra = [int(row) for row in also if int(row) not in head and row != exclude]
+    unranked = [row for row in extra if not np.isfinite(scores[row])]  # verified at the end of the ranking
+    order = np.concatenate([order, np.array(unranked, np.int64)])
+    fused = np.concatenate([fused, np.full(len(unranked), -np.inf, np.float32)])
     inliers = np.full(len(order), -1, np.int64)
-    candidates = [i for i in range(min(top, len(order))) if order[i] != exclude]
+    position = {int(row): i for i, row in enumerate(order)}
+    candidates = [i for i in range(min(top, len(order))) if order[i] != exclude] + [position[row] for row in extra]
     if candidates:
         features = [copies.local_of(int(order[i])) for i in candidates]
         result = verify(query, features)
@@ -125,5 +135,6 @@ def verified_ranking(
         fused[index] = np.where(result.verified, result.scores(), fused[index]).astype(np.float32)
         fused[index] += photometric_boost(query.direct, features, result.verified).astype(np.float32)
         again = np.argsort(-fused, kind="stable")
+        again = again[np.isfinite(fused[again])]
         order, fused, inliers = order[again], fused[again], inliers[again]
     return order, fused, inliers

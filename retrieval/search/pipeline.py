@@ -11,6 +11,7 @@ decides whether to show it).
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ from .copies import (
 )
 from .expansion import NO_EXPANSION, QueryExpansion, expand
 from .verification import VERIFY_TOP
+from .visual_words import VisualWords
 
 
 def searched_matrix(vectors: np.ndarray, whitening: Whitening | None) -> np.ndarray:
@@ -49,6 +51,11 @@ class QueryPipeline:
         self.regions = regions
         if regions is None and copies is not None and copies.has_regions:
             self.regions = ExactRegions(self.transform(copies.region_vectors), copies.region_image, matrix.shape[0])
+
+    @functools.cached_property
+    def words(self) -> VisualWords | None:
+        """The visual-word search over the database's local features (``visual_words``), built on first use."""
+        return VisualWords.of(self.copies.descriptors, self.copies.keypoint_image, self.copies.count)
 
     @property
     def can_verify(self) -> bool:
@@ -151,7 +158,8 @@ class QueryPipeline:
             start += sizes[i]
             fused = fuse(self.matrix.shape[0], lists)
             if verify and query.local is not None:
-                order, scores, inliers = verified_ranking(fused, query.local, self.copies, verify_top, rows_of[i])
+                also = () if self.words is None else self.words.top(query.local.direct.descriptors)
+                order, scores, inliers = verified_ranking(fused, query.local, self.copies, verify_top, rows_of[i], also)
             else:
                 order = np.argsort(-fused, kind="stable")
                 order = order[np.isfinite(fused[order])]
