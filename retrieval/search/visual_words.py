@@ -40,7 +40,7 @@ SAMPLE = 50_000  # descriptors the vocabulary is learned on, at most
 ITERATIONS = 8  # Lloyd iterations per k-means
 SEED = 0
 WORD_TOP = 20  # images of the word search verified beyond the descriptor search's best
-BLOCK = 16_384  # descriptors assigned per batch (bounded memory: the groups are padded to the largest)
+BLOCK = 16_384  # descriptors assigned per batch, drawn at random (bounded memory: see ``VisualWords.of``)
 FAR = 1e3  # the coordinates of an unused centre: no unit vector is nearer to it than to a real one
 
 
@@ -52,7 +52,7 @@ def nearest(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 
 def lloyd(points: np.ndarray, k: int, iterations: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means (Lloyd, started from ``k`` distinct sample points) of (n, d) float32 -> (k, d) float32 centres; with
+    """k-means (Lloyd, started from ``k`` of the points drawn at random) of (n, d) float32 -> (k, d) float32 centres; with
     ``k`` or fewer points the points themselves, the other centres at ``FAR``. An emptied cluster keeps its centre."""
     centres = np.full((k, points.shape[1]), FAR, np.float32)
     if len(points) <= k:
@@ -134,7 +134,13 @@ class VisualWords:
         if len(descriptors) > SAMPLE:
             sample = descriptors[np.sort(np.random.default_rng(SEED).choice(len(descriptors), SAMPLE, replace=False))]
         vocabulary = Vocabulary.learn(as_root_sift(sample))
-        word = np.concatenate([vocabulary.words(as_root_sift(descriptors[s : s + BLOCK])) for s in range(0, len(descriptors), BLOCK)])
+        # blocks of descriptors drawn across the whole database, not of a few neighbouring images: their groups under
+        # the first level are then about as even as k-means made them, and padding them (``words``) costs little
+        shuffled = np.random.default_rng(SEED).permutation(len(descriptors))
+        word = np.empty(len(descriptors), np.int64)
+        for start in range(0, len(descriptors), BLOCK):
+            block = shuffled[start : start + BLOCK]
+            word[block] = vocabulary.words(as_root_sift(descriptors[block]))
         pairs, tf = np.unique(np.asarray(keypoint_image, np.int64) * vocabulary.size + word, return_counts=True)
         return cls(vocabulary, count, pairs // vocabulary.size, pairs % vocabulary.size, tf)
 
