@@ -697,3 +697,28 @@ def test_folder_rows_without_sorted_paths_are_found_by_a_scan():
     assert list(routes._folder_rows(fake, "unsorted-test", "b")) == [0, 2]
     ordered = type("E", (), {"database": type("D", (), {"paths": ["a/2.jpg", "b/1.jpg", "b/c/3.jpg", "bb/4.jpg"]})()})()
     assert routes._folder_rows(ordered, "sorted-test", "b") == range(1, 3)
+
+
+def test_a_verifying_database_has_its_word_search_built_at_load_not_on_a_request():
+    """``live.warmed`` (applied by LiveIndex to every version it loads) builds the visual-word search of a database
+    with local features; a database without them builds nothing."""
+    from retrieval.descriptors.encoder import EncoderConfig
+    from retrieval.descriptors.local_features import extract_local_features
+    from retrieval.storage.copy_features import CopyFeatures
+    from retrieval.web.live import warmed
+
+    pictures = [np.asarray(Image.open(DEMO_DATABASE / name / "original.jpg").convert("RGB")) for name in GROUPS]
+    vectors = np.eye(len(GROUPS), 8, dtype=np.float32)
+    encoder = EncoderConfig("efficientnet-lite0", "imagenet", "md5:0", "top", "max", 224, "squash-bicubic", "float32", 8)
+
+    def database(copies):
+        return FeatureDatabase(
+            encoder=encoder, vectors=vectors, paths=[f"{name}.jpg" for name in GROUPS],
+            file_sizes=np.ones(len(GROUPS), np.int64), file_mtimes_ns=np.ones(len(GROUPS), np.int64), copies=copies,
+        )
+
+    local = CopyFeatures.assemble(None, [extract_local_features(p) for p in pictures], 8, verify_default=True)
+    engine = warmed(RetrievalEngine(database(local), None))
+    assert "words" in vars(engine.pipeline) and engine.pipeline.words is not None
+    plain = warmed(RetrievalEngine(database(None), None))
+    assert "words" not in vars(plain.pipeline)

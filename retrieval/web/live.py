@@ -58,6 +58,14 @@ class Served:
 NOTHING = Served(None, "")
 
 
+def warmed(engine: RetrievalEngine) -> RetrievalEngine:
+    """``engine`` with what its first verified search would build built now, at load, not on a request: the
+    visual-word search over its local features (``retrieval.search.visual_words``; ~3.5 s at 10,000 images)."""
+    if engine.pipeline.can_verify:
+        _ = engine.pipeline.words
+    return engine
+
+
 class LiveIndex:
     """The engine being served and the index file it came from; picks up a new version of the file without a restart."""
 
@@ -84,7 +92,7 @@ class LiveIndex:
         signature = None
         if engine is None and self.path is not None and self.path.exists():
             signature = file_signature(self.path)
-            engine = RetrievalEngine.open(self.path, weights_file=weights_file, image_root=image_root)
+            engine = warmed(RetrievalEngine.open(self.path, weights_file=weights_file, image_root=image_root))
         elif self.path is not None and engine is not None:
             signature = file_signature(self.path)
         self._signature = signature
@@ -143,9 +151,9 @@ class LiveIndex:
         old = self._served
         started = time.perf_counter()
         try:
-            engine = RetrievalEngine.open(
+            engine = warmed(RetrievalEngine.open(
                 self.path, weights_file=self.weights_file, image_root=self.image_root, previous=old.engine
-            )
+            ))
         except Exception as exc:  # a failed reload must never stop the server
             self._failed = signature
             log.error("could not load new version of %s (%s); still serving the previous one", self.path, exc)
