@@ -10,7 +10,8 @@ Jégou, Douze & Schmid 2009) times the words' idf, L2-normalised; a query's bag 
 inverted file, and its best ``WORD_TOP`` images join the verification candidates (``copies.verified_ranking``).
 Only verification decides: a word candidate that does not verify keeps the place its descriptors gave it, or none.
 
-The vocabulary is learned when a database's features are first verified against (``VisualWords.of``), from at most
+The vocabulary is learned when a database's features are first verified against (``VisualWords.of``; the server
+does it when it loads a version: ``web.live.warmed``), from at most
 ``SAMPLE`` of its descriptors drawn with a fixed seed, so it always fits the current database (an update needs no
 re-learning step, the file format does not change) and the same file gives the same words. The cost is paid once per
 loaded database, on its first verified query: 1.1-1.3 s for the 980 images of the copy-detection set (164 k
