@@ -51,6 +51,7 @@ def run(*args, timeout: int = 3600) -> None:
 
 def grown(database, count: int, seed: int = 0):
     """``database`` repeated to ``count`` rows under new paths, vectors and regions jittered; copy features kept."""
+    from retrieval.indexing.commit import with_visual_words
     from retrieval.storage.copy_features import CopyFeatures
     from retrieval.vectors import l2_normalize
 
@@ -73,9 +74,10 @@ def grown(database, count: int, seed: int = 0):
         file_sizes=np.asarray(database.file_sizes)[source][order],
         file_mtimes_ns=np.asarray(database.file_mtimes_ns)[source][order],
         image_sizes=None if database.image_sizes is None else np.asarray(database.image_sizes)[source][order],
-        copies=CopyFeatures.assemble([regions[i] for i in order], [local[i] for i in order], database.encoder.dim,
-                                     verify_default=copies.verify_default,
-                                     pages=[copies.is_page(int(source[i])) for i in order]),
+        copies=with_visual_words(CopyFeatures.assemble(
+            [regions[i] for i in order], [local[i] for i in order], database.encoder.dim,
+            verify_default=copies.verify_default, pages=[copies.is_page(int(source[i])) for i in order],
+        )),  # with its visual words, as index.py stores them at this size
         database_id="",
     )
     return type(database)(**fields)

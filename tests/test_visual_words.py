@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from retrieval.descriptors.encoder import EncoderConfig
 from retrieval.descriptors.local_features import extract_local_features, query_local_features
 from retrieval.storage.copy_features import CopyFeatures
 from retrieval.search.backends.memory import MemoryBackend
 from retrieval.search.copies import QueryFeatures, verified_ranking
 from retrieval.search.pipeline import QueryPipeline
 from retrieval.search.verification import QueryLocalFeatures
-from retrieval.search.visual_words import FAR, Vocabulary, VisualWords, lloyd, nearest
+from retrieval.search.visual_words import FAR, Vocabulary, VisualWords, learned, lloyd, nearest
 
 from test_verification import PHOTOS, photo
 
@@ -117,3 +118,71 @@ def test_the_pipeline_verifies_the_word_search_candidates(four_photos):
     assert rows[0, 0] == 2 and inliers[0, 0] > 0 and scores[0, 0] > 1
     rows, _, inliers = pipeline.search_copies([QueryFeatures(vector, None, local)], 4, verify=False)
     assert list(rows[0]) == [0, 1, 3, 2] and np.all(inliers == -1)
+
+
+@pytest.fixture
+def commit():
+    """The module ``retrieval.indexing.commit`` (the package exports a function of that name)."""
+    import importlib
+
+    return importlib.import_module("retrieval.indexing.commit")
+
+
+def test_stored_words_round_trip_and_give_the_search_learned_ones_give(tmp_path, monkeypatch, four_photos, commit):
+    """index.py stores the vocabulary and every keypoint's word from ``STORED_FROM_IMAGES`` images on; read back, they
+    build the same inverted file as learning them when the database is loaded. A smaller database stores none."""
+    import h5py
+
+    from retrieval.errors import IndexFileError
+    from retrieval.storage.database import FeatureDatabase, read_database, write_database
+
+    features = CopyFeatures.assemble(None, [four_photos.local_of(row) for row in range(4)], 8)
+    assert commit.with_visual_words(features).words is None  # 4 images: learned when loaded
+    monkeypatch.setattr(commit, "STORED_FROM_IMAGES", 4)
+    features = commit.with_visual_words(features)
+    assert features.words.dtype == np.uint16 and features.words.shape == (len(features.descriptors),)
+    database = FeatureDatabase(
+        encoder=EncoderConfig("efficientnet-lite0", "imagenet", "md5:0", "top", "max", 224, "squash-bicubic", "float32", 8),
+        vectors=np.eye(4, 8, dtype=np.float32), paths=list("abcd"), file_sizes=np.ones(4, np.int64),
+        file_mtimes_ns=np.ones(4, np.int64), copies=features,
+    )
+    path = tmp_path / "words.h5"
+    write_database(path, database)
+    back = read_database(path).copies
+    np.testing.assert_array_equal(back.words, features.words)
+    np.testing.assert_array_equal(back.word_children, features.word_children)
+    stored = QueryPipeline(MemoryBackend(database.vectors), database.vectors, copies=back).words
+    learned = VisualWords.of(back.descriptors, back.keypoint_image, back.count)
+    for name in ("image", "weight", "starts", "idf"):
+        np.testing.assert_array_equal(getattr(stored, name), getattr(learned, name))
+    query = query_local_features(np.asarray(photo("rocket", 330)))[0].descriptors
+    assert stored.top(query)[0] == learned.top(query)[0] == 2
+    back.words = np.zeros_like(back.words)  # the stored words are the ones used: every image's keypoints in word 0
+    assert QueryPipeline(MemoryBackend(database.vectors), database.vectors, copies=back).words.starts[1] == 4
+
+    # a word beyond the vocabulary is refused as corruption, in one line
+    with h5py.File(path, "r+") as h5:
+        h5["local/word"][0] = 64 * 64
+    with pytest.raises(IndexFileError) as caught:
+        read_database(path)
+    assert caught.value.kind == "corrupt" and "visual words" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_index_py_stores_the_words_of_every_version(image_folder, tmp_path, monkeypatch, commit):
+    """Built and updated through the indexing API: each version's words are learned on its own descriptors."""
+    import shutil
+
+    from conftest import DEMO_DATABASE
+    from retrieval.indexing import build_index
+    from retrieval.storage.database import read_database
+
+    monkeypatch.setattr(commit, "STORED_FROM_IMAGES", 2)
+    path = tmp_path / "words.h5"
+    build_index(image_folder, path, backbone="efficientnet-lite0", local_features=True, progress=False, notice=lambda line: None)
+    first = read_database(path).copies
+    assert first.words is not None and first.words.shape == (len(first.descriptors),)
+    shutil.copy(DEMO_DATABASE / "clock" / "original.jpg", image_folder / "clock.jpg")
+    build_index(image_folder, path, backbone="efficientnet-lite0", progress=False, notice=lambda line: None)
+    second = read_database(path).copies
+    assert len(second.descriptors) > len(first.descriptors) and second.words.shape == (len(second.descriptors),)
+    assert np.array_equal(second.words, learned(second.descriptors)[1])

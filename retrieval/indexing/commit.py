@@ -14,6 +14,7 @@ from ..descriptors.whitening import learn_pca_whitening
 from ..errors import RetrievalError
 from ..search.backends import BackendUpdate, SyncJob, database_regions, finish_backend, prepare_backend
 from ..search.pipeline import searched_matrix
+from ..search.visual_words import STORED_FROM_IMAGES, learned
 from ..storage.copy_features import CopyFeatures
 from ..storage.database import FeatureDatabase, new_database_id, now_iso, read_database, write_database
 from .extract import Extraction
@@ -87,10 +88,20 @@ def copy_features_for(plan: Plan, extraction: Extraction, order: list[str]) -> C
         regions.append(region)
         local.append(features)
         pages.append(page)
-    return CopyFeatures.assemble(
+    features = CopyFeatures.assemble(
         regions if settings["regions"] else None, local if settings["local_features"] else None,
         plan.encoder.dim, verify_default=settings["verify"], pages=pages if settings["regions"] else None,
     )
+    return with_visual_words(features)
+
+
+def with_visual_words(features: CopyFeatures) -> CopyFeatures:
+    """``features`` with the vocabulary and every keypoint's visual word (``visual_words.learned``) when the database
+    has at least ``STORED_FROM_IMAGES`` images with keypoints; a smaller one learns them when it is loaded."""
+    if features.has_local and features.count >= STORED_FROM_IMAGES and len(features.descriptors):
+        vocabulary, words = learned(features.descriptors)
+        features.words, features.word_top, features.word_children = words.astype(np.uint16), vocabulary.top, vocabulary.children
+    return features
 
 
 def new_version(plan: Plan, extraction: Extraction) -> FeatureDatabase:

@@ -25,7 +25,7 @@ from .copies import (
 )
 from .expansion import NO_EXPANSION, QueryExpansion, expand
 from .verification import VERIFY_TOP
-from .visual_words import VisualWords
+from .visual_words import VisualWords, Vocabulary
 
 
 def searched_matrix(vectors: np.ndarray, whitening: Whitening | None) -> np.ndarray:
@@ -54,8 +54,11 @@ class QueryPipeline:
 
     @functools.cached_property
     def words(self) -> VisualWords | None:
-        """The visual-word search over the database's local features (``visual_words``), built on first use."""
-        return VisualWords.of(self.copies.descriptors, self.copies.keypoint_image, self.copies.count)
+        """The visual-word search over the database's local features (``visual_words``), built on first use from the
+        words stored with it, or learned now where it has none."""
+        copies = self.copies
+        stored = None if copies.words is None else Vocabulary(copies.word_top, copies.word_children)
+        return VisualWords.of(copies.descriptors, copies.keypoint_image, copies.count, stored, copies.words)
 
     @property
     def can_verify(self) -> bool:

@@ -10,14 +10,15 @@ Jégou, Douze & Schmid 2009) times the words' idf, L2-normalised; a query's bag 
 inverted file, and its best ``WORD_TOP`` images join the verification candidates (``copies.verified_ranking``).
 Only verification decides: a word candidate that does not verify keeps the place its descriptors gave it, or none.
 
-The vocabulary is learned when a database's features are first verified against (``VisualWords.of``; the server
-does it when it loads a version: ``web.live.warmed``), from at most
-``SAMPLE`` of its descriptors drawn with a fixed seed, so it always fits the current database (an update needs no
-re-learning step, the file format does not change) and the same file gives the same words. The cost is paid once per
-loaded database, on its first verified query: 1.1-1.3 s for the 980 images of the copy-detection set (164 k
-descriptors), 3.4 s for 9,800 images, 5.2 s and ~190 MB more memory at its peak for 14,700 (one process, 2 cores);
-the inverted file then holds 6 bytes per (image, word) pair (14 MB at 14,700 images) and a query's word search
-takes 1.5-2.4 ms.
+The vocabulary is learned from at most ``SAMPLE`` of the database's descriptors drawn with a fixed seed (``learned``),
+so the same descriptors always give the same words. Learning it and giving every descriptor its word takes 1.1-1.3 s
+for the 980 images of the copy-detection set (164 k descriptors), 3.2-3.4 s for 9,800-10,000 images, 5.2 s and ~190
+MB more memory at its peak for 14,700 (one process, 2 cores). index.py does it for a database of at least
+``STORED_FROM_IMAGES`` images and stores the vocabulary and the words in the file (``storage.copy_features``: every
+version gets its own, learned on its descriptors); for a smaller database, or a file written before, it is done when
+the database is first verified against (the server does it when it loads a version: ``web.live.warmed``), where it
+costs less than the ~4 % it would add to indexing. The inverted file holds 6 bytes per (image, word) pair (14 MB at
+14,700 images) and a query's word search takes 1.5-2.4 ms.
 
 Measured on the copy-detection set (bench.chained_edits, the same indexes, evaluate.py; before -> after): chained
 edits mAP 0.828 -> 0.845 (seed 0) and 0.883 -> 0.899 (seed 1), µAP 0.806 -> 0.823 and 0.824 -> 0.841; the
@@ -41,8 +42,9 @@ SAMPLE = 50_000  # descriptors the vocabulary is learned on, at most
 ITERATIONS = 8  # Lloyd iterations per k-means
 SEED = 0
 WORD_TOP = 20  # images of the word search verified beyond the descriptor search's best
-BLOCK = 16_384  # descriptors assigned per batch, drawn at random (bounded memory: see ``VisualWords.of``)
+BLOCK = 16_384  # descriptors assigned per batch, drawn at random (bounded memory: see ``learned``)
 FAR = 1e3  # the coordinates of an unused centre: no unit vector is nearer to it than to a real one
+STORED_FROM_IMAGES = 2_000  # index.py stores the words of a database at least this large (see the module docstring)
 
 
 def nearest(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -129,22 +131,17 @@ class VisualWords:
         self.starts = np.searchsorted(word[by_word], np.arange(size + 1))
 
     @classmethod
-    def of(cls, descriptors: np.ndarray, keypoint_image: np.ndarray, count: int) -> "VisualWords | None":
-        """From stored uint8 RootSIFT (K, 128) and their database rows (K,), ``count`` images; None without any."""
+    def of(
+        cls, descriptors: np.ndarray, keypoint_image: np.ndarray, count: int,
+        vocabulary: Vocabulary | None = None, words: np.ndarray | None = None,
+    ) -> "VisualWords | None":
+        """From stored uint8 RootSIFT (K, 128) and their database rows (K,), ``count`` images; None without any.
+        ``vocabulary`` and ``words`` (K,), stored with the database (``learned``), spare learning and assigning."""
         if len(descriptors) == 0:
             return None
-        sample = descriptors
-        if len(descriptors) > SAMPLE:
-            sample = descriptors[np.sort(np.random.default_rng(SEED).choice(len(descriptors), SAMPLE, replace=False))]
-        vocabulary = Vocabulary.learn(as_root_sift(sample))
-        # blocks of descriptors drawn across the whole database, not of a few neighbouring images: their groups under
-        # the first level are then about as even as k-means made them, and padding them (``words``) costs little
-        shuffled = np.random.default_rng(SEED).permutation(len(descriptors))
-        word = np.empty(len(descriptors), np.int64)
-        for start in range(0, len(descriptors), BLOCK):
-            block = shuffled[start : start + BLOCK]
-            word[block] = vocabulary.words(as_root_sift(descriptors[block]))
-        pairs, tf = np.unique(np.asarray(keypoint_image, np.int64) * vocabulary.size + word, return_counts=True)
+        if vocabulary is None or words is None:
+            vocabulary, words = learned(descriptors)
+        pairs, tf = np.unique(np.asarray(keypoint_image, np.int64) * vocabulary.size + words, return_counts=True)
         return cls(vocabulary, count, pairs // vocabulary.size, pairs % vocabulary.size, tf)
 
     def scores(self, descriptors: np.ndarray) -> np.ndarray:
@@ -171,3 +168,20 @@ class VisualWords:
         scores = self.scores(descriptors)
         best = np.argsort(-scores, kind="stable")[:k]
         return best[scores[best] > 0].astype(np.int64)
+
+
+def learned(descriptors: np.ndarray) -> tuple[Vocabulary, np.ndarray]:
+    """Stored uint8 RootSIFT (K, 128), K >= 1 -> the vocabulary learned on at most ``SAMPLE`` of them (fixed seed) and
+    every descriptor's word, int64 (K,)."""
+    sample = descriptors
+    if len(descriptors) > SAMPLE:
+        sample = descriptors[np.sort(np.random.default_rng(SEED).choice(len(descriptors), SAMPLE, replace=False))]
+    vocabulary = Vocabulary.learn(as_root_sift(sample))
+    # blocks of descriptors drawn across the whole database, not of a few neighbouring images: their groups under the
+    # first level are then about as even as k-means made them, and padding them (``Vocabulary.words``) costs little
+    shuffled = np.random.default_rng(SEED).permutation(len(descriptors))
+    words = np.empty(len(descriptors), np.int64)
+    for start in range(0, len(descriptors), BLOCK):
+        block = shuffled[start : start + BLOCK]
+        words[block] = vocabulary.words(as_root_sift(descriptors[block]))
+    return vocabulary, words

@@ -15,6 +15,10 @@ Two optional HDF5 groups (a file without them is an ordinary database; readers t
                                                 corner, zero-padded (optional, with the next two: absent in older files)
                       thumbnail_size  int32 (M, 2)  width, height of each thumbnail
                       thumbnail_image int32 (M,)    the database row of each thumbnail, non-decreasing
+                      word        uint16 (K,)      the visual word of each keypoint (retrieval.search.visual_words),
+                                                in a vocabulary tree of word_top float32 (B, 128) and word_children
+                                                float32 (B, B, 128) centres (optional, the three together: absent in
+                                                older files and in databases below visual_words.STORED_FROM_IMAGES)
                       attributes  method ("sift"), max_keypoints, max_side, verify_default (1: queries verify
                                   unless told not to, the ``copy-detection`` preset)
 
@@ -51,6 +55,9 @@ class CopyFeatures:
     thumbnails: np.ndarray | None = None  # uint8 (M, T, T, 3), zero-padded
     thumbnail_sizes: np.ndarray | None = None  # int32 (M, 2): width, height
     thumbnail_image: np.ndarray | None = None  # int32 (M,)
+    words: np.ndarray | None = None  # uint16 (K,): each keypoint's visual word, or None (learned when loaded)
+    word_top: np.ndarray | None = None  # float32 (B, 128): the vocabulary tree's first level
+    word_children: np.ndarray | None = None  # float32 (B, B, 128): its second level
     verify_default: bool = False
     max_keypoints: int = DATABASE_KEYPOINTS
     max_side: int = DATABASE_SIDE
@@ -177,6 +184,9 @@ def write_copy_features(h5, features: CopyFeatures | None, count: int) -> None:
             ) if features.thumbnails is not None else ()),
         ):
             group.create_dataset(name, data=data, chunks=True if len(data) else None, fletcher32=bool(len(data)))
+        if features.words is not None:
+            for name, data in (("word", features.words), ("word_top", features.word_top), ("word_children", features.word_children)):
+                group.create_dataset(name, data=data, chunks=True if len(data) else None, fletcher32=bool(len(data)))
         group.attrs["method"] = "sift"
         group.attrs["max_keypoints"] = features.max_keypoints
         group.attrs["max_side"] = features.max_side
@@ -236,6 +246,8 @@ def read_copy_features(h5, path: Path, count: int, dim: int) -> CopyFeatures | N
         features.frames = frames.astype(np.int32)
         if "thumbnail" in group:
             features.thumbnails, features.thumbnail_sizes, features.thumbnail_image = _thumbnails(group, count, path)
+        if "word" in group:
+            features.words, features.word_top, features.word_children = _words(group, len(image), path)
         features.max_keypoints = limit
         features.max_side = int(group.attrs.get("max_side", DATABASE_SIDE))
     return features
@@ -257,3 +269,21 @@ def _thumbnails(group, count: int, path: Path) -> tuple[np.ndarray, np.ndarray, 
             "rebuild it with index.py --rebuild", kind="corrupt",
         )
     return thumbnails, sizes.astype(np.int32), image
+
+
+def _words(group, keypoints: int, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The checked visual words (K,) uint16 of an open ``local`` group and their vocabulary tree's two levels."""
+    words = np.asarray(group["word"][...])
+    top = np.asarray(group["word_top"][...]) if "word_top" in group else np.zeros(0, np.float32)
+    children = np.asarray(group["word_children"][...]) if "word_children" in group else np.zeros(0, np.float32)
+    branch = top.shape[0] if top.ndim == 2 else 0
+    if (
+        words.dtype != np.uint16 or words.shape != (keypoints,) or top.dtype != np.float32 or top.shape != (branch, DESCRIPTOR_BYTES)
+        or children.dtype != np.float32 or children.shape != (branch, branch, DESCRIPTOR_BYTES) or not branch
+        or (keypoints and int(words.max()) >= branch * branch) or not (np.isfinite(top).all() and np.isfinite(children).all())
+    ):
+        raise IndexFileError(
+            f"{path}: the index file is corrupt (visual words of shape {words.shape} {words.dtype}, vocabulary of shapes "
+            f"{top.shape} and {children.shape}); rebuild it with index.py --rebuild", kind="corrupt",
+        )
+    return words, top, children
