@@ -257,18 +257,40 @@ def test_queries_outside_the_database(tiny_index, tmp_path, capsys):
         (queries / group).mkdir(parents=True)
         ImageOps.mirror(Image.open(DEMO_DATABASE / f"{photo}.jpg")).save(queries / group / "flip.jpg")
     shutil.copy(DEMO_DATABASE / "coffee/original.jpg", queries / "loose.jpg")
+    (queries / "_unmatched").mkdir()
+    Image.open(DEMO_DATABASE / "clock/original.jpg").rotate(90, expand=True).save(queries / "_unmatched" / "clock.jpg")
     out_json = tmp_path / "copies.json"
     code, out, err = evaluate_here(capsys, "--index", tiny_index, "--ground-truth", "folders", "--queries", queries,
                                    "--json", out_json)
     assert code == 0, err
-    assert "folders ground truth: 2 queries evaluated, 1 skipped" in out
-    assert f"queries: 3 images under {queries}/<group>/, encoded from their files (1 outside a group folder not used)" in out
+    assert "folders ground truth: 2 queries evaluated (+1 with no copy in the database, counted in µAP only), 1 skipped" in out
+    assert (f"queries: 3 images under {queries}/<group>/ and 1 with no copy in the database under {queries}/_*/, "
+            "encoded from their files (1 outside a group folder not used)") in out
     assert "database: 9 images, 5 of them named by no query" in out  # chelsea and the 3 distractors
     assert "µAP: DISC21, each query's first 100 results pooled" in out and "\nµAP" in out
     assert "skipped query: nothing/flip.jpg: no relevant images in the ground truth" in err
     report = json.loads(out_json.read_text("utf-8"))
     assert {q["query"]: q["relevant"] for q in report["per_query"]} == {"coffee/flip.jpg": 2, "rocket/flip.jpg": 2}
     assert 0 < report["metrics"]["µAP"] <= 1
+    assert [q["query"] for q in report["unmatched_queries"]] == ["_unmatched/clock.jpg"]
+    assert report["unmatched_queries"][0]["top_score"] > 0  # its best (false) match, pooled into µAP
+
+
+def test_queries_with_no_copy_in_the_database_lower_micro_ap_only():
+    """DISC21's queries without a reference: their predictions are false pairs in µAP's one list; mAP ignores them."""
+    from retrieval.evaluation.protocol import PreparedQuery
+
+    matrix = np.eye(3, 4, dtype=np.float32)
+    pipeline = QueryPipeline(MemoryBackend(matrix), matrix)
+    found = PreparedQuery("copy", np.array([0.9, 0.1, 0, 0], np.float32), np.array([0]), np.array([], np.int64), 1)
+    lookalike = PreparedQuery("_unmatched/x", np.array([1.0, 0, 0, 0], np.float32), np.array([], np.int64), np.array([], np.int64), 0)
+    alone = evaluate_queries(pipeline, [found], micro_ap=2)
+    both = evaluate_queries(pipeline, [found, lookalike], micro_ap=2)
+    assert alone.micro_ap == 1.0 and both.unmatched == 1 and both.unmatched_top == {"_unmatched/x": pytest.approx(1.0)}
+    assert both.micro_ap == pytest.approx(0.5)  # the unmatched query's match outscores the true one
+    assert both.mean_average_precision == alone.mean_average_precision == 1.0 and len(both.queries) == 1
+    with pytest.raises(RetrievalError, match="no query left"):
+        evaluate_queries(pipeline, [lookalike], micro_ap=2)
 
 
 def test_holidays_official_list_end_to_end(tiny_index, tmp_path, capsys):

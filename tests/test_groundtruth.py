@@ -65,12 +65,14 @@ def test_folders_with_queries_outside_the_database():
     queries = ["g2/crop.jpg", "g1/original.jpg", "g3/flip.jpg", "loose.jpg", "_x/y.jpg"]
     gt = folders_with_queries(queries, database)
     assert gt.queries == (
+        Query("_x/y.jpg", frozenset(), image="_x/y.jpg", unmatched=True),  # under a "_" folder: no copy in the database
         Query("g1/original.jpg", frozenset({"g1/original.jpg"}), image="g1/original.jpg"),  # same name, still a file
         Query("g2/crop.jpg", frozenset({"g2/original.jpg", "g2/other.jpg"}), image="g2/crop.jpg"),
         Query("g3/flip.jpg", frozenset(), image="g3/flip.jpg"),  # its group has no database image
     )
-    with pytest.raises(GroundTruthError, match="no images in sub-folders of the query folder"):
-        folders_with_queries(["loose.jpg"], database)
+    for only in (["loose.jpg"], ["loose.jpg", "_x/y.jpg"]):  # none in a group: nothing to score
+        with pytest.raises(GroundTruthError, match="no images in sub-folders of the query folder"):
+            folders_with_queries(only, database)
 
 
 def test_holidays_official_list_keeps_images_the_index_lacks(tmp_path):

@@ -40,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(revisited) or CSV file (csv)")
     parser.add_argument("--queries", metavar="DIR",
                         help="folders: every image under DIR/<group>/ is a query encoded from its file, relevant to the "
-                             "database images under <group>/ (copy detection); revisited: the folder of the query "
+                             "database images under <group>/ (copy detection), and every image under DIR/_<name>/ a query "
+                             "with no copy in the database (counted in µAP only); revisited: the folder of the query "
                              "images (default: the index's image folder)")
     parser.add_argument("--protocol", choices=PROTOCOL_CHOICES, default="all",
                         help="revisited: Easy, Medium, Hard or all three (default: all)")
@@ -97,8 +98,10 @@ def ground_truths(args, paths) -> tuple[dict, list[str]]:
         query_paths = list_image_files(args.queries)
         truth = groundtruth.folders_with_queries(query_paths, paths)
         outside = len(query_paths) - len(truth)
-        notes.append(f"queries: {len(truth)} images under {args.queries}/<group>/, encoded from their files"
-                     + (f" ({outside} outside a group folder not used)" if outside else ""))
+        unmatched = sum(query.unmatched for query in truth.queries)
+        notes.append(f"queries: {len(truth) - unmatched} images under {args.queries}/<group>/"
+                     + (f" and {unmatched} with no copy in the database under {args.queries}/_*/" if unmatched else "")
+                     + ", encoded from their files" + (f" ({outside} outside a group folder not used)" if outside else ""))
         return {kind: truth}, notes
     if args.gt_path:
         return {kind: groundtruth.read_ground_truth(kind, args.gt_path)}, notes
@@ -198,9 +201,13 @@ def main(argv=None) -> int:
         encoder = database.encoder
         result = results.get("medium") or next(iter(results.values()))  # the one plotted (Revisited: Medium)
         evaluated = ", ".join(f"{label} {len(r.queries)}" for label, r in results.items()) if len(results) > 1 else str(len(result.queries))
+        if result.unmatched:
+            evaluated += f" queries evaluated (+{result.unmatched} with no copy in the database, counted in µAP only),"
+        else:
+            evaluated += " queries evaluated,"
         skipped = sum(len(p.skipped) for p in preparations.values())
         print(f"{args.index}: {len(database)} images [{encoder.backbone} {encoder.pooling} {encoder.dim}-d, "
-              f"{result.settings['search']} search]; {kind} ground truth: {evaluated} queries evaluated, "
+              f"{result.settings['search']} search]; {kind} ground truth: {evaluated} "
               f"{skipped} skipped; query expansion: {args.qe}")
         print(f"database: {first.database_size} images, {first.unreferenced} of them named by no query "
               f"(distractors, irrelevant to every query); {len(first.missing_relevant)} relevant images of the "

@@ -7,7 +7,9 @@ paths relative to the image folder, POSIX separators. Readers (``GROUND_TRUTH_KI
   of its folder. Distractors belong to no group, are never queries and never relevant (like Oxford105k's or
   Holidays+Flickr100k's): images directly in the top folder, and everything under a top-level sub-folder whose name
   starts with ``_`` (``_distractors/``). ``folders_with_queries`` is the other protocol of the same layout: queries
-  that are not database images (``evaluate.py --queries DIR``: copy detection, a held-out query set).
+  that are not database images (``evaluate.py --queries DIR``: copy detection, a held-out query set); there, the
+  images under a top-level ``_`` folder of the query folder are queries with no copy in the database (DISC21's
+  queries without a reference: their results can only be false matches, counted by µAP alone).
 * ``holidays`` INRIA Holidays: from the official image list (``holidays_images.dat``, as ``holidays_map.py`` reads
   it: a name ending in ``00`` starts a group and is its query, the names after it are its relevant set), or from the
   names ``XXXXYY.jpg`` of the images themselves (the images sharing the first four digits form a group; the
@@ -66,6 +68,7 @@ class Query:
     junk: frozenset[str] = frozenset()
     bbox: tuple[float, float, float, float] | None = None
     image: str | None = None
+    unmatched: bool = False  # a query with no copy in the database (``folders_with_queries``): µAP only
 
 
 @dataclass(frozen=True)
@@ -135,16 +138,19 @@ def read_folders(root: str | os.PathLike) -> GroundTruth:
 def folders_with_queries(query_paths: Iterable[str], database_paths: Iterable[str]) -> GroundTruth:
     """Queries outside the database: each ``<group>/<name>`` of ``query_paths`` (relative to the query folder) is a
     query encoded from its file, relevant to the database images of ``<group>/`` (the copy-detection protocol: edited
-    copies against originals + distractors). Query paths outside a group folder (see ``group_of``) are not queries.
+    copies against originals + distractors). Each image under a top-level ``_`` folder (``DIR/_unmatched/...``) is a
+    query that has no copy in the database (``Query.unmatched``). Images directly in the query folder are not queries.
     A query whose group has no database image keeps an empty relevant set (``prepare_queries`` skips it, saying so).
     """
     groups = folder_groups(database_paths)
-    queries = [
-        Query(path, frozenset(groups.get(group, ())), image=path)
-        for path in sorted(query_paths)
-        if (group := group_of(path)) is not None
-    ]
-    if not queries:
+    queries = []
+    for path in sorted(query_paths):
+        group = group_of(path)
+        if group is not None:
+            queries.append(Query(path, frozenset(groups.get(group, ())), image=path))
+        elif len(PurePosixPath(path).parts) > 1:
+            queries.append(Query(path, frozenset(), image=path, unmatched=True))
+    if not any(not query.unmatched for query in queries):
         raise GroundTruthError("--queries: no images in sub-folders of the query folder (DIR/<group>/<image>)")
     return GroundTruth(tuple(queries), "folders")
 

@@ -111,12 +111,13 @@ def prepare_queries(
     ``encode(query, row)`` is called for queries with a ``bbox``, not in the index, or not database images
     (``query.image``; ``row`` is the query image's database row or None); an ``ImageError`` from it skips that query
     with the reason. Without ``encode`` such queries are skipped. Queries with no relevant image in the ground truth
-    are skipped (AP is undefined; revisitop leaves them out of its means too).
+    are skipped (AP is undefined; revisitop leaves them out of its means too), but for a query with no copy in the
+    database (``Query.unmatched``: ``n_relevant`` 0), which counts in µAP only.
     """
     resolver = PathResolver(paths)
     prepared, skipped, missing, mentioned = [], [], set(), set()
     for query in ground_truth.queries:
-        if not query.relevant:
+        if not query.relevant and not query.unmatched:
             skipped.append((query.path, "no relevant images in the ground truth"))
             continue
         relevant_rows = []
@@ -181,7 +182,8 @@ class QueryScore:
 @dataclass
 class EvaluationResult:
     """Per-query scores and their means; ``pr_precision`` is the mean interpolated precision at ``pr_recall``;
-    ``micro_ap`` is DISC21's µAP over the pooled (query, database image) pairs when it was asked for."""
+    ``micro_ap`` is DISC21's µAP over the pooled (query, database image) pairs when it was asked for, ``unmatched``
+    how many queries with no copy in the database it pooled besides (their best score each in ``unmatched_top``)."""
 
     queries: list[QueryScore]
     ks: tuple[int, ...]
@@ -190,6 +192,11 @@ class EvaluationResult:
     ns_score: float | None = None
     settings: dict = field(default_factory=dict)
     micro_ap: float | None = None
+    unmatched_top: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def unmatched(self) -> int:
+        return len(self.unmatched_top)
 
     @property
     def mean_average_precision(self) -> float:
@@ -222,6 +229,8 @@ class EvaluationResult:
         return {
             "metrics": {name: round(value, 6) for name, value in self.metrics().items()},
             "queries_evaluated": len(self.queries),
+            **({"unmatched_queries": [{"query": name, "top_score": None if not np.isfinite(score) else round(score, 6)}
+                                      for name, score in self.unmatched_top.items()]} if self.unmatched else {}),
             "settings": self.settings,
             "pr_curve": {
                 "recall": [round(float(r), 6) for r in self.pr_recall],
@@ -296,7 +305,8 @@ def evaluate_queries(
     of ``metrics.AP_METHODS``; ``precision``: ``plain`` P@k or ``revisitop`` mP@k (``metrics.PRECISION_RULES``);
     ``micro_ap=N``: also DISC21's µAP, pooling the first N ranked (query, database image) pairs of every query (its
     predictions: score and whether it is relevant; junk and the query's own row left out; a relevant image not among
-    them counts as missed). Raises RetrievalError when no query is left.
+    them counts as missed). A query with no copy in the database (``n_relevant`` 0) adds only its pooled pairs, all
+    false, to µAP; it is left out otherwise (no AP). Raises RetrievalError when no query with a copy is left.
     """
     if ap_method not in metrics.AP_METHODS:
         raise ValueError(f"unknown AP method {ap_method!r}; choose from {', '.join(metrics.AP_METHODS)}")
@@ -305,16 +315,22 @@ def evaluate_queries(
     ks = tuple(sorted(set(int(k) for k in ks)))
     if not ks or ks[0] < 1:
         raise ValueError(f"every k must be at least 1, got {ks}")
-    if not queries:
+    if not any(query.n_relevant for query in queries):
         raise RetrievalError("no query left to evaluate")
+    if not micro_ap:
+        queries = [query for query in queries if query.n_relevant]
     count = len(pipeline)
     depth = min(depth or count, count)
     first = min(depth, max(FIRST_DEPTH, micro_ap or 0, 4))
-    scores_out, curves, ns_counts, pooled = [], [], [], []
+    scores_out, curves, ns_counts, pooled, unmatched_top = [], [], [], [], {}
     for query, ranking, similarity in _ranked_blocks(pipeline, queries, depth, first, expansion, verify):
         order = ranking if query.exclude is None else ranking[ranking != query.exclude]
         similarity = similarity if query.exclude is None else similarity[ranking != query.exclude]
         order, similarity = order[:depth], similarity[:depth]
+        if not query.n_relevant:  # no copy in the database: its predictions can only be false
+            pooled.append((similarity[:micro_ap], np.zeros(min(micro_ap, len(similarity)), bool), 0))
+            unmatched_top[query.name] = float(similarity[0]) if len(similarity) else -np.inf
+            continue
         is_relevant = np.zeros(count, dtype=bool)
         is_relevant[query.relevant] = True
         scored = np.ones(count, dtype=bool)
@@ -351,6 +367,7 @@ def evaluate_queries(
         ns_score=float(np.mean(ns_counts)) if ns_score else None,
         settings=settings,
         micro_ap=_pooled_micro_ap(pooled) if micro_ap else None,
+        unmatched_top=unmatched_top,
     )
 
 
