@@ -251,6 +251,35 @@ def test_a_post_header_above_a_narrow_letterboxed_picture_is_cut_off():
     assert box[1] >= 414 and abs(box[3] - 712) <= 6 and box[0] <= 400 and box[2] >= 640, box
 
 
+def striped(image: Image.Image, count: int = 4, width: float = 0.09) -> np.ndarray:
+    """``image`` under ``count`` opaque white stripes, tilted, each ``width`` of its side wide (AugLy's overlay_stripes)."""
+    from PIL import ImageDraw
+
+    out = image.convert("RGB")
+    side = max(out.size)
+    draw = ImageDraw.Draw(out)
+    for i in range(count):
+        x = (i + 0.5) * side / count
+        draw.polygon([(x, 0), (x + width * side, 0), (x + width * side + 0.3 * side, side), (x + 0.3 * side, side)], fill="white")
+    return np.asarray(out)
+
+
+def test_a_photo_under_opaque_stripes_is_no_page_and_two_pictures_in_a_page_are(monkeypatch):
+    """Stripes cut a photo into alike bands: searched as one band, the copy was lost. A page with two pictures side
+    by side keeps its content boxes."""
+    from test_verification import photo
+
+    bands = striped(photo("chelsea", 512))
+    assert regions.content_boxes(bands) == []
+    with monkeypatch.context() as patched:
+        patched.setattr(regions, "PATTERN_PARTS", 99)
+        assert regions.content_boxes(bands) != []  # what the page detector made of it before
+    page = np.full((600, 900, 3), 248, np.uint8)
+    page[150:390, 60:430] = np.asarray(photo("coffee", 370))[:240]
+    page[150:390, 470:840] = np.asarray(photo("rocket", 370))[:240]
+    assert len(regions.content_boxes(page)) == 2
+
+
 @pytest.mark.parametrize("name", ["chelsea", "coffee", "rocket", "astronaut"])
 def test_a_plain_photo_has_no_content_box(name):
     from test_verification import photo

@@ -141,6 +141,7 @@ PAGE_MIN_SIDE = 64  # pixels: a smaller picture (an icon, a thumbnail, a 28 px F
 CONTENT_MIN_AREA, CONTENT_MAX_AREA = 0.10, 0.85  # fractions of the picture
 CONTENT_MIN_FILL = 0.6  # of its bounding box a content region covers: photos are rectangles; blobs, UI clutter are not
 MAX_CONTENT_BOXES = 2
+PATTERN_PARTS, PATTERN_SHARE = 3, 0.5  # this many content regions of at least this share of the largest: no page
 FURNITURE_SHARE = 0.2  # a busy edge band thinner than this share of a content box, cut off by flat lines, is furniture
 FURNITURE_GAP = 2  # flat lines (at CONTENT_SIDE) that cut a band off
 FLAT_LEVELS, NEUTRAL_LEVELS = 3, 16  # page background: grey range over 5 x 5 pixels, spread of R, G, B (of 255)
@@ -160,7 +161,11 @@ def content_boxes(pixels: np.ndarray) -> list[tuple[int, int, int, int]]:
     >= 5 % of its outer 3 % frame are background; the rest, opened with a square of 1/40 of the side (text and icons
     go), falls into connected regions; a region that fills >= 60 % of its bounding box is content when that box, its
     flat edge bars (letterboxing) trimmed, covers 10-85 % of the picture. None when page background covers < 15 %,
-    or when the picture is smaller than ``PAGE_MIN_SIDE`` on its shorter side.
+    when the picture is smaller than ``PAGE_MIN_SIDE`` on its shorter side, or when ``PATTERN_PARTS`` or more of the
+    regions are each at least ``PATTERN_SHARE`` of the largest: a page shows one picture, or two side by side, while
+    opaque stripes across a photo (DISC21's overlay_stripes) cut it into several alike bands, and a grid of product
+    shots on a flat backdrop has no one picture either; searched as one of its parts, such a query lost its copy
+    (4 striped chained-edit queries of 53 found nothing though their whole picture verifies).
     """
     import cv2
 
@@ -191,6 +196,9 @@ def content_boxes(pixels: np.ndarray) -> list[tuple[int, int, int, int]]:
     side = max(3, round(CONTENT_SIDE / 40))
     content = cv2.morphologyEx((~background).astype(np.uint8), cv2.MORPH_OPEN, np.ones((side, side), np.uint8))
     count, _, stats, _ = cv2.connectedComponentsWithStats(content, connectivity=4)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    if count > 1 and np.count_nonzero(areas >= PATTERN_SHARE * areas.max()) >= PATTERN_PARTS:
+        return []
     rows, cols = codes.shape
     boxes = []
     for label in np.argsort(-stats[1:, cv2.CC_STAT_AREA]) + 1 if count > 1 else []:
