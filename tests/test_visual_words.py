@@ -98,6 +98,20 @@ def test_a_word_candidate_that_does_not_verify_stays_out_of_the_ranking(four_pho
     assert order[0] == 2 and inliers[0] > 0
 
 
+def test_the_mirror_image_is_verified_against_the_candidates_its_own_words_found(four_photos):
+    """A mirrored copy ranked beyond the candidates the mirror image is checked against is verified when the mirror
+    image's word search names it."""
+    from PIL import ImageOps
+
+    query = QueryLocalFeatures(*query_local_features(np.asarray(ImageOps.mirror(photo("rocket", 330)))))
+    scores = np.array([0.5, 0.4, 0.3, 0.2], np.float32)  # the rocket (row 2) third
+    order, _, inliers = verified_ranking(scores, query, four_photos, top=4, mirror_top=1)
+    assert order[0] != 2 and inliers[list(order).index(2)] == 0  # only checked unmirrored: no match
+    order, fused, inliers = verified_ranking(scores, query, four_photos, top=4, mirror_top=1, also_mirrored=[2])
+    assert order[0] == 2 and inliers[0] > 0 and fused[0] > 1
+    assert verified_ranking(scores, query, four_photos, top=4, mirror_top=4)[0][0] == 2  # the default reach finds it too
+
+
 def test_without_word_candidates_the_ranking_is_the_verified_top(four_photos):
     query = QueryLocalFeatures(*query_local_features(np.asarray(photo("coffee", 330))))
     scores = np.array([0.1, 0.9, 0.2, 0.8], np.float32)

@@ -91,7 +91,7 @@ class CopyEncoder:
             picture = open_image(path, draft_size=None if rule == "squash-nearest" else max(size, DATABASE_SIDE))
             array, dimensions = resize_for_backbone(picture, size, rule), picture.info["source_size"]
             pixels = np.asarray(picture)
-            boxes = content_boxes(pixels) if self.regions else []
+            boxes = content_boxes(pixels, patterns=True) if self.regions else []  # a page's picture is stored besides
             inside = None
             crops = [picture.crop(boxes[0])] if boxes else []  # a page's picture, or an elongated picture's strips
             if boxes:

@@ -33,7 +33,7 @@ from ..descriptors.local_features import LocalFeatures
 from ..descriptors.regions import PAGE_WEIGHT
 from ..errors import RetrievalError
 from . import photometric
-from .verification import VERIFY_TOP, QueryLocalFeatures, verify
+from .verification import MIRROR_TOP, VERIFY_TOP, QueryLocalFeatures, verify
 
 
 @dataclass(frozen=True)
@@ -110,17 +110,19 @@ def photometric_boost(query: LocalFeatures, candidates: Sequence[LocalFeatures],
 
 def verified_ranking(
     scores: np.ndarray, query: QueryLocalFeatures, copies, top: int = VERIFY_TOP, exclude: int | None = None,
-    also: Sequence[int] = (),
+    also: Sequence[int] = (), also_mirrored: Sequence[int] = (), mirror_top: int = MIRROR_TOP,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Verify the best ``top`` images of ``scores`` (count,), and the rows ``also`` (the visual-word search's,
-    ``visual_words``) -> (order of all found rows, their scores, inliers: the inlier count of verified rows, 0 for
-    rows verified without success, -1 for rows not verified). A row of ``also`` that does not verify keeps the place
-    its score gives it, or stays out of the ranking where it has none."""
+    """Verify the best ``top`` images of ``scores`` (count,), and the rows ``also`` and ``also_mirrored`` (the
+    visual-word search's for the query and for its mirror image, ``visual_words``) -> (order of all found rows, their
+    scores, inliers: the inlier count of verified rows, 0 for rows verified without success, -1 for rows not
+    verified). The mirror image is verified against the first ``mirror_top`` candidates and the rows of
+    ``also_mirrored``. A row of either that does not verify keeps the place its score gives it, or stays out of the
+    ranking where it has none."""
     order = np.argsort(-scores, kind="stable")
     order = order[np.isfinite(scores[order])]
     fused = scores[order].astype(np.float32)
     head = set(order[:top].tolist())
-    extra = [int(row) for row in also if int(row) not in head and row != exclude]
+    extra = list(dict.fromkeys(int(row) for row in (*also, *also_mirrored) if int(row) not in head and row != exclude))
     unranked = [row for row in extra if not np.isfinite(scores[row])]  # verified at the end of the ranking
     order = np.concatenate([order, np.array(unranked, np.int64)])
     fused = np.concatenate([fused, np.full(len(unranked), -np.inf, np.float32)])
@@ -129,7 +131,9 @@ def verified_ranking(
     candidates = [i for i in range(min(top, len(order))) if order[i] != exclude] + [position[row] for row in extra]
     if candidates:
         features = [copies.local_of(int(order[i])) for i in candidates]
-        result = verify(query, features)
+        mirrored_rows = {int(row) for row in also_mirrored}
+        mirror = [n < mirror_top or int(order[i]) in mirrored_rows for n, i in enumerate(candidates)]
+        result = verify(query, features, mirror)
         index = np.array(candidates)
         inliers[index] = np.where(result.verified, result.inliers, 0)
         fused[index] = np.where(result.verified, result.scores(), fused[index]).astype(np.float32)

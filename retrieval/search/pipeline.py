@@ -161,8 +161,12 @@ class QueryPipeline:
             start += sizes[i]
             fused = fuse(self.matrix.shape[0], lists)
             if verify and query.local is not None:
-                also = () if self.words is None else self.words.top(query.local.direct.descriptors)
-                order, scores, inliers = verified_ranking(fused, query.local, self.copies, verify_top, rows_of[i], also)
+                words = self.words
+                also = () if words is None else words.top(query.local.direct.descriptors)
+                also_mirrored = () if words is None else words.top(query.local.mirrored.descriptors)
+                order, scores, inliers = verified_ranking(
+                    fused, query.local, self.copies, verify_top, rows_of[i], also, also_mirrored
+                )
             else:
                 order = np.argsort(-fused, kind="stable")
                 order = order[np.isfinite(fused[order])]

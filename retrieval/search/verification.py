@@ -19,7 +19,8 @@ Per candidate and per orientation (direct, mirrored):
    stretch's two scales within ``STRETCH_LIMIT`` of each other. 4 degrees of freedom against a homography's 8 or an
    affine map's 6: random matches agree with them far less often, and the copies users make (crops, resizes,
    rotations, pasting into a frame, padding, aspect changes) are one or the other. A mirrored copy is found by the
-   mirrored query, matched against the first ``MIRROR_TOP`` candidates;
+   mirrored query, matched against the first ``MIRROR_TOP`` candidates and those the mirrored query's visual words
+   found (``copies.verified_ranking``);
 3. **specific evidence**: an inlier keypoint of the query that is also an inlier with many *other* candidates is not
    evidence of a copy: it lies in something those images share with the query (the frame of a screenshot template,
    an avatar, a caption's glyphs, a watermark). Each inlier counts ``1 / n`` where ``n`` is the number of candidates
@@ -463,16 +464,19 @@ def surrounds(points: np.ndarray, inliers: np.ndarray, others: Sequence[np.ndarr
     return any(len(other) and float(np.mean(inside[other])) >= SURROUNDED_SHARE for other in others)
 
 
-def verify(query: QueryLocalFeatures, candidates: Sequence[LocalFeatures], mirror_top: int = MIRROR_TOP) -> Verification:
-    """Verify every candidate against the query, and the first ``mirror_top`` against its mirror image (see the
-    module docstring)."""
+def verify(query: QueryLocalFeatures, candidates: Sequence[LocalFeatures], mirror: Sequence[bool] | None = None) -> Verification:
+    """Verify every candidate against the query, and those ``mirror`` marks (default: the first ``MIRROR_TOP``)
+    against its mirror image too (see the module docstring)."""
     count = len(candidates)
     inliers = np.zeros(count, np.int64)
     strength = np.zeros(count, np.float64)
     mirrored = np.zeros(count, bool)
+    checked_mirror = np.arange(count) < MIRROR_TOP if mirror is None else np.asarray(mirror, bool).reshape(count)
     for is_mirror, side in ((False, query.direct), (True, query.mirrored)):
-        checked = candidates[:mirror_top] if is_mirror else candidates
-        found = _matches(side, checked) + [Candidate(NO_MATCH, NO_MATCH)] * (count - len(checked))
+        rows = np.flatnonzero(checked_mirror) if is_mirror else np.arange(count)
+        found = [Candidate(NO_MATCH, NO_MATCH)] * count
+        for row, candidate in zip(rows, _matches(side, [candidates[i] for i in rows])):
+            found[row] = candidate
         weighted, raw = _strength(found, np.asarray(side.keypoints[:, :2], np.float32))
         better = weighted > strength
         strength = np.where(better, weighted, strength)
