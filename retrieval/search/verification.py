@@ -464,7 +464,9 @@ def surrounds(points: np.ndarray, inliers: np.ndarray, others: Sequence[np.ndarr
     return any(len(other) and float(np.mean(inside[other])) >= SURROUNDED_SHARE for other in others)
 
 
-def verify(query: QueryLocalFeatures, candidates: Sequence[LocalFeatures], mirror: Sequence[bool] | None = None) -> Verification:
+def verify(
+    query: QueryLocalFeatures, candidates: Sequence[LocalFeatures], mirror: Sequence[bool] | None = None
+) -> Verification:
     """Verify every candidate against the query, and those ``mirror`` marks (default: the first ``MIRROR_TOP``)
     against its mirror image too (see the module docstring)."""
     count = len(candidates)
