@@ -229,8 +229,10 @@ def stretch_inliers(query_points: np.ndarray, candidate_points: np.ndarray, thre
         return None
     scales, first = scales[plausible], first[plausible]
     shifts = candidate[first] - scales * query[first]  # (samples, 2): tx, ty
-    residuals = scales[:, None, :] * query[None] + shifts[:, None, :] - candidate[None]  # (samples, n, 2)
-    inliers = np.einsum("snk,snk->sn", residuals, residuals) < threshold * threshold
+    # per axis, (samples, n): two 2-D arrays cost half the time of one (samples, n, 2) array and its einsum
+    across = scales[:, :1] * query[None, :, 0] + shifts[:, :1] - candidate[None, :, 0]
+    down = scales[:, 1:] * query[None, :, 1] + shifts[:, 1:] - candidate[None, :, 1]
+    inliers = across * across + down * down < threshold * threshold
     mask = inliers[np.argmax(inliers.sum(axis=1))]
     if mask.sum() >= 3 and np.ptp(query[mask], axis=0).min() > 0:
         fit = [np.polyfit(query[mask, axis], candidate[mask, axis], 1) for axis in (0, 1)]
@@ -292,18 +294,24 @@ def visible_share(sizes: np.ndarray, inside: np.ndarray, scale: float, shown: np
 
 
 def shown_in_query(query_points: np.ndarray, query_inliers: np.ndarray, candidate_points: np.ndarray,
-                   candidate_inliers: np.ndarray) -> np.ndarray:
+                   candidate_inliers: np.ndarray, tested: np.ndarray | None = None) -> np.ndarray:
     """Which candidate keypoints (n,) the query shows: mapped into the query by the affine map fitted (least
     squares) to the match's inliers, they land within ``SHOWN_RADIUS`` of the query's longest keypoint extent of a
-    query keypoint. Those that land on flat query pixels are hidden (under an opaque overlay: stripes, a box)."""
+    query keypoint. Those that land on flat query pixels are hidden (under an opaque overlay: stripes, a box).
+    ``tested`` (bool (n,), default all): the keypoints to test; the others are False."""
+    shown = np.zeros(len(candidate_points), bool)
+    chosen = np.arange(len(candidate_points)) if tested is None else np.flatnonzero(tested)
+    if not len(chosen):
+        return shown
     source = np.c_[candidate_points[candidate_inliers].astype(np.float64), np.ones(len(candidate_inliers))]
     affine, *_ = np.linalg.lstsq(source, query_points[query_inliers].astype(np.float64), rcond=None)
-    mapped = (np.c_[candidate_points.astype(np.float64), np.ones(len(candidate_points))] @ affine).astype(np.float32)
+    mapped = (np.c_[candidate_points[chosen].astype(np.float64), np.ones(len(chosen))] @ affine).astype(np.float32)
     points = np.asarray(query_points, np.float32)
     radius = SHOWN_RADIUS * float(np.ptp(points, axis=0).max())
     # squared distances as |m|^2 + |q|^2 - 2 m.q: one matrix product, not an (n, m, 2) array
     squared = (mapped * mapped).sum(axis=1)[:, None] + (points * points).sum(axis=1)[None, :] - 2.0 * (mapped @ points.T)
-    return squared.min(axis=1) <= radius * radius
+    shown[chosen] = squared.min(axis=1) <= radius * radius
+    return shown
 
 
 def density_and_coverage(query: LocalFeatures, query_inliers: np.ndarray, query_extent: float,
@@ -321,7 +329,7 @@ def density_and_coverage(query: LocalFeatures, query_inliers: np.ndarray, query_
     scale = float(np.median(candidate_sizes[candidate_inliers] / np.maximum(query_sizes, 1e-3)))
     query_inside, query_area = inside_inliers_hull(query_points, query_inliers)
     candidate_inside, candidate_area = inside_inliers_hull(candidate_points, candidate_inliers)
-    shown = shown_in_query(query_points, query_inliers, candidate_points, candidate_inliers)
+    shown = shown_in_query(query_points, query_inliers, candidate_points, candidate_inliers, tested=candidate_inside)
     visible = max(visible_share(candidate_sizes, candidate_inside, scale, shown), VISIBLE_FLOOR)
     query_density = min(1.0, hull_density(len(query_inliers), query_inside) / visible)
     width, height = candidate.size
