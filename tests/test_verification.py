@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from retrieval.descriptors.local_features import (
-    DATABASE_KEYPOINTS, LocalFeatures, extract_local_features, query_local_features, spread_choice,
+    DATABASE_KEYPOINTS, MIRROR_ORDER, LocalFeatures, extract_local_features, mirrored, query_local_features, root_sift,
+    spread_choice,
 )
 from bench import unseen_edits
 from retrieval.errors import IndexFileError
@@ -393,6 +394,28 @@ def test_the_mirrored_query_finds_a_mirrored_copy():
     assert with_mirror.verified[0] and with_mirror.mirrored[0]
     without = verify(QueryLocalFeatures(direct, LocalFeatures.empty()), candidate)
     assert not without.verified[0]
+
+
+def test_mirrored_descriptors_are_the_flipped_pictures_descriptors():
+    """The bin permutation gives what describing the flipped pixels at the mirrored keypoints gives."""
+    import cv2
+
+    grey = cv2.cvtColor(np.asarray(photo("astronaut", 512)), cv2.COLOR_RGB2GRAY)
+    sift = cv2.SIFT_create(nfeatures=300)
+    keypoints, descriptors = sift.detectAndCompute(grey, None)
+    flipped = [cv2.KeyPoint(grey.shape[1] - 1 - kp.pt[0], kp.pt[1], kp.size, (180.0 - kp.angle) % 360.0, kp.response,
+                            kp.octave) for kp in keypoints]
+    _, described = sift.compute(np.ascontiguousarray(grey[:, ::-1]), flipped)
+    expected = root_sift(described)
+    assert np.median((expected * root_sift(descriptors[:, MIRROR_ORDER])).sum(axis=1)) > 0.98
+    assert np.median((expected * root_sift(descriptors)).sum(axis=1)) < 0.8  # unpermuted: no match
+
+    features = extract_local_features(np.asarray(photo("astronaut", 512)))
+    mirror = mirrored(features)
+    width = features.size[0]
+    assert np.array_equal(mirror.keypoints[:, 0], (width - 1 - features.keypoints[:, 0].astype(np.float32)).astype(np.float16))
+    assert np.array_equal(mirror.descriptors, features.descriptors[:, MIRROR_ORDER])
+    assert np.array_equal(mirrored(mirror).descriptors, features.descriptors)
 
 
 @pytest.mark.parametrize("pixels", [np.zeros((300, 400, 3), np.uint8), np.full((8, 8, 3), 200, np.uint8)])

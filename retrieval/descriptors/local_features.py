@@ -26,8 +26,11 @@ picture's at ``QUERY_SIDE``) with its longest side at most twice ``QUERY_SIDE``:
 1524 x 360 three-picture collage was 151 px high against the database's 341, and its copy got 44 inliers that
 covered too little of its keypoints to count (hull density 0.20); at 1140 x 269, 101 inliers (density 0.58). The
 mirrored query is the same image flipped left-right: the keypoints found once, mirrored (x -> W - 1 - x, angle ->
-180 - angle) and described again on the flipped pixels (SIFT descriptors are not mirror-invariant; detection is, so
-it is not repeated).
+180 - angle), their descriptors mirrored too (``mirrored``). A SIFT descriptor is not mirror-invariant, but in the
+mirrored keypoint's frame the flip turns the patch upside down: its 4 x 4 cells swap rows and each cell's 8
+gradient orientations o -> -o, a fixed permutation of the 128 bins (``MIRROR_ORDER``). Describing the flipped
+pixels again gives the same vectors to a cosine of 0.997 (median; 0.989 at the 5th percentile, on the copy-detection
+set's queries: OpenCV's orientation estimate is not exactly symmetric), for a third of the query's SIFT time.
 
 A page around a picture (a screenshot: ``regions.content_boxes``) gets its picture's keypoints, in the database as
 in a query: the template around the picture (menus, a post's header, icons) is the same in unrelated screenshots.
@@ -73,6 +76,9 @@ DESCRIPTOR_BYTES = 128
 KEYPOINT_FIELDS = 4  # x, y, size, angle
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest: blocks below it come from the heap, not from a fresh mapping
 KEEP_FREED_BYTES = 256 << 20  # freed heap kept for reuse before it is returned to the system
+# OpenCV's descriptor bin (row * 4 + column) * 8 + orientation -> the bin it moves to when the picture is mirrored
+MIRROR_ORDER = np.array([((3 - row) * 4 + column) * 8 + (8 - orientation) % 8
+                         for row in range(4) for column in range(4) for orientation in range(8)])
 
 
 @dataclass(frozen=True)
@@ -149,10 +155,9 @@ def keep_freed_memory() -> bool:
     return bool(set_option(m_mmap_threshold, MMAP_THRESHOLD_BYTES)) and bool(set_option(m_trim_threshold, KEEP_FREED_BYTES))
 
 
-def _detect_described(grey: np.ndarray, max_keypoints: int, detect_factor: int):
-    """(the SIFT object, the chosen keypoints, their ``LocalFeatures``): the ``detect_factor`` x ``max_keypoints``
-    strongest detected and described in one pass over one scale space (``detectAndCompute``), then ``spread_choice``
-    keeps ``max_keypoints`` of them."""
+def _detect_described(grey: np.ndarray, max_keypoints: int, detect_factor: int) -> LocalFeatures:
+    """The ``detect_factor`` x ``max_keypoints`` strongest SIFT keypoints, detected and described in one pass over
+    one scale space (``detectAndCompute``), of which ``spread_choice`` keeps ``max_keypoints``."""
     import cv2
 
     keep_freed_memory()
@@ -160,28 +165,22 @@ def _detect_described(grey: np.ndarray, max_keypoints: int, detect_factor: int):
     size = (int(grey.shape[1]), int(grey.shape[0]))
     keypoints, descriptors = sift.detectAndCompute(grey, None) if min(size) >= 16 else ((), None)
     if not keypoints or descriptors is None:
-        return sift, [], LocalFeatures.empty(size)
+        return LocalFeatures.empty(size)
     points = np.array([kp.pt for kp in keypoints], np.float32)
     responses = np.array([kp.response for kp in keypoints], np.float32)
     chosen = spread_choice(points, responses, size, max_keypoints)
-    kept = [keypoints[i] for i in chosen]
-    return sift, kept, _local_features(kept, descriptors[chosen], size)
-
-
-def _local_features(keypoints, descriptors: np.ndarray, size: tuple[int, int]) -> LocalFeatures:
-    table = np.array([(kp.pt[0], kp.pt[1], kp.size, kp.angle) for kp in keypoints], np.float32)
-    quantized = np.clip(np.rint(root_sift(descriptors) * 255.0), 0, 255).astype(np.uint8)
+    table = np.array([(kp.pt[0], kp.pt[1], kp.size, kp.angle) for kp in (keypoints[i] for i in chosen)], np.float32)
+    quantized = np.clip(np.rint(root_sift(descriptors[chosen]) * 255.0), 0, 255).astype(np.uint8)
     return LocalFeatures(table.astype(np.float16), quantized, size)
 
 
-def _described(sift, grey: np.ndarray, keypoints) -> LocalFeatures:
-    size = (int(grey.shape[1]), int(grey.shape[0]))
-    if not keypoints:
-        return LocalFeatures.empty(size)
-    keypoints, descriptors = sift.compute(grey, keypoints)
-    if descriptors is None or not keypoints:
-        return LocalFeatures.empty(size)
-    return _local_features(keypoints, descriptors, size)
+def mirrored(features: LocalFeatures) -> LocalFeatures:
+    """The local features of the picture flipped left-right (no thumbnails): x -> W - 1 - x, angle -> 180 - angle
+    (degrees), each descriptor's bins permuted by ``MIRROR_ORDER`` (see the module docstring)."""
+    table = features.keypoints.astype(np.float32)
+    table[:, 0] = features.size[0] - 1 - table[:, 0]
+    table[:, 3] = (180.0 - table[:, 3]) % 360.0
+    return LocalFeatures(table.astype(np.float16), np.ascontiguousarray(features.descriptors[:, MIRROR_ORDER]), features.size)
 
 
 def extract_local_features(
@@ -192,24 +191,17 @@ def extract_local_features(
     keypoints are the picture's when there is one, as a query that is a page is verified with its picture's: the
     frame of a screenshot template is shared by unrelated screenshots, so its keypoints are no evidence of a copy."""
     grey, _ = _grey(image if picture is None else picture, max_side)
-    features = _detect_described(grey, max_keypoints, DATABASE_DETECT_FACTOR)[2]
+    features = _detect_described(grey, max_keypoints, DATABASE_DETECT_FACTOR)
     pictures = (image,) if picture is None else (image, picture)
     return replace(features, thumbnails=tuple(colour_thumbnail(p) for p in pictures))
 
 
 def query_local_features(image: np.ndarray) -> tuple[LocalFeatures, LocalFeatures]:
-    """A query's local features (with its colour thumbnail) and those of its mirror image (flipped left-right; no
+    """A query's local features (with its colour thumbnail) and those of its mirror image (``mirrored``; no
     thumbnail: the photometric check compares the picture as it is), at the query resolution."""
-    import cv2
-
     grey, _ = _grey(image, QUERY_SIDE, QUERY_PIXELS)
-    sift, keypoints, direct = _detect_described(grey, QUERY_KEYPOINTS, QUERY_DETECT_FACTOR)
-    width = grey.shape[1]
-    flipped = [
-        cv2.KeyPoint(width - 1 - kp.pt[0], kp.pt[1], kp.size, (180.0 - kp.angle) % 360.0, kp.response, kp.octave, kp.class_id)
-        for kp in keypoints
-    ]
-    return replace(direct, thumbnails=(colour_thumbnail(image),)), _described(sift, np.ascontiguousarray(grey[:, ::-1]), flipped)
+    direct = _detect_described(grey, QUERY_KEYPOINTS, QUERY_DETECT_FACTOR)
+    return replace(direct, thumbnails=(colour_thumbnail(image),)), mirrored(direct)
 
 
 def as_root_sift(descriptors: np.ndarray) -> np.ndarray:
