@@ -162,6 +162,10 @@ def test_auto_precision_follows_the_gate_and_the_machine(monkeypatch):
     assert encoder_module.resolve_precision("auto", "efficientnet-lite0") == "float32"  # int8 fails its gate
     monkeypatch.setattr(runtime, "openvino_capabilities", lambda: {"FP32", "BF16", "INT8"})
     assert encoder_module.resolve_precision("auto", "efficientnet-lite0") == "bfloat16"
+    monkeypatch.setattr(runtime, "bfloat16_pays", lambda weights: weights.backbone == "vgg16")  # the timed choice
+    assert encoder_module.resolve_precision("auto", "efficientnet-lite0", efficientnet_lite0_weights()) == "float32"
+    monkeypatch.setattr(runtime, "bfloat16_pays", lambda weights: True)
+    assert encoder_module.resolve_precision("auto", "efficientnet-lite0", efficientnet_lite0_weights()) == "bfloat16"
     monkeypatch.setattr(runtime, "nncf_available", lambda: False)
     assert encoder_module.resolve_precision("auto", "vgg16") == "bfloat16"
     monkeypatch.setenv(runtime.RUNTIME_ENV, "keras")
@@ -172,6 +176,32 @@ def test_auto_precision_follows_the_gate_and_the_machine(monkeypatch):
     assert encoder_module.resolve_precision("auto", "vgg16") == "bfloat16"
     assert encoder_module.resolve_precision("auto", "efficientnet-lite0") == "float32"
     assert encoder_module.resolve_precision("int8") == "int8"
+
+
+def test_the_bfloat16_speed_trial_runs_once_per_cpu_and_is_remembered(built_cache, lite0, tmp_path, monkeypatch):
+    fresh_copy(built_cache, tmp_path, monkeypatch)
+    notices = []
+    pays = runtime.bfloat16_pays(lite0, notice=notices.append)
+    assert any("timing efficientnet-lite0 in bfloat16" in n for n in notices)
+    trials = json.loads((tmp_path / "cache" / runtime.SPEED_FILE).read_text())
+    (entry,) = trials.values()
+    assert entry["float32_ms"] > 0 and entry["bfloat16_ms"] > 0
+    assert pays == (entry["bfloat16_ms"] <= runtime.BFLOAT16_MARGIN * entry["float32_ms"])
+    # remembered: no model is compiled again, and the stored times decide
+    monkeypatch.setattr(runtime.OpenVinoRuntime, "cached", lambda *a, **k: pytest.fail("timed again"))
+    key = runtime.speed_trial_key("efficientnet-lite0")
+    for bfloat16_ms, expected in ((50.0, True), (95.0, False)):
+        trials[key] = {"float32_ms": 100.0, "bfloat16_ms": bfloat16_ms}
+        (tmp_path / "cache" / runtime.SPEED_FILE).write_text(json.dumps(trials))
+        assert runtime.bfloat16_pays(lite0, notice=notices.append) is expected
+    # a damaged record is timed again
+    monkeypatch.undo()
+    fresh_copy(built_cache, tmp_path / "again", monkeypatch)
+    (tmp_path / "again" / "cache" / runtime.SPEED_FILE).write_text("{not json")
+    notices.clear()
+    runtime.bfloat16_pays(lite0, notice=notices.append)
+    assert any("timing" in n for n in notices)
+    assert key in json.loads((tmp_path / "again" / "cache" / runtime.SPEED_FILE).read_text())
 
 
 def test_calibration_sample_is_bounded_seeded_and_order_free():

@@ -88,13 +88,14 @@ def cpu_has_bf16() -> bool:
     return False
 
 
-def resolve_precision(precision: str, backbone: str = "vgg16") -> str:
+def resolve_precision(precision: str, backbone: str = "vgg16", weights: backbones.Weights | None = None) -> str:
     """``auto`` -> the fastest precision whose quality gate passed for the backbone (``BackboneSpec.gated``) that
     this machine runs faster than float32.
 
     With OpenVINO (the CPU runtime): int8 when the CPU plugin has INT8 and NNCF is installed, bfloat16 when it has
-    BF16, else float32. With Keras (a GPU, or no OpenVINO): bfloat16 for backbones it speeds up there
-    (``bf16_pays``) on CPUs with bf16 units or a GPU, else float32.
+    BF16 and, given the ``weights``, runs them faster in it (``runtime.bfloat16_pays``: timed once per CPU), else
+    float32. With Keras (a GPU, or no OpenVINO): bfloat16 for backbones it speeds up there (``bf16_pays``) on CPUs
+    with bf16 units or a GPU, else float32.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
@@ -109,7 +110,7 @@ def resolve_precision(precision: str, backbone: str = "vgg16") -> str:
     for candidate in spec.gated:
         if candidate == "int8" and "INT8" in capabilities and runtime.nncf_available():
             return "int8"
-        if candidate == "bfloat16" and "BF16" in capabilities:
+        if candidate == "bfloat16" and "BF16" in capabilities and (weights is None or runtime.bfloat16_pays(weights)):
             return "bfloat16"
     return "float32"
 
@@ -204,7 +205,7 @@ def new_encoder_config(
         scales=scales,
         input_size=int(input_size or spec.input_size),
         resize_rule=resize_rule,
-        precision=resolve_precision(precision, weights.backbone),
+        precision=resolve_precision(precision, weights.backbone, weights),
         dim=spec.channels,
     )
 

@@ -28,10 +28,12 @@ import importlib.metadata
 import io
 import json
 import os
+import platform
 import shutil
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +145,82 @@ def openvino_capabilities() -> set[str]:
         return set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     except Exception:  # noqa: BLE001 - no OpenVINO, or a plugin that cannot start: no capabilities
         return set()
+
+
+# ------------------------------------------------------------------------------------------------ speed trial
+
+SPEED_FILE = "precision-speed.json"  # in the cache root: one entry per (backbone, CPU, OpenVINO version)
+SPEED_TRIAL_BATCH = 8  # images at the backbone's input size, per timed run
+SPEED_TRIAL_RUNS = 3  # timed runs per precision, alternated; the fastest counts
+BFLOAT16_MARGIN = 0.9  # bfloat16 is chosen where it takes at most this share of float32's time
+
+
+def cpu_identity() -> str:
+    """The CPU as a speed trial sees it: its model name, logical core count and an md5 of its feature flags."""
+    import hashlib
+
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                name, _, value = line.partition(":")
+                fields.setdefault(name.strip(), value.strip())
+    flags = " ".join(sorted(fields.get("flags", "").split()))
+    digest = hashlib.md5(flags.encode(), usedforsecurity=False).hexdigest()[:12]
+    return f"{fields.get('model name') or platform.processor() or platform.machine()} x{os.cpu_count()} flags:{digest}"
+
+
+def speed_trial_key(backbone: str) -> str:
+    import openvino as ov
+
+    return f"{backbone} | {cpu_identity()} | openvino {ov.get_version()}"
+
+
+def _stored_trials() -> dict:
+    try:
+        data = json.loads((cache_root() / SPEED_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet, or unreadable: trials run again
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def bfloat16_pays(weights: backbones.Weights, notice: Notice = stderr_notice) -> bool:
+    """Whether OpenVINO runs this backbone in bfloat16 in at most ``BFLOAT16_MARGIN`` of its float32 time on this CPU.
+
+    A CPU that reports BF16 is not always faster with it: EfficientNet-Lite0 ran 2x faster in bfloat16 on an AMD Zen 5
+    and 1.2-1.7x slower on an Intel Xeon with AVX-512 BF16 but no AMX (its depthwise convolutions). So it is timed:
+    once per (backbone, CPU, OpenVINO version), the float32 model compiled with each precision hint and run on a
+    ``SPEED_TRIAL_BATCH`` batch, alternately, ``SPEED_TRIAL_RUNS`` times; the result is kept in ``SPEED_FILE`` in the
+    model cache (delete it to time again)."""
+    import openvino as ov
+
+    key = speed_trial_key(weights.backbone)
+    entry = _stored_trials().get(key)
+    if isinstance(entry, dict) and all(isinstance(entry.get(p), (int, float)) for p in ("float32_ms", "bfloat16_ms")):
+        return entry["bfloat16_ms"] <= BFLOAT16_MARGIN * entry["float32_ms"]
+    notice(f"timing {weights.backbone} in bfloat16 against float32 on this CPU (once; --precision chooses by hand)")
+    folder = OpenVinoRuntime.cached(weights, "float32", None, notice).folder
+    core = ov.Core()
+    model = core.read_model(str(folder / "model.xml"))
+    spec = backbones.BACKBONES[weights.backbone]
+    rng = np.random.default_rng(PROBE_SEED)
+    batch = spec.preprocess(rng.integers(0, 256, (SPEED_TRIAL_BATCH, spec.input_size, spec.input_size, 3), dtype=np.uint8))
+    runs = {p: OpenVinoRuntime(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": OV_HINTS[p]}), p, folder)
+            for p in ("float32", "bfloat16")}
+    best = {p: float("inf") for p in runs}
+    for run in runs.values():
+        run(batch)  # warm-up
+    for _ in range(SPEED_TRIAL_RUNS):
+        for precision, run in runs.items():
+            started = time.perf_counter()
+            run(batch)
+            best[precision] = min(best[precision], (time.perf_counter() - started) * 1000)
+    trials = _stored_trials()
+    trials[key] = {"float32_ms": round(best["float32"], 2), "bfloat16_ms": round(best["bfloat16"], 2)}
+    with contextlib.suppress(OSError):  # a read-only cache times again next time
+        cache_root().mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(cache_root() / SPEED_FILE, json.dumps(trials, indent=1, sort_keys=True).encode())
+    return best["bfloat16"] <= BFLOAT16_MARGIN * best["float32"]
 
 
 # ------------------------------------------------------------------------------------------------ Keras
