@@ -101,12 +101,20 @@ def run_set(name: str, images: Path, work: Path, queries: Path | None = None) ->
     return rows
 
 
+def auto_precision() -> str:
+    """The precision index.py's ``auto`` gives EfficientNet-Lite0 on this machine (what the rows ran in)."""
+    from retrieval.descriptors.encoder import resolve_precision
+    from retrieval.models.backbones import efficientnet_lite0_weights
+
+    return resolve_precision("auto", "efficientnet-lite0", efficientnet_lite0_weights())
+
+
 def markdown(rows: list[dict], sizes: dict, quick: bool) -> str:
     cpu = machine()
     lines = [
         f"# The copy-detection preset on every set ({'quick' if quick else 'full'} sizes)",
         "",
-        f"Machine: {cpu['cpu']}, {cpu['cores']} cores; EfficientNet-Lite0, `auto` precision (OpenVINO: {', '.join(cpu['openvino_capabilities'])}).",
+        f"Machine: {cpu['cpu']}, {cpu['cores']} cores; EfficientNet-Lite0 in {auto_precision()} (`auto`; OpenVINO: {', '.join(cpu['openvino_capabilities'])}).",
         "The VGG16 row (timing only) runs the card's backbone with seeded random weights: the same arithmetic as ImageNet's.",
         "All-vs-all through evaluate.py (each image a query by id); copy detection: the edits as queries.",
         "",

@@ -24,7 +24,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -37,6 +36,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
+
+from bench.run import machine
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "out"
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
         classic = rows[0]["p50_ms"]
         lines = [
             f"Query latency through server.py over HTTP, {size:,} images, {len(queries)} edited copies as uploads, one at a "
-            f"time; {platform.processor() or platform.machine()}, {os.cpu_count()} cores.",
+            f"time; {machine()['cpu']}, {os.cpu_count()} cores; EfficientNet-Lite0 in {base.encoder.precision} (`auto`).",
             "",
             "| mode | p50 ms | p95 ms | server p50 ms (encode + search) | p50 / classic | queries with a verified hit |",
             "|---|---|---|---|---|---|",
