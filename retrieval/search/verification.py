@@ -206,6 +206,14 @@ def _plausible_stretch(scale_x: np.ndarray, scale_y: np.ndarray) -> np.ndarray:
                 & (mean >= SCALE_RANGE[0]) & (mean <= SCALE_RANGE[1]))
 
 
+def line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(slope, intercept) of the least-squares line through (x, y), n >= 2 points with x not all equal (what
+    ``np.polyfit(x, y, 1)`` gives, without its SVD: a tenth of the time)."""
+    dx = x - x.mean()
+    slope = float(dx @ (y - y.mean()) / (dx @ dx))
+    return slope, float(y.mean() - slope * x.mean())
+
+
 def stretch_inliers(query_points: np.ndarray, candidate_points: np.ndarray, threshold: float,
                     samples: int = STRETCH_SAMPLES) -> np.ndarray | None:
     """Inlier mask (n,) of the best plausible stretch ``candidate = (sx * x + tx, sy * y + ty)`` from query to
@@ -237,9 +245,9 @@ def stretch_inliers(query_points: np.ndarray, candidate_points: np.ndarray, thre
     inliers = across * across + down * down < threshold * threshold
     mask = inliers[np.argmax(inliers.sum(axis=1))]
     if mask.sum() >= 3 and np.ptp(query[mask], axis=0).min() > 0:
-        fit = [np.polyfit(query[mask, axis], candidate[mask, axis], 1) for axis in (0, 1)]
+        fit = [line_fit(query[mask, axis], candidate[mask, axis]) for axis in (0, 1)]
         if _plausible_stretch(np.array(fit[0][0]), np.array(fit[1][0])):
-            predicted = np.stack([np.polyval(fit[axis], query[:, axis]) for axis in (0, 1)], axis=1)
+            predicted = np.stack([fit[axis][0] * query[:, axis] + fit[axis][1] for axis in (0, 1)], axis=1)
             refined = np.hypot(*(predicted - candidate).T) < threshold
             if refined.sum() >= mask.sum():
                 mask = refined
