@@ -19,7 +19,8 @@ from retrieval.descriptors.local_features import (
 from bench import unseen_edits
 from retrieval.errors import IndexFileError
 from retrieval.search.verification import (
-    QueryLocalFeatures, has_hole, shown_in_query, similarity_inliers, stretch_inliers, surrounds, verify, visible_share,
+    QueryLocalFeatures, has_hole, line_fit, shown_in_query, similarity_inliers, stretch_inliers, surrounds, verify,
+    visible_share,
 )
 
 from conftest import DEMO_DATABASE, REPO
@@ -207,6 +208,14 @@ def test_an_implausible_stretch_is_not_fitted(scales):
     query, candidate, true = stretched_points(*scales)
     mask = stretch_inliers(query, candidate, threshold=3.0)
     assert mask is None or mask.sum() < 8
+
+
+def test_line_fit_is_least_squares():
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 500, 40)
+    y = 1.7 * x - 12 + rng.normal(0, 3, 40)
+    assert np.allclose(line_fit(x, y), np.polyfit(x, y, 1), rtol=1e-9)
+    assert np.allclose(line_fit(np.array([0.0, 2.0]), np.array([1.0, 5.0])), (2.0, 1.0))
 
 
 def test_a_rotation_is_not_a_stretch():
