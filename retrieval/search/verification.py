@@ -111,7 +111,7 @@ STRENGTH_HALF = 15.0  # the strength at which a verified score is half-way betwe
 FINEST_SIZE = 1.8  # px: the smallest keypoint size SIFT gives (OpenCV's first octave, upsampled 2x)
 VISIBLE_FLOOR = 0.2  # the query's density is divided by the candidate's visible share, at least this
 SHOWN_RADIUS = 0.02  # a candidate keypoint is shown by the query with a query keypoint this near (of its extent)
-BLOCK_KEYPOINTS = 16_384  # candidate keypoints matched per matrix product (bounded memory)
+BLOCK_KEYPOINTS = 4_096  # candidate keypoints matched per matrix product: 8 MB of similarities with 512 query keypoints
 
 
 @dataclass(frozen=True)
