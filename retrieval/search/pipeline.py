@@ -141,12 +141,12 @@ class QueryPipeline:
         if expansion.active:
             vectors = self._expanded(vectors, expansion, query_rows)
         depth = min(count, max(k, verify_top if verify else k))
-        global_rows, global_scores = self.backend.search(vectors, depth)
         windows = [np.zeros((0, vectors.shape[1]), np.float32) if q.windows is None or not len(q.windows) else self.transform(q.windows) for q in prepared]
         sizes = [len(w) for w in windows]
-        window_rows = window_scores = None
-        if sum(sizes):
-            window_rows, window_scores = self.backend.search(np.concatenate(windows), depth)
+        # the global vectors and the windows in one search: one pass over the database's vectors
+        found_rows, found_scores = self.backend.search(as_query_matrix(np.concatenate([vectors, *windows]), vectors.shape[1]), depth)
+        global_rows, global_scores = found_rows[: len(prepared)], found_scores[: len(prepared)]
+        window_rows, window_scores = found_rows[len(prepared) :], found_scores[len(prepared) :]
         region_rows = region_scores = None
         if self.regions is not None:
             region_rows, region_scores = self.regions.search(vectors, depth)
