@@ -194,14 +194,18 @@ def test_the_bfloat16_speed_trial_runs_once_per_cpu_and_is_remembered(built_cach
         trials[key] = {"float32_ms": 100.0, "bfloat16_ms": bfloat16_ms}
         (tmp_path / "cache" / runtime.SPEED_FILE).write_text(json.dumps(trials))
         assert runtime.bfloat16_pays(lite0, notice=notices.append) is expected
-    # a damaged record is timed again
+    # a damaged record, an unusable time or a FIFO in its place (a read would block) is timed again and replaced
     monkeypatch.undo()
-    fresh_copy(built_cache, tmp_path / "again", monkeypatch)
-    (tmp_path / "again" / "cache" / runtime.SPEED_FILE).write_text("{not json")
-    notices.clear()
-    runtime.bfloat16_pays(lite0, notice=notices.append)
-    assert any("timing" in n for n in notices)
-    assert key in json.loads((tmp_path / "again" / "cache" / runtime.SPEED_FILE).read_text())
+    for name, spoil in (("text", lambda path: path.write_text("{not json")),
+                        ("negative", lambda path: path.write_text(json.dumps({key: {"float32_ms": -1, "bfloat16_ms": 5}}))),
+                        ("fifo", os.mkfifo)):
+        fresh_copy(built_cache, tmp_path / name, monkeypatch)
+        spoil(tmp_path / name / "cache" / runtime.SPEED_FILE)
+        notices.clear()
+        runtime.bfloat16_pays(lite0, notice=notices.append)
+        assert any("timing" in n for n in notices), name
+        assert key in json.loads((tmp_path / name / "cache" / runtime.SPEED_FILE).read_text()), name
+        monkeypatch.undo()
 
 
 def test_calibration_sample_is_bounded_seeded_and_order_free():

@@ -27,6 +27,7 @@ import contextlib
 import importlib.metadata
 import io
 import json
+import math
 import os
 import platform
 import shutil
@@ -42,7 +43,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import RetrievalError, WeightsError
-from ..files import atomic_replace, atomic_write_bytes
+from ..files import atomic_replace, atomic_write_bytes, check_readable_file
 from . import backbones
 
 RUNTIME_ENV = "CBIR_RUNTIME"
@@ -177,11 +178,20 @@ def speed_trial_key(backbone: str) -> str:
 
 
 def _stored_trials() -> dict:
+    """The kept speed trials; {} where there are none or the file is damaged or special (then they run again)."""
     try:
-        data = json.loads((cache_root() / SPEED_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # none yet, or unreadable: trials run again
+        path = check_readable_file(cache_root() / SPEED_FILE, "speed trial file")  # a FIFO would block a read
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (RetrievalError, OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _timed(entry) -> bool:
+    """Whether a kept trial holds two usable times (positive, finite milliseconds)."""
+    return isinstance(entry, dict) and all(
+        isinstance(entry.get(p), (int, float)) and math.isfinite(entry[p]) and entry[p] > 0 for p in ("float32_ms", "bfloat16_ms")
+    )
 
 
 def bfloat16_pays(weights: backbones.Weights, notice: Notice = stderr_notice) -> bool:
@@ -196,7 +206,7 @@ def bfloat16_pays(weights: backbones.Weights, notice: Notice = stderr_notice) ->
 
     key = speed_trial_key(weights.backbone)
     entry = _stored_trials().get(key)
-    if isinstance(entry, dict) and all(isinstance(entry.get(p), (int, float)) for p in ("float32_ms", "bfloat16_ms")):
+    if _timed(entry):
         return entry["bfloat16_ms"] <= BFLOAT16_MARGIN * entry["float32_ms"]
     notice(f"timing {weights.backbone} in bfloat16 against float32 on this CPU (once; --precision chooses by hand)")
     folder = OpenVinoRuntime.cached(weights, "float32", None, notice).folder
