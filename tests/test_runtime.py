@@ -206,6 +206,12 @@ def test_the_bfloat16_speed_trial_runs_once_per_cpu_and_is_remembered(built_cach
         assert any("timing" in n for n in notices), name
         assert key in json.loads((tmp_path / name / "cache" / runtime.SPEED_FILE).read_text()), name
         monkeypatch.undo()
+    # a trial that cannot run says so and keeps float32
+    fresh_copy(built_cache, tmp_path / "broken", monkeypatch)
+    monkeypatch.setitem(runtime.OV_HINTS, "bfloat16", "no-such-precision")
+    notices.clear()
+    assert runtime.bfloat16_pays(lite0, notice=notices.append) is False
+    assert any("trial failed" in n for n in notices)
 
 
 def test_calibration_sample_is_bounded_seeded_and_order_free():

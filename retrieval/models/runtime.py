@@ -210,21 +210,25 @@ def bfloat16_pays(weights: backbones.Weights, notice: Notice = stderr_notice) ->
         return entry["bfloat16_ms"] <= BFLOAT16_MARGIN * entry["float32_ms"]
     notice(f"timing {weights.backbone} in bfloat16 against float32 on this CPU (once; --precision chooses by hand)")
     folder = OpenVinoRuntime.cached(weights, "float32", None, notice).folder
-    core = ov.Core()
-    model = core.read_model(str(folder / "model.xml"))
     spec = backbones.BACKBONES[weights.backbone]
     rng = np.random.default_rng(PROBE_SEED)
     batch = spec.preprocess(rng.integers(0, 256, (SPEED_TRIAL_BATCH, spec.input_size, spec.input_size, 3), dtype=np.uint8))
-    runs = {p: OpenVinoRuntime(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": OV_HINTS[p]}), p, folder)
-            for p in ("float32", "bfloat16")}
-    best = {p: float("inf") for p in runs}
-    for run in runs.values():
-        run(batch)  # warm-up
-    for _ in range(SPEED_TRIAL_RUNS):
-        for precision, run in runs.items():
-            started = time.perf_counter()
-            run(batch)
-            best[precision] = min(best[precision], (time.perf_counter() - started) * 1000)
+    best = {p: float("inf") for p in ("float32", "bfloat16")}
+    try:
+        core = ov.Core()
+        model = core.read_model(str(folder / "model.xml"))
+        runs = {p: OpenVinoRuntime(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": OV_HINTS[p]}), p, folder)
+                for p in best}
+        for run in runs.values():
+            run(batch)  # warm-up
+        for _ in range(SPEED_TRIAL_RUNS):
+            for precision, run in runs.items():
+                started = time.perf_counter()
+                run(batch)
+                best[precision] = min(best[precision], (time.perf_counter() - started) * 1000)
+    except Exception as exc:  # noqa: BLE001 - a plugin that cannot compile or run bf16: it does not pay
+        notice(f"the bfloat16 trial failed ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); using float32")
+        return False
     trials = _stored_trials()
     trials[key] = {"float32_ms": round(best["float32"], 2), "bfloat16_ms": round(best["bfloat16"], 2)}
     with contextlib.suppress(OSError):  # a read-only cache times again next time
