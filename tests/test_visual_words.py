@@ -200,3 +200,20 @@ def test_index_py_stores_the_words_of_every_version(image_folder, tmp_path, monk
     second = read_database(path).copies
     assert len(second.descriptors) > len(first.descriptors) and second.words.shape == (len(second.descriptors),)
     assert np.array_equal(second.words, learned(second.descriptors)[1])
+
+
+def test_a_stored_image_searched_by_id_finds_its_mirrored_copy():
+    """Searched by id, an image's mirror image comes from its stored features (no pixels): a mirrored copy verifies."""
+    from PIL import ImageOps
+
+    from retrieval.descriptors.local_features import LocalFeatures
+    from retrieval.search.copies import stored_query
+    from retrieval.search.verification import verify
+
+    pictures = [photo("coffee", 512), ImageOps.mirror(photo("coffee", 512)), photo("rocket", 512)]
+    copies = CopyFeatures.assemble(None, [extract_local_features(np.asarray(p)) for p in pictures], 8)
+    query = stored_query(np.ones(8, np.float32), copies, 0)
+    result = verify(query.local, [copies.local_of(1), copies.local_of(2)], mirror=[True, True])
+    assert result.verified.tolist() == [True, False] and result.mirrored[0]
+    unmirrored = verify(QueryLocalFeatures(query.local.direct, LocalFeatures.empty()), [copies.local_of(1)], mirror=[True])
+    assert not unmirrored.verified[0]

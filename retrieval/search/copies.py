@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..descriptors.local_features import LocalFeatures
+from ..descriptors.local_features import LocalFeatures, mirrored
 from ..descriptors.regions import PAGE_WEIGHT
 from ..errors import RetrievalError
 from . import photometric
@@ -62,14 +62,16 @@ NO_LOCAL_FEATURES = (
 
 def stored_query(vector: np.ndarray, copies, row: int) -> QueryFeatures:
     """A database image as a query (search by id, the evaluator's database queries): its stored global vector, its
-    regions in place of windows, its stored local features (no mirrored ones: they need the pixels). A page around a
+    regions in place of windows, its stored local features and their mirror image (``local_features.mirrored``: the
+    descriptors' bins permuted, no pixels needed). A page around a
     picture is searched as that picture (its last region), the page's own vectors weighted ``PAGE_WEIGHT``, as an
     uploaded screenshot is (``RetrievalEngine.query_features``)."""
     vector = np.asarray(vector, np.float32)
     windows = np.asarray(copies.regions_of(row), np.float32) if copies is not None and copies.has_regions else None
     local = None
     if copies is not None and copies.has_local:
-        local = QueryLocalFeatures(copies.local_of(row), LocalFeatures.empty())
+        stored = copies.local_of(row)
+        local = QueryLocalFeatures(stored, mirrored(stored))
     if windows is not None and copies.is_page(row):
         page_views = np.concatenate([vector[None], windows[:-1]])
         weights = np.full(len(page_views), PAGE_WEIGHT, np.float32)
