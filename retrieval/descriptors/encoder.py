@@ -77,15 +77,7 @@ class EncoderConfig:
 
 def cpu_has_bf16() -> bool:
     """True when the CPU advertises AMX or AVX-512 bf16 instructions (Linux /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"amx_bf16", "avx512_bf16"} & flags)
-    except OSError:
-        pass
-    return False
+    return bool({"amx_bf16", "avx512_bf16"} & set(runtime.cpu_fields().get("flags", "").split()))
 
 
 def resolve_precision(precision: str, backbone: str = "vgg16", weights: backbones.Weights | None = None) -> str:

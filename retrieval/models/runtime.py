@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import importlib.metadata
 import io
 import json
@@ -156,16 +157,23 @@ SPEED_TRIAL_RUNS = 3  # timed runs per precision, alternated; the fastest counts
 BFLOAT16_MARGIN = 0.9  # bfloat16 is chosen where it takes at most this share of float32's time
 
 
-def cpu_identity() -> str:
-    """The CPU as a speed trial sees it: its model name, logical core count and an md5 of its feature flags."""
-    import hashlib
-
+@functools.cache
+def cpu_fields() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo (``model name``, ``flags``...); {} where there is none (not Linux)."""
     fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
             for line in info:
                 name, _, value = line.partition(":")
                 fields.setdefault(name.strip(), value.strip())
+    return fields
+
+
+def cpu_identity() -> str:
+    """The CPU as a speed trial sees it: its model name, logical core count and an md5 of its feature flags."""
+    import hashlib
+
+    fields = cpu_fields()
     flags = " ".join(sorted(fields.get("flags", "").split()))
     digest = hashlib.md5(flags.encode(), usedforsecurity=False).hexdigest()[:12]
     return f"{fields.get('model name') or platform.processor() or platform.machine()} x{os.cpu_count()} flags:{digest}"
