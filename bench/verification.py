@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import re
 import shutil
 import statistics
@@ -197,9 +196,10 @@ def main(argv=None) -> int:
                 process.wait(timeout=30)
             print(f"  {rows[-1]}", flush=True)
         classic = rows[0]["p50_ms"]
+        cpu = machine()
         lines = [
             f"Query latency through server.py over HTTP, {size:,} images, {len(queries)} edited copies as uploads, one at a "
-            f"time; {machine()['cpu']}, {os.cpu_count()} cores; EfficientNet-Lite0 in {base.encoder.precision} (`auto`).",
+            f"time; {cpu['cpu']}, {cpu['cores']} cores; EfficientNet-Lite0 in {base.encoder.precision} (`auto`).",
             "",
             "| mode | p50 ms | p95 ms | server p50 ms (encode + search) | p50 / classic | queries with a verified hit |",
             "|---|---|---|---|---|---|",
