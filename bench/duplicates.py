@@ -247,7 +247,7 @@ def verified_part() -> dict | None:
     truth = truth_of(database.paths)
     matrix = searched_matrix(database.vectors, database.whitening)
     finder = DuplicateFinder(database, MemoryBackend(matrix), matrix, k=K, cache=None, image_root=SET / "all")
-    verifier = LocalFeatureVerifier(database, SET / "all", finder.graph)
+    verifier = LocalFeatureVerifier(database, finder.graph)
     lowest, _ = finder.graph.pairs(min(VERIFY_THRESHOLDS))
     started = time.perf_counter()
     verdict = verifier(lowest)

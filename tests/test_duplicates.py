@@ -344,6 +344,31 @@ def test_script_is_incremental_after_index_adds_images(photo_index, tmp_path):
     assert any({"astronaut.jpg", "astronaut again.jpg"} == {m["path"] for m in g["members"]} for g in report["groups"])
 
 
+def test_verify_confirms_copies_from_the_stored_features_alone(tmp_path):
+    """--verify on an index built with --preset copy-detection confirms the copies (exact, half size, a mirrored
+    crop) and rejects the unrelated pairs a low threshold lets through, with the image folder moved away: the
+    stored local features (and their mirror image) are the query side, no file is read."""
+    from PIL import Image, ImageOps
+
+    folder = copy_duplicate_photos(tmp_path / "photos")
+    with Image.open(DEMO_DATABASE / "coffee" / "original.jpg") as image:
+        width, height = image.size
+        crop = image.crop((width // 8, height // 8, width - width // 8, height - height // 8))
+        ImageOps.mirror(crop).save(folder / "backup" / "coffee mirrored crop.jpg", quality=85)
+    index = tmp_path / "photos.h5"
+    indexed = run("index.py", "--database", folder, "--index", index, "--quiet", "--preset", "copy-detection",
+                  "--backbone", "efficientnet-lite0")
+    assert indexed.returncode == 0, indexed.stderr
+    folder.rename(tmp_path / "moved")
+    result = run("find_duplicates.py", "--index", index, "--verify", "--threshold", "0.1", "--json", "-")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    groups = sorted(sorted(m["path"] for m in g["members"]) for g in report["groups"])
+    coffee = sorted(["coffee.jpg", "backup/coffee copy.jpg", "backup/coffee small.jpg", "backup/coffee mirrored crop.jpg"])
+    assert groups == sorted([coffee, sorted(["rocket.jpg", "backup/rocket.jpg"])])
+    assert report["verified"] == "local features" and report["rejected_by_verification"] > 0
+
+
 def test_script_bad_inputs_give_one_error_line(photo_index, tmp_path):
     folder, index = photo_index
     assert_one_line_error(run("find_duplicates.py", "--index", tmp_path / "missing.h5"), "no such index file")

@@ -485,29 +485,26 @@ def make_groups(
 
 class LocalFeatureVerifier:
     """The ``--verify`` stage: pairs confirmed by local-feature geometric verification (``retrieval.search.
-    verification.verify``). Per image ``a`` of the pairs, its local features and its mirror's are computed from the
-    image file (the query side), and verified against the stored local features of its partners together with its
-    other graph neighbours, so that evidence shared by many images (a screenshot frame, a caption) is discounted
-    as the verification does for a query. A pair whose image file cannot be read stays unconfirmed."""
+    verification.verify``). Per image ``a`` of the pairs, its stored local features and their mirror image
+    (``local_features.mirrored``: no pixels needed, as for a search by id) are the query side, verified against the
+    stored local features of its partners together with its other graph neighbours, so that evidence shared by many
+    images (a screenshot frame, a caption) is discounted as the verification does for a query. No image file is read:
+    it works where the images have moved or are elsewhere. (Measured on the copy-detection set against a query side
+    described again from each image file at query resolution: pairs precision 0.990 -> 0.999, recall 0.483 -> 0.527,
+    groups F1 0.746 -> 0.785 at cosine 0.5, 5.7x faster: README, Duplicates.)"""
 
     name = "local features"
 
-    def __init__(self, database: FeatureDatabase, image_root: Path | None, graph: NeighbourGraph | None = None):
+    def __init__(self, database: FeatureDatabase, graph: NeighbourGraph | None = None):
         copies = getattr(database, "copies", None)
         if copies is None or not getattr(copies, "has_local", False):
             from .copies import NO_LOCAL_FEATURES
 
             raise RetrievalError(f"--verify: {NO_LOCAL_FEATURES}")
-        if image_root is None or not Path(image_root).is_dir():
-            raise RetrievalError("--verify reads the images: the image folder of this index is unknown or missing; "
-                                 "give it with --database DIR")
-        self.database, self.copies, self.image_root, self.graph = database, copies, Path(image_root), graph
-        self.unreadable = 0
+        self.database, self.copies, self.graph = database, copies, graph
 
     def __call__(self, pairs: np.ndarray) -> np.ndarray:
-        from ..descriptors.local_features import query_local_features
-        from ..errors import ImageError
-        from ..images import open_image
+        from ..descriptors.local_features import mirrored
         from .verification import QueryLocalFeatures, verify
 
         confirmed = np.zeros(len(pairs), bool)
@@ -518,13 +515,8 @@ class LocalFeatureVerifier:
             first = int(pairs[chosen[0], 0])
             partners = [int(b) for b in pairs[chosen, 1]]
             context = [] if self.graph is None else [int(r) for r in self.graph.rows[first] if r >= 0 and int(r) not in partners]
-            try:
-                image = open_image(self.image_root / self.database.paths[first])
-            except ImageError:
-                self.unreadable += 1
-                continue
-            query = QueryLocalFeatures(*query_local_features(np.asarray(image)))
-            result = verify(query, [self.copies.local_of(row) for row in partners + context])
+            stored = self.copies.local_of(first)
+            result = verify(QueryLocalFeatures(stored, mirrored(stored)), [self.copies.local_of(row) for row in partners + context])
             confirmed[chosen] = np.asarray(result.verified[: len(partners)], bool)
         return confirmed
 
@@ -599,7 +591,7 @@ class DuplicateFinder:
         local-feature verification."""
         threshold = check_threshold(default_threshold(verify) if threshold is None else threshold)
         if verify is True:
-            verify = LocalFeatureVerifier(self.database, self.image_root, self.graph)
+            verify = LocalFeatureVerifier(self.database, self.graph)
         elif verify is False:
             verify = None
         pairs, scores = self.graph.pairs(threshold)
@@ -641,7 +633,7 @@ def find_duplicates(
         if len(database) == 0:
             raise IndexFileError(f"{source}: the database holds no images: nothing to compare", kind="invalid")
         if verify is True:  # fail before the graph is computed
-            LocalFeatureVerifier(database, Path(image_root or database.image_root or "."), None)
+            LocalFeatureVerifier(database)
         matrix = searched_matrix(database.vectors, database.whitening)
         opened = open_backend(Path(source), database, matrix, override=backend)
         try:
