@@ -47,9 +47,12 @@
       list.append(el('li', { className: 'duplicate-group' }, [el('h3', { id, text: title }), members]));
     });
     const shown = body.truncated ? ` (the first ${body.groups.length} shown)` : '';
+    const verified = body.verified
+      ? ` Each pair verified by ${body.verified} (${plural(body.rejected_by_verification, 'pair', 'pairs')} rejected).`
+      : '';
     status.textContent = body.groups_count
-      ? `${plural(body.groups_count, 'group', 'groups')}${shown}, ${plural(body.duplicates, 'copy', 'copies')} among ${plural(body.images, 'image', 'images')} at similarity ≥ ${body.threshold}. Nothing is deleted or moved.`
-      : `No duplicates among ${plural(body.images, 'image', 'images')} at similarity ≥ ${body.threshold}.`;
+      ? `${plural(body.groups_count, 'group', 'groups')}${shown}, ${plural(body.duplicates, 'copy', 'copies')} among ${plural(body.images, 'image', 'images')} at similarity ≥ ${body.threshold}.${verified} Nothing is deleted or moved.`
+      : `No duplicates among ${plural(body.images, 'image', 'images')} at similarity ≥ ${body.threshold}.${verified}`;
   }
 
   async function load() {

@@ -344,29 +344,67 @@ def test_script_is_incremental_after_index_adds_images(photo_index, tmp_path):
     assert any({"astronaut.jpg", "astronaut again.jpg"} == {m["path"] for m in g["members"]} for g in report["groups"])
 
 
-def test_verify_confirms_copies_from_the_stored_features_alone(tmp_path):
-    """--verify on an index built with --preset copy-detection confirms the copies (exact, half size, a mirrored
-    crop) and rejects the unrelated pairs a low threshold lets through, with the image folder moved away: the
-    stored local features (and their mirror image) are the query side, no file is read."""
-    from PIL import Image, ImageOps
+@pytest.fixture(scope="module")
+def preset_index(tmp_path_factory):
+    """``photo_index``'s photos and a mirrored crop of coffee, indexed by index.py --preset copy-detection; the image
+    folder is then moved away, so that whatever verifies must do it from the stored features alone."""
+    from PIL import ImageOps
 
-    folder = copy_duplicate_photos(tmp_path / "photos")
+    root = tmp_path_factory.mktemp("dups-preset")
+    folder = copy_duplicate_photos(root / "photos")
     with Image.open(DEMO_DATABASE / "coffee" / "original.jpg") as image:
         width, height = image.size
         crop = image.crop((width // 8, height // 8, width - width // 8, height - height // 8))
         ImageOps.mirror(crop).save(folder / "backup" / "coffee mirrored crop.jpg", quality=85)
-    index = tmp_path / "photos.h5"
+    index = root / "photos.h5"
     indexed = run("index.py", "--database", folder, "--index", index, "--quiet", "--preset", "copy-detection",
                   "--backbone", "efficientnet-lite0")
     assert indexed.returncode == 0, indexed.stderr
-    folder.rename(tmp_path / "moved")
-    result = run("find_duplicates.py", "--index", index, "--verify", "--threshold", "0.1", "--json", "-")
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    groups = sorted(sorted(m["path"] for m in g["members"]) for g in report["groups"])
+    folder.rename(root / "moved")
+    return index
+
+
+def test_verify_confirms_copies_from_the_stored_features_alone(preset_index):
+    """On an index built with the preset, verification is the default: the copies (exact, half size, a mirrored
+    crop) are confirmed and the unrelated pairs a low threshold lets through are rejected, with no image to read;
+    --no-verify turns it off."""
+    def report(*args):
+        result = run("find_duplicates.py", "--index", preset_index, "--json", "-", "--no-cache", *args)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
     coffee = sorted(["coffee.jpg", "backup/coffee copy.jpg", "backup/coffee small.jpg", "backup/coffee mirrored crop.jpg"])
-    assert groups == sorted([coffee, sorted(["rocket.jpg", "backup/rocket.jpg"])])
-    assert report["verified"] == "local features" and report["rejected_by_verification"] > 0
+    expected = sorted([coffee, sorted(["rocket.jpg", "backup/rocket.jpg"])])
+    for args in ((), ("--verify",)):
+        verified = report("--threshold", "0.1", *args)
+        assert sorted(sorted(m["path"] for m in g["members"]) for g in verified["groups"]) == expected
+        assert verified["verified"] == "local features" and verified["rejected_by_verification"] > 0
+    assert report()["threshold"] == VERIFIED_THRESHOLD
+    plain = report("--threshold", "0.1", "--no-verify")
+    assert plain["verified"] is None and plain["rejected_by_verification"] == 0
+    assert len(plain["groups"]) == 1 and plain["groups"][0]["size"] == 8  # all 8 join at 0.1 unverified
+    assert report("--no-verify")["threshold"] == DEFAULT_THRESHOLD
+
+
+def test_api_duplicates_verify(preset_index, tmp_path):
+    """/api/duplicates verifies by default on a preset index (its threshold then the verified one), verify=0 turns it
+    off, a bad value is 400; on an index without local features verify=1 is 400."""
+    from retrieval.engine import RetrievalEngine
+    from retrieval.web import create_app
+
+    client = create_app(engine=RetrievalEngine.open(preset_index)).test_client()
+    body = client.get("/api/duplicates?threshold=0.1").get_json()
+    assert body["verified"] == "local features" and body["rejected_by_verification"] > 0 and body["groups_count"] == 2
+    assert client.get("/api/duplicates").get_json()["threshold"] == VERIFIED_THRESHOLD
+    plain = client.get("/api/duplicates?threshold=0.1&verify=0").get_json()
+    assert plain["verified"] is None and plain["groups_count"] == 1
+    assert client.get("/api/duplicates?verify=0").get_json()["threshold"] == DEFAULT_THRESHOLD
+    response = client.get("/api/duplicates?verify=maybe")
+    assert response.status_code == 400 and "verify" in response.get_json()["error"]
+    classic = create_app(engine=RetrievalEngine(database_of(clustered()), None, image_root=tmp_path)).test_client()
+    response = classic.get("/api/duplicates?verify=1")
+    assert response.status_code == 400 and "local features" in response.get_json()["error"]
+    assert classic.get("/api/duplicates").get_json()["verified"] is None
 
 
 def test_script_bad_inputs_give_one_error_line(photo_index, tmp_path):

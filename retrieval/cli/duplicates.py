@@ -41,10 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--index", "-index", required=True, type=nonempty_path, metavar="FILE.h5", help="feature database built by index.py")
     parser.add_argument("--threshold", "-t", type=cosine_threshold, default=None, metavar="T",
                         help=f"cosine similarity from which two images are duplicates, in (0, 1] (default: {DEFAULT_THRESHOLD}, "
-                             f"with --verify {VERIFIED_THRESHOLD}; both chosen on the copy-detection benchmark)")
+                             f"{VERIFIED_THRESHOLD} with verification; both chosen on the copy-detection benchmark)")
     parser.add_argument("--k", type=positive_int, default=DEFAULT_K, metavar="NEIGHBOURS",
                         help=f"neighbours searched per image (default: {DEFAULT_K}, at most {MAX_K}); raise it for very large groups")
-    parser.add_argument("--verify", action="store_true", help="confirm each pair by local-feature geometric verification (indexes built with --preset copy-detection)")
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                        help="confirm each pair by local-feature geometric verification (indexes with local features; "
+                             "default: on for indexes built with --preset copy-detection, --no-verify turns it off)")
     parser.add_argument("--json", type=nonempty_path, metavar="OUT", help="write the groups as JSON ('-': standard output)")
     parser.add_argument("--csv", type=nonempty_path, metavar="OUT", help="write one CSV row per group member")
     parser.add_argument("--html", type=nonempty_path, metavar="OUT", help="write a self-contained HTML report with thumbnails")

@@ -11,8 +11,9 @@ engine does encode + search; errors are ``ApiError`` or ``RetrievalError`` whose
                               ``?download=1``: its original bytes as an attachment
     GET  /thumb/<id>          its thumbnail (JPEG, generated once, LRU-cached)
     GET  /healthz             200 when an index is loaded, 503 when not
-    GET  /api/duplicates?threshold=&k=&limit=   groups of duplicate images (``retrieval.search.duplicates``); the
-                              neighbour graph is computed once per served version and k, so another threshold is instant
+    GET  /api/duplicates?threshold=&k=&limit=&verify=   groups of duplicate images (``retrieval.search.duplicates``);
+                              the neighbour graph is computed once per served version and k, so another threshold is
+                              instant; ``verify`` as for a search (default: the database's), verdicts kept per graph
 
 The folder filter (``folder=a/b``) keeps the engine as it is: the route asks the engine for more ranked hits than the
 page needs and keeps those under the folder, at most ``FOLDER_SCAN_LIMIT`` hits deep (the answer says ``truncated``
@@ -47,7 +48,6 @@ from ..engine import RetrievalEngine
 from ..errors import ImageError
 from ..images import open_image
 from ..search.duplicates import DEFAULT_K as DUPLICATES_K
-from ..search.duplicates import DEFAULT_THRESHOLD as DUPLICATES_THRESHOLD
 from ..search.duplicates import DuplicateFinder, cache_path
 from ..search.expansion import QUERY_EXPANSIONS, QueryExpansion
 from .live import ThumbnailCache, lease
@@ -528,6 +528,7 @@ DUPLICATE_GROUPS_LISTED = 200  # groups one answer lists at most (``limit``)
 DUPLICATE_MEMBERS_LISTED = 100  # members listed per group at most
 _DUPLICATE_FINDERS: dict[str, DuplicateFinder] = {}
 _duplicate_lock = threading.Lock()
+_duplicate_report_lock = threading.Lock()  # one report at a time: the finder keeps its verification's verdicts
 
 
 def _duplicate_finder(engine: RetrievalEngine, version: str, k: int) -> DuplicateFinder:
@@ -549,18 +550,22 @@ def _duplicate_finder(engine: RetrievalEngine, version: str, k: int) -> Duplicat
 
 @bp.get("/api/duplicates")
 def api_duplicates():
-    raw = (request.args.get("threshold") or "").strip() or str(DUPLICATES_THRESHOLD)
-    try:
-        threshold = float(raw)
-    except ValueError:
-        raise ApiError(400, f"threshold must be a number, got {raw[:40]!r}") from None
-    if not (math.isfinite(threshold) and 0 < threshold <= 1):
-        raise ApiError(400, f"threshold must be a cosine similarity in (0, 1], got {raw[:40]!r}")
+    raw = (request.args.get("threshold") or "").strip()
+    threshold = None
+    if raw:
+        try:
+            threshold = float(raw)
+        except ValueError:
+            raise ApiError(400, f"threshold must be a number, got {raw[:40]!r}") from None
+        if not (math.isfinite(threshold) and 0 < threshold <= 1):
+            raise ApiError(400, f"threshold must be a cosine similarity in (0, 1], got {raw[:40]!r}")
     k = _int_param("k", DUPLICATES_K, 1, 100)
     limit = _int_param("limit", 50, 1, DUPLICATE_GROUPS_LISTED)
     engine, version = _engine()
+    verify = engine.resolve_verify(_verify_param())  # 400 with one line for an index without local features
     started = time.perf_counter()
-    report = _duplicate_finder(engine, version, k).report(threshold)
+    with _duplicate_report_lock:
+        report = _duplicate_finder(engine, version, k).report(threshold, verify)
     groups = []
     for group in report.groups[:limit]:
         members = [
@@ -572,7 +577,7 @@ def api_duplicates():
             "max_score": round(max(s for _, _, s in group.pairs), 6), "members": members,
         })
     return jsonify(
-        threshold=threshold, k=k, images=report.images, groups_count=len(report.groups), duplicates=report.duplicates,
-        pairs=report.pairs, saturated=report.saturated, search=report.search, groups=groups,
+        threshold=report.threshold, k=k, images=report.images, groups_count=len(report.groups), duplicates=report.duplicates,
+        pairs=report.pairs, verified=report.verified, rejected_by_verification=report.rejected, saturated=report.saturated, search=report.search, groups=groups,
         truncated=len(report.groups) > limit, took_ms=round((time.perf_counter() - started) * 1000, 2), version=version,
     )
