@@ -1,6 +1,7 @@
 """The "verified" mark in real Chromium around the real server.py, on an index built by index.py --preset
 copy-detection: a screenshot of a database photo finds it first, marked "✓ verified · N inliers"; unrelated photos are
-not marked; verify=0 in the address turns verification off; no critical or serious axe-core violation."""
+not marked; verify=0 in the address turns verification off; no critical or serious axe-core violation; the
+Duplicates view says its pairs are verified."""
 
 from __future__ import annotations
 
@@ -71,6 +72,21 @@ def test_a_screenshot_finds_its_original_marked_verified(browser, copy_server):
         assert response.ok, response.text()
         body = response.json()
         assert body["verify"] is False and not any(hit.get("verified") for hit in body["results"])
+        assert problems == []
+    finally:
+        context.close()
+
+
+def test_duplicates_view_says_the_pairs_are_verified(browser, copy_server):
+    """On a copy-detection index the Duplicates view verifies by default and says so, with its own threshold."""
+    url, _ = copy_server
+    context, page, problems = open_page(browser, url, **DESKTOP)
+    try:
+        page.locator("#duplicates-button").click()
+        status = page.locator("#duplicates-status")
+        expect(status).to_contain_text("verified by local features")
+        expect(status).to_contain_text(re.compile(r"\(\d[\d,]* pairs? rejected\)"))
+        expect(page.locator("#duplicates-threshold")).to_have_value("0.5")
         assert problems == []
     finally:
         context.close()
