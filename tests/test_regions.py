@@ -93,6 +93,45 @@ def test_an_elongated_picture_also_gets_windows_as_deep_as_its_short_side():
     assert stored[0] == long_strip[0] and stored[-1] == long_strip[-1] and set(stored) <= set(long_strip)
 
 
+def test_an_extremely_elongated_picture_gets_a_bounded_number_of_windows():
+    """A 20,000 x 10 picture would slide 3,076 strip windows, each encoded by the model: a query of that shape was
+    killed for its memory. At most ``MAX_QUERY_STRIPS`` of them, spread from one end to the other."""
+    for width, height in ((20_000, 10), (10, 20_000), (65_000, 300)):
+        unbounded = regions.strip_boxes(width, height)
+        strips = regions.window_boxes(width, height)[-regions.MAX_QUERY_STRIPS:]
+        assert len(unbounded) > regions.MAX_QUERY_STRIPS and strips == regions.strip_boxes(width, height, regions.MAX_QUERY_STRIPS)
+        assert len(regions.window_boxes(width, height)) <= len(regions.QUERY_WINDOWS) + regions.MAX_QUERY_STRIPS
+        assert strips[0] == unbounded[0] and strips[-1] == unbounded[-1] and set(strips) <= set(unbounded)
+        assert len(regions.database_strip_boxes(width, height)) == regions.MAX_DATABASE_REGIONS
+
+
+def test_an_extremely_elongated_query_is_searched(tmp_path):
+    """End to end on an index with regions and local features: a 20,000 x 10 noise picture as a query (the
+    process was killed before the strip windows were bounded) gives a ranking, through query_online.py."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from conftest import REPO
+    from retrieval.indexing import build_index
+    from test_verification import photo
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("coffee", "chelsea"):
+        photo(name, 320).save(folder / f"{name}.jpg")
+    index = tmp_path / "copies.h5"
+    build_index(folder, index, backbone="efficientnet-lite0", regions=True, local_features=True, progress=False,
+                notice=lambda line: None)
+    query = tmp_path / "strip.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (10, 20_000, 3), dtype=np.uint8)).save(query)
+    result = subprocess.run([sys.executable, str(REPO / "query_online.py"), "--index", str(index), "--query", str(query)],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "coffee.jpg" in result.stdout and "chelsea.jpg" in result.stdout
+
+
 def test_windows_too_small_to_encode_are_left_out():
     assert regions.window_boxes(12, 12) == []  # the 0.6 windows are 7 px: under 8
     boxes = regions.window_boxes(14, 14)

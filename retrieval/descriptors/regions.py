@@ -27,6 +27,7 @@ from . import pooling
 
 DATABASE_REGION_LEVELS = (2,)
 MAX_DATABASE_REGIONS = 8
+MAX_QUERY_STRIPS = 24  # strip windows of an elongated query at most (a collage of 12 pictures: half a window apart)
 
 # query windows as (x0, y0, width, height), fractions of the picture's width and height: a 2 x 2 grid of windows
 # 0.6 wide and a 3 x 3 grid of windows 0.45 wide (neighbours overlap), as in the multi-scale grids of regional search
@@ -68,10 +69,7 @@ def region_vectors(feature_maps: np.ndarray) -> list[np.ndarray]:
 def database_strip_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
     """The regions of an elongated database picture as PIL crop boxes: its ``strip_boxes``, at most
     ``MAX_DATABASE_REGIONS`` of them spread evenly from one end to the other; [] for other pictures."""
-    boxes = strip_boxes(width, height)
-    if len(boxes) <= MAX_DATABASE_REGIONS:
-        return boxes
-    return [boxes[i] for i in np.linspace(0, len(boxes) - 1, MAX_DATABASE_REGIONS).round().astype(int)]
+    return strip_boxes(width, height, MAX_DATABASE_REGIONS)
 
 
 def window_detail(grey: np.ndarray, box: tuple[int, int, int, int]) -> float:
@@ -104,13 +102,15 @@ def window_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
         right, bottom = min(width, round((x0 + w) * width)), min(height, round((y0 + h) * height))
         if right - left >= 8 and bottom - top >= 8:
             boxes.append((left, top, right, bottom))
-    return boxes + strip_boxes(width, height)
+    return boxes + strip_boxes(width, height, MAX_QUERY_STRIPS)
 
 
-def strip_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
+def strip_boxes(width: int, height: int, limit: int | None = None) -> list[tuple[int, int, int, int]]:
     """Windows of an elongated picture (its long side >= ``STRIP_ELONGATION`` x its short side: several pictures side
     by side or stacked, a panorama) as PIL crop boxes: as deep as the short side, ``STRIP_WINDOW_ASPECT`` x that
-    along the long side, sliding by half a window from one end to the other; [] for other pictures.
+    along the long side, sliding by half a window from one end to the other; [] for other pictures. At most
+    ``limit`` of them, spread evenly from one end to the other, where there would be more (a 20,000 x 10 picture
+    would have 3,076: each is encoded by the model).
 
     The grid windows are fractions of both sides, so on a strip they are strips too: the photo that fills a third
     of a side-by-side collage is in none of them: copy search found one at rank 33 of 560 images. On 60
@@ -121,7 +121,10 @@ def strip_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
         return []
     span = round(short_side * STRIP_WINDOW_ASPECT)
     count = int(np.ceil((long_side - span) / (span / 2))) + 1
-    starts = np.linspace(0, long_side - span, count).round().astype(int).tolist()
+    starts = np.linspace(0, long_side - span, count).round().astype(int)
+    if limit is not None and count > limit:
+        starts = starts[np.linspace(0, count - 1, limit).round().astype(int)]
+    starts = starts.tolist()
     if width >= height:
         return [(start, 0, start + span, height) for start in starts]
     return [(0, start, width, start + span) for start in starts]
