@@ -578,6 +578,7 @@ def api_duplicates():
         })
     return jsonify(
         threshold=report.threshold, k=k, images=report.images, groups_count=len(report.groups), duplicates=report.duplicates,
-        pairs=report.pairs, verified=report.verified, rejected_by_verification=report.rejected, saturated=report.saturated, search=report.search, groups=groups,
+        pairs=report.pairs, verified=report.verified, rejected_by_verification=report.rejected,
+        saturated=report.saturated, search=report.search, groups=groups,
         truncated=len(report.groups) > limit, took_ms=round((time.perf_counter() - started) * 1000, 2), version=version,
     )
