@@ -170,15 +170,19 @@ def _candidates(gaussians, threshold):
     layers, rows, cols = gaussians.shape
     if rows <= 2 * BORDER or cols <= 2 * BORDER:
         return np.empty((0, 3), np.int64)
-    maybe = np.zeros(cols, np.uint8)
+    words = (cols + 7) // 8
+    maybe = np.zeros(words * 8, np.uint8)
+    packed = maybe.view(np.uint64)  # eight flags at a time: most are 0
     found = []
-    for k in range(1, layers - 2):
-        for r in range(BORDER, rows - BORDER):
+    for r in range(BORDER, rows - BORDER):  # rows outside, layers inside: a Gaussian row is read from memory once
+        for k in range(1, layers - 2):
             if _row_prefilter(gaussians[k], gaussians[k + 1], r, threshold, maybe, BORDER, cols - BORDER) == 0:
                 continue
-            for c in range(BORDER, cols - BORDER):
-                if maybe[c] and _is_extreme(gaussians, k, r, c):
-                    found.append((k, r, c))
+            for w in range(words):
+                if packed[w]:
+                    for c in range(w * 8, w * 8 + 8):
+                        if maybe[c] and _is_extreme(gaussians, k, r, c):
+                            found.append((k, r, c))
     out = np.empty((len(found), 3), np.int64)
     for i in range(len(found)):
         out[i, 0], out[i, 1], out[i, 2] = found[i]
@@ -301,6 +305,18 @@ def _gaussian_weights(radius, factor):
     return along
 
 
+@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
+def _gradient_row(above, row, below, c, low, high, row_weight, along, radius, m, gx, gy, weight):
+    """Gradients and Gaussian weights of columns c + low .. c + high of one row (inside the picture), written from
+    index ``m`` on. Vectorised; returns the new ``m``."""
+    for t in range(high - low + 1):
+        x = c + low + t
+        gx[m + t] = row[x + 1] - row[x - 1]
+        gy[m + t] = above[x] - below[x]
+        weight[m + t] = row_weight * along[low + t + radius]
+    return m + high - low + 1
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _orientation_histogram(image, r, c, radius, sigma, hist, gx, gy, weight):
     """OpenCV's ``calcOrientationHist``: the smoothed ORIENTATION_BINS-bin gradient histogram around (r, c) into
@@ -309,16 +325,12 @@ def _orientation_histogram(image, r, c, radius, sigma, hist, gx, gy, weight):
     rows, cols = image.shape
     along = _gaussian_weights(radius, np.float32(-1.0) / (np.float32(2.0) * sigma * sigma))
     m = 0
+    low, high = max(-radius, 1 - c), min(radius, cols - 2 - c)
     for i in range(-radius, radius + 1):
         y = r + i
-        if y <= 0 or y >= rows - 1:
+        if y <= 0 or y >= rows - 1 or high < low:
             continue
-        for j in range(max(-radius, 1 - c), min(radius, cols - 2 - c) + 1):
-            x = c + j
-            gx[m] = image[y, x + 1] - image[y, x - 1]
-            gy[m] = image[y - 1, x] - image[y + 1, x]
-            weight[m] = along[i + radius] * along[j + radius]
-            m += 1
+        m = _gradient_row(image[y - 1], image[y], image[y + 1], c, low, high, along[i + radius], along, radius, m, gx, gy, weight)
     _magnitudes_and_angles(gx, gy, weight, m)
     raw = np.zeros(n + 4, np.float32)  # raw[b + 2] is bin b; two wrapped bins on either side
     per_degree = np.float32(n / 360.0)
