@@ -35,6 +35,10 @@ def encoded_batches(plan: Plan):
     root = plan.scan.root
     if request.ray is None:
         files = [root / rel for rel in plan.todo]
+        if plan.wants_copies and plan.copies["local_features"]:
+            from ..descriptors.local_features import prepare_sift
+
+            prepare_sift(background=True)  # beside the model's loading, not in the first picture's SIFT
         extractor = Extractor(plan.encoder, plan.weights, image_root=root)
         if plan.codebook is not None:
             extractor.use_codebook(plan.codebook)
