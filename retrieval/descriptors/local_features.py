@@ -196,12 +196,12 @@ def mirrored(features: LocalFeatures) -> LocalFeatures:
 def prepare_sift(background: bool = False) -> None:
     """Import numba and load (or, the first time, compile) the SIFT kernels now (~0.7 s from numba's cache) rather
     than in the first picture's SIFT; ``background``: on a daemon thread, beside the model's loading."""
-    from .sift import warm_up
-
     if background:
-        threading.Thread(target=warm_up, name="sift-warm-up", daemon=True).start()
-    else:
-        warm_up()
+        threading.Thread(target=prepare_sift, name="sift-warm-up", daemon=True).start()
+        return
+    from .sift import warm_up  # imports numba
+
+    warm_up()
 
 
 def extract_local_features(
