@@ -58,7 +58,6 @@ class ScaleSpace:
     float32 (LAYERS + 3, h, w), grey values on the 0..255 scale (the DoG layer i is layer i + 1 minus layer i)."""
 
     gaussians: tuple[np.ndarray, ...]
-    size: tuple[int, int]  # (width, height) of the picture
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,7 @@ def scale_space(grey: np.ndarray) -> ScaleSpace:
         for i in range(1, LAYERS + 3):
             cv2.GaussianBlur(layers[i - 1], (0, 0), blurs[i], dst=layers[i], sigmaY=blurs[i])
         gaussians.append(layers)
-    return ScaleSpace(tuple(gaussians), (int(width), int(height)))
+    return ScaleSpace(tuple(gaussians))
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
