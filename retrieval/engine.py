@@ -109,10 +109,12 @@ class RetrievalEngine:
                 )
                 extractor = previous.extractor if same else Extractor.for_database(
                     database.encoder, weights_file, database.codebook, image_root=image_root or database.image_root)
-                if pipeline.can_verify:  # the first query's SIFT would load the kernels: load them here
+                if pipeline.can_verify:  # the first query would load the compiled kernels: load them here
                     from .descriptors.local_features import prepare_sift
+                    from .search.matching import warm_up
 
                     prepare_sift()
+                    warm_up()
         except BaseException:
             pipeline.close()
             raise

@@ -11,8 +11,8 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --disable-pip-version-check setuptools==80.9.0 wheel==0.45.1
 # the package itself, editable: the scripts, bench/ and tests/ import it without any sys.path edits
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
-# compile copy detection's SIFT kernels once (numba caches them beside the package; ~10 s the first time)
-.venv/bin/python -c "from retrieval.descriptors.sift import warm_up; warm_up()"
+# compile copy detection's kernels (SIFT, matching) once (numba caches them beside the package; ~10 s the first time)
+.venv/bin/python -c "from retrieval.descriptors import sift; from retrieval.search import matching; sift.warm_up(); matching.warm_up()"
 if [ "${1:-}" = "--dev" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
   # a real Milvus standalone server for the backend tests (PyPI's milvus wheel bundles it), in a venv of its own

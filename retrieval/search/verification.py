@@ -1,5 +1,5 @@
 """Geometric verification of search candidates with local features: does the query contain a transformed copy of the
-candidate (or of a part of it)? Numpy for the matching, OpenCV only for the robust fit.
+candidate (or of a part of it)? Numpy and two compiled kernels (``matching``) for the matching, OpenCV for the similarity fit.
 
 ``verify(query, candidates)`` is the one entry point (the search pipeline calls it on its top ``VERIFY_TOP``
 candidates; a duplicates finder can call it on any pairs): ``query`` is a ``QueryLocalFeatures`` (the picture and its
@@ -76,6 +76,7 @@ A candidate is ``verified`` when it has at least ``MIN_INLIERS`` inliers and a s
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -144,6 +145,8 @@ def _tentative_all(query: np.ndarray, candidates: Sequence[LocalFeatures]) -> li
     """RootSIFT query (nq, 128) against every candidate -> per candidate (query indices, candidate indices) that pass
     the ratio test, one-to-one. The candidates, widest first, are padded into blocks of alike widths (a third of the
     database's pictures have fewer than half of the 256 keypoints) and matched with one matrix product per block."""
+    from .matching import two_nearest  # numba: imported by the searches that verify, not by every pipeline
+
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     out: list[tuple[np.ndarray, np.ndarray]] = [empty] * len(candidates)
     if max((len(c) for c in candidates), default=0) < 2 or len(query) == 0:
@@ -159,23 +162,20 @@ def _tentative_all(query: np.ndarray, candidates: Sequence[LocalFeatures]) -> li
         padded = np.zeros((len(block), width, query.shape[1]), np.float32)
         for i, index in enumerate(block):
             padded[i, : len(candidates[index])] = as_root_sift(candidates[index].descriptors)
-        similarity = (query @ padded.reshape(-1, query.shape[1]).T).reshape(len(query), len(block), width)
-        nearest = similarity.argmax(axis=2)  # (nq, k)
-        s1 = np.take_along_axis(similarity, nearest[..., None], axis=2)[..., 0]
-        np.put_along_axis(similarity, nearest[..., None], -1.0, axis=2)
-        s2 = similarity.max(axis=2)
+        # (k * width, nq): each candidate's rows together, so the two nearest are one pass over them (two_nearest)
+        nearest, s1, s2 = two_nearest(padded.reshape(-1, query.shape[1]) @ query.T, width)  # each (k, nq)
         d1 = np.sqrt(np.maximum(2.0 - 2.0 * s1, 0.0))
         d2 = np.sqrt(np.maximum(2.0 - 2.0 * s2, 0.0))
         passed = d1 < RATIO * d2
         for i, index in enumerate(block):
-            rows = np.flatnonzero(passed[:, i])
+            rows = np.flatnonzero(passed[i])
             if rows.size < MIN_TENTATIVE:
                 continue
             # one-to-one: of the query keypoints claiming one candidate keypoint, the closest keeps it
-            claims = rows[np.argsort(-s1[rows, i], kind="stable")]
-            _, first_claim = np.unique(nearest[claims, i], return_index=True)
+            claims = rows[np.argsort(-s1[i, rows], kind="stable")]
+            _, first_claim = np.unique(nearest[i, claims], return_index=True)
             kept = np.sort(claims[first_claim])
-            out[index] = (kept, nearest[kept, i].astype(np.int64))
+            out[index] = (kept, nearest[i, kept])
     return out
 
 
@@ -214,22 +214,34 @@ def line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return slope, float(y.mean() - slope * x.mean())
 
 
+@functools.lru_cache(maxsize=1024)
+def sample_pairs(count: int, samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """RANSAC's pairs of ``count`` matches (two int64 index arrays, read-only): every pair where there are at most
+    ``samples`` of them, else ``samples`` pairs drawn with a fixed seed (the same points give the same answer)."""
+    if count * (count - 1) // 2 <= samples:
+        pairs = np.triu_indices(count, 1)
+    else:
+        rng = np.random.default_rng(0)
+        pairs = rng.integers(0, count, samples), rng.integers(0, count, samples)
+    for index in pairs:
+        index.flags.writeable = False
+    return pairs
+
+
 def stretch_inliers(query_points: np.ndarray, candidate_points: np.ndarray, threshold: float,
                     samples: int = STRETCH_SAMPLES) -> np.ndarray | None:
     """Inlier mask (n,) of the best plausible stretch ``candidate = (sx * x + tx, sy * y + ty)`` from query to
     candidate points (n, 2), or None: RANSAC over every pair of matches, or ``samples`` pairs of them where there are
     more (a fixed seed: the same points give the same answer), then a least-squares refit of each axis on the
     inliers. ``threshold`` as ``similarity_inliers``."""
-    query = np.asarray(query_points, np.float64)
-    candidate = np.asarray(candidate_points, np.float64)
+    from .matching import most_inliers
+
+    query = np.ascontiguousarray(query_points, np.float64)  # one compiled signature of most_inliers
+    candidate = np.ascontiguousarray(candidate_points, np.float64)
     count = len(query)
     if count < 2:
         return None
-    if count * (count - 1) // 2 <= samples:
-        first, second = np.triu_indices(count, 1)
-    else:
-        rng = np.random.default_rng(0)
-        first, second = rng.integers(0, count, samples), rng.integers(0, count, samples)
+    first, second = sample_pairs(count, samples)
     span = query[first] - query[second]  # (samples, 2)
     usable = (np.abs(span) >= STRETCH_SPAN * max(np.ptp(query, axis=0).max(), 1.0)).all(axis=1)
     first, second, span = first[usable], second[usable], span[usable]
@@ -239,11 +251,10 @@ def stretch_inliers(query_points: np.ndarray, candidate_points: np.ndarray, thre
         return None
     scales, first = scales[plausible], first[plausible]
     shifts = candidate[first] - scales * query[first]  # (samples, 2): tx, ty
-    # per axis, (samples, n): two 2-D arrays cost half the time of one (samples, n, 2) array and its einsum
-    across = scales[:, :1] * query[None, :, 0] + shifts[:, :1] - candidate[None, :, 0]
-    down = scales[:, 1:] * query[None, :, 1] + shifts[:, 1:] - candidate[None, :, 1]
-    inliers = across * across + down * down < threshold * threshold
-    mask = inliers[np.argmax(inliers.sum(axis=1))]
+    best = most_inliers(query, candidate, scales, shifts, threshold)
+    across = scales[best, 0] * query[:, 0] + shifts[best, 0] - candidate[:, 0]
+    down = scales[best, 1] * query[:, 1] + shifts[best, 1] - candidate[:, 1]
+    mask = across * across + down * down < threshold * threshold
     if mask.sum() >= 3 and np.ptp(query[mask], axis=0).min() > 0:
         fit = [line_fit(query[mask, axis], candidate[mask, axis]) for axis in (0, 1)]
         if _plausible_stretch(np.array(fit[0][0]), np.array(fit[1][0])):

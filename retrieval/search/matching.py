@@ -1,0 +1,70 @@
+"""Compiled kernels of local-feature verification (numba; they release the interpreter lock): the loops that numpy
+would run as several passes over large temporary arrays. Each gives exactly what the numpy expression in its docstring
+gives (tests/test_matching.py compares them).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def two_nearest(similarity: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Similarities float32 (k * width, nq) of k candidates' ``width`` keypoints (rows, candidate by candidate) to nq
+    query keypoints -> per candidate and query keypoint (each (k, nq)): the nearest candidate keypoint (int64, the
+    first of equal ones), its similarity, and the best similarity of the others (-1 where the candidate has one).
+    As numpy on ``s = similarity.reshape(k, width, nq)``: ``s.argmax(1)``, ``s.max(1)`` and the max of ``s`` with
+    the argmax set to -1; one pass, vectorised over the query keypoints."""
+    rows, count = similarity.shape
+    candidates = rows // width
+    nearest = np.empty((candidates, count), np.int64)
+    first = np.empty((candidates, count), np.float32)
+    second = np.empty((candidates, count), np.float32)
+    for j in range(candidates):
+        top = first[j]
+        runner = second[j]
+        at = nearest[j]
+        start = similarity[j * width]
+        for q in range(count):
+            top[q] = start[q]
+            runner[q] = np.float32(-1.0)
+            at[q] = 0
+        for i in range(1, width):
+            row = similarity[j * width + i]
+            for q in range(count):
+                value = row[q]
+                best = top[q]
+                runner[q] = max(runner[q], min(best, value))
+                if value > best:
+                    at[q] = i
+                top[q] = max(best, value)
+    return nearest, first, second
+
+
+@numba.njit(cache=True, nogil=True)
+def most_inliers(query: np.ndarray, candidate: np.ndarray, scales: np.ndarray, shifts: np.ndarray, threshold: float) -> int:
+    """The first of the s axis-wise models ``candidate = scales * query + shifts`` (scales, shifts float64 (s, 2))
+    with the most inliers among the n point pairs (query, candidate float64 (n, 2)): squared distance below
+    ``threshold ** 2``. As numpy: ``argmax(((scales[:, :1] * query[:, 0] + shifts[:, :1] - candidate[:, 0]) ** 2 +
+    (... axis 1 ...) ** 2 < threshold ** 2).sum(1))``, with the same float64 operations (no fused multiply-adds)."""
+    limit = threshold * threshold
+    best, best_count = 0, -1
+    for s in range(scales.shape[0]):
+        sx, sy, tx, ty = scales[s, 0], scales[s, 1], shifts[s, 0], shifts[s, 1]
+        inliers = 0
+        for n in range(query.shape[0]):
+            across = sx * query[n, 0] + tx - candidate[n, 0]
+            down = sy * query[n, 1] + ty - candidate[n, 1]
+            if across * across + down * down < limit:
+                inliers += 1
+        if inliers > best_count:
+            best, best_count = s, inliers
+    return best
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) both kernels, as ``sift.warm_up``."""
+    two_nearest(np.zeros((4, 3), np.float32), 2)
+    points = np.zeros((3, 2))
+    most_inliers(points, points, np.ones((2, 2)), np.zeros((2, 2)), 1.0)

@@ -1,0 +1,75 @@
+"""The compiled kernels of verification (retrieval.search.matching) against the numpy expressions they replace, and
+the stretch's RANSAC pairs (verification.sample_pairs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.search.matching import most_inliers, two_nearest
+from retrieval.search.verification import STRETCH_SAMPLES, sample_pairs, stretch_inliers
+
+
+def numpy_two_nearest(similarity: np.ndarray, width: int):
+    """What verification computed before the kernel: argmax, max, and the max with the argmax set to -1."""
+    blocks = similarity.reshape(-1, width, similarity.shape[1]).copy()  # (k, width, nq)
+    nearest = blocks.argmax(axis=1)
+    first = np.take_along_axis(blocks, nearest[:, None, :], axis=1)[:, 0]
+    np.put_along_axis(blocks, nearest[:, None, :], -1.0, axis=1)
+    return nearest, first, blocks.max(axis=1)
+
+
+@pytest.mark.parametrize("candidates, width, queries", [(1, 2, 1), (3, 2, 7), (5, 17, 33), (16, 256, 512)])
+def test_two_nearest_is_numpy_s(candidates, width, queries):
+    rng = np.random.default_rng(width)
+    # few distinct values: many ties, where the first index must win and the second best equal the best
+    similarity = (rng.integers(0, 6, (candidates * width, queries)) / 5).astype(np.float32)
+    similarity[: width // 2] = 0.0  # zero padding rows, as a candidate with fewer keypoints than the block's width
+    got = two_nearest(similarity, width)
+    for mine, theirs in zip(got, numpy_two_nearest(similarity, width)):
+        assert mine.shape == (candidates, queries)
+        np.testing.assert_array_equal(mine, theirs)
+
+
+def test_two_nearest_second_is_minus_one_for_one_keypoint():
+    similarity = np.array([[0.5, 0.25], [0.0, 0.0]], np.float32)  # one real keypoint, one padding row
+    nearest, first, second = two_nearest(similarity, 2)
+    assert nearest.tolist() == [[0, 0]] and first.tolist() == [[0.5, 0.25]] and second.tolist() == [[0.0, 0.0]]
+    nearest, first, second = two_nearest(np.array([[0.5, 0.25]], np.float32), 1)
+    assert second.tolist() == [[-1.0, -1.0]]
+
+
+def test_most_inliers_is_numpy_s():
+    rng = np.random.default_rng(1)
+    query = rng.uniform(0, 500, (60, 2))
+    candidate = np.c_[1.5 * query[:, 0] + 20, 0.7 * query[:, 1] - 5] + rng.normal(0, 2, (60, 2))
+    candidate[40:] = rng.uniform(0, 500, (20, 2))  # a third are outliers
+    scales = rng.uniform(0.5, 2, (300, 2))
+    scales[[17, 250]] = (1.5, 0.7)  # the true model twice: the first one wins
+    shifts = rng.uniform(-30, 30, (300, 2))
+    shifts[[17, 250]] = (20, -5)
+    across = scales[:, :1] * query[None, :, 0] + shifts[:, :1] - candidate[None, :, 0]
+    down = scales[:, 1:] * query[None, :, 1] + shifts[:, 1:] - candidate[None, :, 1]
+    counts = (across * across + down * down < 6.0**2).sum(axis=1)
+    assert most_inliers(query, candidate, scales, shifts, 6.0) == np.argmax(counts) == 17
+    assert most_inliers(query, candidate, np.zeros((1, 2)), np.zeros((1, 2)), 6.0) == 0
+
+
+def test_sample_pairs_every_pair_or_a_fixed_draw():
+    first, second = sample_pairs(5, STRETCH_SAMPLES)
+    assert sorted(zip(first.tolist(), second.tolist())) == [(i, j) for i in range(5) for j in range(i + 1, 5)]
+    drawn = sample_pairs(300, STRETCH_SAMPLES)
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(drawn[0], rng.integers(0, 300, STRETCH_SAMPLES))
+    np.testing.assert_array_equal(drawn[1], rng.integers(0, 300, STRETCH_SAMPLES))
+    with pytest.raises(ValueError):  # shared between calls: nobody may change them
+        drawn[0][0] = 1
+
+
+def test_stretch_inliers_finds_a_stretch_among_outliers():
+    rng = np.random.default_rng(4)
+    query = rng.uniform(0, 400, (80, 2))
+    candidate = np.c_[2.0 * query[:, 0] + 10, 1.2 * query[:, 1] + 40]
+    candidate[60:] = rng.uniform(0, 800, (20, 2))
+    mask = stretch_inliers(query, candidate, threshold=3.0)
+    assert mask is not None and mask[:60].all() and mask[60:].sum() <= 1
