@@ -77,3 +77,27 @@ def test_an_elongated_picture_stores_its_strips_as_its_regions(tmp_path, effnet_
         assert len(original.regions) == len(map_regions)  # a picture of ordinary shape keeps its map's regions
         best_strip = float((items[0].regions @ original.vector).max())
         assert best_strip > 0.8 and best_strip > float((map_regions @ original.vector).max()) + 0.05
+
+
+def test_opencv_runs_one_thread_per_loader_while_encoding_and_is_restored_after(tmp_path, effnet_extractor):
+    """The loader threads are the parallelism of indexing: OpenCV's own threads (SIFT's blurs) would oversubscribe
+    the cores while the model runs; the setting is OpenCV's global one, so it is put back however the run ends."""
+    import cv2
+
+    from test_verification import photo
+
+    paths = [tmp_path / f"{name}.png" for name in ("coffee", "rocket")]
+    for path, name in zip(paths, ("coffee", "rocket")):
+        photo(name, 300).save(path)
+    before = max(2, cv2.getNumThreads())
+    cv2.setNumThreads(before)
+    try:
+        batches = CopyEncoder(effnet_extractor).encode_files(paths, batch_size=1)
+        next(batches)
+        assert cv2.getNumThreads() == 1
+        batches.close()  # a run stopped half-way (an error, Ctrl-C)
+        assert cv2.getNumThreads() == before
+        assert sum(len(batch) for batch in CopyEncoder(effnet_extractor).encode_files(paths)) == 2
+        assert cv2.getNumThreads() == before
+    finally:
+        cv2.setNumThreads(-1)

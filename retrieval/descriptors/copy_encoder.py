@@ -102,6 +102,17 @@ class CopyEncoder:
             local = extract_local_features(pixels, DATABASE_SIDE, DATABASE_KEYPOINTS, picture=inside) if self.local else None
             return array, dimensions, local, [resize_for_backbone(crop, size, rule) for crop in crops], bool(boxes)
 
+        import cv2
+
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)  # the loader threads are the parallelism: OpenCV's own threads only oversubscribe the cores
+        try:
+            yield from self._batches(paths, load, batch_size, workers)
+        finally:
+            cv2.setNumThreads(threads)
+
+    def _batches(self, paths, load, batch_size: int, workers: int) -> Iterator[list[CopyItem]]:
+        """``encode_files``' loop: ``load`` on each file (on ``workers`` threads), each batch through the model."""
         for start, results in prefetched_batches(list(paths), load, batch_size, workers):
             good = [i for i, (loaded, _) in enumerate(results) if loaded is not None]
             arrays = [results[i][0][0] for i in good] + [crop for i in good for crop in results[i][0][3]]
