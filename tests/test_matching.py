@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.search.matching import most_inliers, two_nearest
+from retrieval.search.matching import inside_convex, most_inliers, near_any, two_nearest
 from retrieval.search.verification import STRETCH_SAMPLES, sample_pairs, stretch_inliers
 
 
@@ -73,3 +73,34 @@ def test_stretch_inliers_finds_a_stretch_among_outliers():
     candidate[60:] = rng.uniform(0, 800, (20, 2))
     mask = stretch_inliers(query, candidate, threshold=3.0)
     assert mask is not None and mask[:60].all() and mask[60:].sum() <= 1
+
+
+def numpy_inside(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    edges = np.roll(polygon, -1, axis=0) - polygon
+    offsets = points[:, None, :] - polygon[None, :, :]
+    cross = edges[None, :, 0] * offsets[..., 1] - edges[None, :, 1] * offsets[..., 0]
+    return (cross >= -1e-6).all(axis=1) | (cross <= 1e-6).all(axis=1)
+
+
+@pytest.mark.parametrize("clockwise", [False, True])
+def test_inside_convex_is_numpy_s(clockwise):
+    import cv2
+
+    rng = np.random.default_rng(7)
+    corners = rng.uniform(0, 100, (40, 2))
+    polygon = cv2.convexHull(corners.astype(np.float32), clockwise=clockwise).reshape(-1, 2).astype(np.float64)
+    points = np.concatenate([rng.uniform(-20, 120, (500, 2)), polygon, (polygon + np.roll(polygon, -1, 0)) / 2])
+    inside = inside_convex(points, polygon)
+    np.testing.assert_array_equal(inside, numpy_inside(points, polygon))
+    assert inside[500:].all() and 0 < inside[:500].sum() < 500  # vertices and edge midpoints are on it
+    square = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    assert inside_convex(np.array([[0.5, 0.5], [1.5, 0.5], [1.0, 1.0 + 1e-9]]), square).tolist() == [True, False, True]
+
+
+def test_near_any_is_a_brute_force_distance_test():
+    rng = np.random.default_rng(9)
+    points, others = rng.uniform(0, 50, (300, 2)), rng.uniform(0, 50, (40, 2))
+    distances = np.hypot(*(points[:, None, :] - others[None, :, :]).transpose(2, 0, 1))
+    np.testing.assert_array_equal(near_any(points, others, 3.0), (distances <= 3.0).any(axis=1))
+    assert near_any(np.array([[3.0, 4.0]]), np.array([[0.0, 0.0]]), 5.0).tolist() == [True]  # inclusive
+    assert near_any(points, np.zeros((0, 2)), 3.0).sum() == 0

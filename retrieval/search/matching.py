@@ -63,8 +63,49 @@ def most_inliers(query: np.ndarray, candidate: np.ndarray, scales: np.ndarray, s
     return best
 
 
+@numba.njit(cache=True, nogil=True)
+def inside_convex(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """Which of ``points`` float64 (n, 2) lie inside (or on, within 1e-6) the convex ``polygon`` float64 (m, 2),
+    vertices in order (either way round), m >= 3: on the same side of every edge. As numpy: with ``edges =
+    roll(polygon, -1, 0) - polygon`` and ``cross = edges[:, 0] * (p - v)[1] - edges[:, 1] * (p - v)[0]`` per vertex v,
+    ``all(cross >= -1e-6) | all(cross <= 1e-6)``; a point stops at the first edge it is outside of."""
+    count, corners = points.shape[0], polygon.shape[0]
+    inside = np.zeros(count, np.bool_)
+    for n in range(count):
+        left = right = True
+        for j in range(corners):
+            k = j + 1 if j + 1 < corners else 0
+            cross = (polygon[k, 0] - polygon[j, 0]) * (points[n, 1] - polygon[j, 1]) - (polygon[k, 1] - polygon[j, 1]) * (points[n, 0] - polygon[j, 0])
+            if cross < -1e-6:
+                left = False
+            if cross > 1e-6:
+                right = False
+            if not (left or right):
+                break
+        inside[n] = left or right
+    return inside
+
+
+@numba.njit(cache=True, nogil=True)
+def near_any(points: np.ndarray, others: np.ndarray, radius: float) -> np.ndarray:
+    """Which of ``points`` float64 (n, 2) lie within ``radius`` (Euclidean, inclusive) of at least one of ``others``
+    float64 (m, 2); a point stops at the first one near it."""
+    limit = radius * radius
+    near = np.zeros(points.shape[0], np.bool_)
+    for n in range(points.shape[0]):
+        x, y = points[n, 0], points[n, 1]
+        for m in range(others.shape[0]):
+            dx, dy = others[m, 0] - x, others[m, 1] - y
+            if dx * dx + dy * dy <= limit:
+                near[n] = True
+                break
+    return near
+
+
 def warm_up() -> None:
-    """Compile (or load from numba's cache) both kernels, as ``sift.warm_up``."""
+    """Compile (or load from numba's cache) every kernel, as ``sift.warm_up``."""
     two_nearest(np.zeros((4, 3), np.float32), 2)
     points = np.zeros((3, 2))
     most_inliers(points, points, np.ones((2, 2)), np.zeros((2, 2)), 1.0)
+    inside_convex(points, points)
+    near_any(points, points, 1.0)

@@ -1,5 +1,5 @@
 """Geometric verification of search candidates with local features: does the query contain a transformed copy of the
-candidate (or of a part of it)? Numpy and two compiled kernels (``matching``) for the matching, OpenCV for the similarity fit.
+candidate (or of a part of it)? Numpy and compiled kernels (``matching``) for the matching, OpenCV for the similarity fit.
 
 ``verify(query, candidates)`` is the one entry point (the search pipeline calls it on its top ``VERIFY_TOP``
 candidates; a duplicates finder can call it on any pairs): ``query`` is a ``QueryLocalFeatures`` (the picture and its
@@ -279,12 +279,11 @@ def _transforms(query_points: np.ndarray, candidate_points: np.ndarray, candidat
 
 def inside_hull(points: np.ndarray, hull: np.ndarray) -> np.ndarray:
     """Which of ``points`` (n, 2) lie inside (or on) the convex polygon ``hull`` (m, 2), vertices in order."""
+    from .matching import inside_convex
+
     if len(hull) < 3:
         return np.zeros(len(points), bool)
-    edges = np.roll(hull, -1, axis=0) - hull  # (m, 2)
-    offsets = points[:, None, :] - hull[None, :, :]  # (n, m, 2)
-    cross = edges[None, :, 0] * offsets[..., 1] - edges[None, :, 1] * offsets[..., 0]
-    return (cross >= -1e-6).all(axis=1) | (cross <= 1e-6).all(axis=1)
+    return inside_convex(np.ascontiguousarray(points, np.float64), np.ascontiguousarray(hull, np.float64))
 
 
 def inside_inliers_hull(points: np.ndarray, inliers: np.ndarray) -> tuple[np.ndarray, float]:
@@ -324,14 +323,14 @@ def shown_in_query(query_points: np.ndarray, query_inliers: np.ndarray, candidat
     chosen = np.arange(len(candidate_points)) if tested is None else np.flatnonzero(tested)
     if not len(chosen):
         return shown
+    from .matching import near_any
+
     source = np.c_[candidate_points[candidate_inliers].astype(np.float64), np.ones(len(candidate_inliers))]
     affine, *_ = np.linalg.lstsq(source, query_points[query_inliers].astype(np.float64), rcond=None)
-    mapped = (np.c_[candidate_points[chosen].astype(np.float64), np.ones(len(chosen))] @ affine).astype(np.float32)
-    points = np.asarray(query_points, np.float32)
+    mapped = np.c_[candidate_points[chosen].astype(np.float64), np.ones(len(chosen))] @ affine
+    points = np.ascontiguousarray(query_points, np.float64)
     radius = SHOWN_RADIUS * float(np.ptp(points, axis=0).max())
-    # squared distances as |m|^2 + |q|^2 - 2 m.q: one matrix product, not an (n, m, 2) array
-    squared = (mapped * mapped).sum(axis=1)[:, None] + (points * points).sum(axis=1)[None, :] - 2.0 * (mapped @ points.T)
-    shown[chosen] = squared.min(axis=1) <= radius * radius
+    shown[chosen] = near_any(mapped, points, radius)
     return shown
 
 
