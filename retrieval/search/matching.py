@@ -1,6 +1,7 @@
 """Compiled kernels of local-feature verification (numba; they release the interpreter lock): the loops that numpy
-would run as several passes over large temporary arrays. Each gives exactly what the numpy expression in its docstring
-gives (tests/test_matching.py compares them).
+would run as several passes over large temporary arrays. ``two_nearest``, ``most_inliers`` and ``inside_convex`` give
+exactly what the numpy expressions in their docstrings give, ``near_any`` a direct distance test
+(tests/test_matching.py compares each with numpy).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def inside_convex(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
         left = right = True
         for j in range(corners):
             k = j + 1 if j + 1 < corners else 0
-            cross = (polygon[k, 0] - polygon[j, 0]) * (points[n, 1] - polygon[j, 1]) - (polygon[k, 1] - polygon[j, 1]) * (points[n, 0] - polygon[j, 0])
+            edge_x, edge_y = polygon[k, 0] - polygon[j, 0], polygon[k, 1] - polygon[j, 1]
+            cross = edge_x * (points[n, 1] - polygon[j, 1]) - edge_y * (points[n, 0] - polygon[j, 0])
             if cross < -1e-6:
                 left = False
             if cross > 1e-6:
