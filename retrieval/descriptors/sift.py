@@ -102,14 +102,14 @@ def scale_space(grey: np.ndarray) -> ScaleSpace:
     octaves = int(np.rint(math.log(min(2 * width, 2 * height)) / math.log(2.0) - 2)) + 1
     blurs = layer_blurs()
     gaussians = []
-    for octave in range(octaves):
+    for octave in range(octaves):  # each octave's first layer is written in place: no copy of it
         if octave == 0:
-            base = cv2.GaussianBlur(doubled, (0, 0), first_blur, sigmaY=first_blur)
+            layers = np.empty((LAYERS + 3,) + doubled.shape, np.float32)
+            cv2.GaussianBlur(doubled, (0, 0), first_blur, dst=layers[0], sigmaY=first_blur)
         else:
             source = gaussians[-1][LAYERS]
-            base = cv2.resize(source, (source.shape[1] // 2, source.shape[0] // 2), interpolation=cv2.INTER_NEAREST)
-        layers = np.empty((LAYERS + 3,) + base.shape, np.float32)
-        layers[0] = base
+            layers = np.empty((LAYERS + 3, source.shape[0] // 2, source.shape[1] // 2), np.float32)
+            cv2.resize(source, (source.shape[1] // 2, source.shape[0] // 2), dst=layers[0], interpolation=cv2.INTER_NEAREST)
         for i in range(1, LAYERS + 3):
             cv2.GaussianBlur(layers[i - 1], (0, 0), blurs[i], dst=layers[i], sigmaY=blurs[i])
         gaussians.append(layers)
