@@ -364,6 +364,47 @@ def test_copies_of_the_whole_query_do_not_split_each_others_evidence(name, monke
     assert split.strength[: len(copies)].sum() < 0.5 * result.strength[: len(copies)].sum()
 
 
+def test_a_photo_finds_itself_before_crops_of_it(tmp_path, monkeypatch):
+    """A photo searched in a database that holds it and its 90, 80 and 70 % crops (and other photos): all four are
+    certain copies, and the photo itself comes first, then the crops from the largest. By strength alone the crops
+    came first for both photos: a crop's 256 keypoints are denser on the part it keeps, so every query keypoint
+    there has a partner, while the photo's 256 answer only half of the query's 512."""
+    import io
+
+    from retrieval.engine import RetrievalEngine
+    from retrieval.indexing import build_index
+    from retrieval.search import verification
+
+    folder = tmp_path / "photos"
+    names = ["chelsea", "astronaut"]
+    for name in names:
+        (folder / name).mkdir(parents=True)
+        original = photo(name, 512)
+        original.save(folder / name / "photo.png")
+        width, height = original.size
+        for margin in (5, 10, 15):
+            box = (width * margin // 100, height * margin // 100, width - width * margin // 100, height - height * margin // 100)
+            original.crop(box).save(folder / name / f"crop{margin:02d}.png")
+    (folder / "others").mkdir()
+    for name in ["coffee", "rocket", "camera", "brick"]:
+        photo(name, 512).save(folder / "others" / f"{name}.png")
+    index = tmp_path / "photos.h5"
+    build_index(folder, index, backbone="efficientnet-lite0", regions=True, local_features=True, verify=True, progress=False)
+    engine = RetrievalEngine.open(index)
+
+    def first_four(name):
+        query = io.BytesIO()
+        photo(name).save(query, "PNG")
+        hits = engine.search_image(query.getvalue(), k=4)
+        assert all(hit.verified for hit in hits)
+        return [hit.path for hit in hits]
+
+    for name in names:
+        assert first_four(name) == [f"{name}/photo.png", f"{name}/crop05.png", f"{name}/crop10.png", f"{name}/crop15.png"]
+    monkeypatch.setattr(verification, "STRENGTH_CERTAIN", np.inf)  # ordered by strength alone
+    assert all(first_four(name)[0] != f"{name}/photo.png" for name in names)
+
+
 @pytest.mark.parametrize("badge_size", [(64, 40), (80, 50)])
 def test_a_badge_two_unrelated_photos_share_is_not_evidence_of_a_copy(badge_size, monkeypatch):
     """The same busy badge (2-4 % of the picture) in a corner of two unrelated photos: 8-12 inliers, all inside it,

@@ -14,7 +14,8 @@ so several vectors stand for one image and the results are always images (each a
 keeps the ranking of the global descriptor wherever the regions do not match better. Then, when verification is on,
 the best ``verify_top`` images, and the best of a search over the local features themselves that are not among
 them (``visual_words``), are verified with local features (``verification.verify``) and a verified image
-scores ``1 + strength / (strength + 15)``, above every unverified cosine; unverified ones keep their score, plus, for
+scores ``1 + strength / (strength + 15)`` (the strength capped at 40, where a copy is certain) plus a hundredth of
+its cosine, which orders the certain copies, above every unverified cosine; unverified ones keep their score, plus, for
 the first ``photometric.CHECK_TOP`` of them, what their colour thumbnail's likeness to the query's adds
 (``photometric``: the copies of smooth, blurred and noisy pictures, which have no keypoints to verify).
 
@@ -138,7 +139,7 @@ def verified_ranking(
         result = verify(query, features, mirror)
         index = np.array(candidates)
         inliers[index] = np.where(result.verified, result.inliers, 0)
-        fused[index] = np.where(result.verified, result.scores(), fused[index]).astype(np.float32)
+        fused[index] = np.where(result.verified, result.scores(fused[index]), fused[index]).astype(np.float32)
         fused[index] += photometric_boost(query.direct, features, result.verified).astype(np.float32)
         again = np.argsort(-fused, kind="stable")
         again = again[np.isfinite(fused[again])]

@@ -72,6 +72,12 @@ Per candidate and per orientation (direct, mirrored):
    fading that had ranked 2nd-40th; the copy-detection protocol and all-vs-all did not move.
 
 A candidate is ``verified`` when it has at least ``MIN_INLIERS`` inliers and a strength of at least ``MIN_STRENGTH``.
+Its score (``Verification.scores``) grows with the strength up to ``STRENGTH_CERTAIN``, where a copy is certain
+(on the copy-detection set's all-vs-all, 41 % of the verified copies had more and no verified non-copy more than
+15), and certain copies are ordered by their cosine, how alike they are as a whole: the strength cannot order them,
+since a crop's 256 keypoints are denser on the part it keeps and the query's keypoints there all have a partner,
+so the original itself, whose 256 keypoints can answer only half of the query's 512, came after three crops of it
+(strength 47 against 65-88 for the cat photo's 90, 80 and 70 % crops).
 """
 
 from __future__ import annotations
@@ -109,6 +115,8 @@ SPECIFIC_SHARE = 0.2  # a clean match counts in full when at most this share of 
 SURROUNDED_SHARE = 0.5  # ... and it does not surround another verified match: this share of its inliers inside its hull
 PART_AREA = 0.5  # a match whose hull on the candidate covers at most this share of it is a part of the candidate
 STRENGTH_HALF = 15.0  # the strength at which a verified score is half-way between 1 and 2
+STRENGTH_CERTAIN = 40.0  # the strength from which a copy is certain: more orders nothing, the cosine does
+COSINE_WEIGHT = 0.01  # the share of a verified score that is the candidate's cosine (the order of certain copies)
 FINEST_SIZE = 1.8  # px: the smallest keypoint size SIFT gives (OpenCV's first octave, upsampled 2x)
 VISIBLE_FLOOR = 0.2  # the query's density is divided by the candidate's visible share, at least this
 SHOWN_RADIUS = 0.02  # a candidate keypoint is shown by the query with a query keypoint this near (of its extent)
@@ -136,9 +144,13 @@ class Verification:
     mirrored: np.ndarray  # bool (K,)
     verified: np.ndarray  # bool (K,)
 
-    def scores(self) -> np.ndarray:
-        """The fused score of verified candidates, in (1, 2): above every cosine, growing with the strength."""
-        return 1.0 + self.strength / (self.strength + STRENGTH_HALF)
+    def scores(self, cosines: np.ndarray | None = None) -> np.ndarray:
+        """The fused score of verified candidates, in (1, 2): above every cosine, ``1 + s / (s + STRENGTH_HALF)`` with
+        the strength ``s`` capped at ``STRENGTH_CERTAIN``, plus ``COSINE_WEIGHT`` x the candidate's cosine (K,)
+        (clipped to 0..1; none given: 0), which orders the certain copies (see the module docstring)."""
+        capped = np.minimum(self.strength, STRENGTH_CERTAIN)
+        alike = 0.0 if cosines is None else np.clip(np.asarray(cosines, np.float64), 0.0, 1.0)
+        return 1.0 + capped / (capped + STRENGTH_HALF) + COSINE_WEIGHT * alike
 
 
 def _tentative_all(query: np.ndarray, candidates: Sequence[LocalFeatures]) -> list[tuple[np.ndarray, np.ndarray]]:
