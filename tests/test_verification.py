@@ -405,6 +405,36 @@ def test_a_photo_finds_itself_before_crops_of_it(tmp_path, monkeypatch):
     assert all(first_four(name)[0] != f"{name}/photo.png" for name in names)
 
 
+def test_a_small_copy_among_many_copies_keeps_the_evidence_they_share():
+    """A photo searched where a dozen copies of it are stored ("where was my photo used?"): crops of it, edited copies,
+    and the photo as one cell of a 2 x 2 grid. The grid's few keypoints match query keypoints that the other copies
+    match too; split among them, its evidence fell below verification, although alone it is verified. Verified
+    copies are not counted against it: a keypoint they reproduce is the query's content, not a shared element."""
+    from PIL import ImageEnhance, ImageFilter, ImageOps
+
+    from retrieval.search import verification
+
+    original = photo("hubble_deep_field", 512)
+    width, height = original.size
+    grid = unseen_edits.grid(original, np.random.default_rng(0))
+    copies = [original.crop((width // 10, height // 10, width - width // 10, height - height // 10)),
+              original.crop((0, 0, width // 2, height // 2)), original.crop((width // 3, height // 3, width, height)),
+              ImageOps.grayscale(original).convert("RGB"), original.filter(ImageFilter.GaussianBlur(1.5)),
+              ImageEnhance.Contrast(original).enhance(0.5)]
+    copies += [original.crop((x * width // 3, y * height // 3, (x + 2) * width // 3, (y + 2) * height // 3))
+               for x in (0, 1) for y in (0, 1)]
+    copies += [original.crop((0, y * height // 4, width, (y + 2) * height // 4)) for y in (0, 1, 2)]
+    candidates = [extract_local_features(np.asarray(grid))] + [extract_local_features(np.asarray(c)) for c in copies]
+    query = as_query(np.asarray(photo("hubble_deep_field")))
+    assert verify(query, candidates[:1]).verified[0]  # alone
+    result = verify(query, candidates)
+    assert result.verified[0] and result.verified[1:].sum() >= len(copies) - 2
+    matches = verification._matches(query.direct, candidates)
+    splitting = np.array([not m.best.copies_query for m in matches])
+    first, _, _ = verification._weighed(matches, splitting, np.asarray(query.direct.keypoints[:, :2], np.float32))
+    assert first[0] < verification.MIN_STRENGTH <= result.strength[0]  # split by every copy, it was not verified
+
+
 @pytest.mark.parametrize("badge_size", [(64, 40), (80, 50)])
 def test_a_badge_two_unrelated_photos_share_is_not_evidence_of_a_copy(badge_size, monkeypatch):
     """The same busy badge (2-4 % of the picture) in a corner of two unrelated photos: 8-12 inliers, all inside it,
