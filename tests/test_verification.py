@@ -399,10 +399,13 @@ def test_a_photo_finds_itself_before_crops_of_it(tmp_path, monkeypatch):
         assert all(hit.verified for hit in hits)
         return [hit.path for hit in hits]
 
-    for name in names:
-        assert first_four(name) == [f"{name}/photo.png", f"{name}/crop05.png", f"{name}/crop10.png", f"{name}/crop15.png"]
-    monkeypatch.setattr(verification, "STRENGTH_CERTAIN", np.inf)  # ordered by strength alone
-    assert all(first_four(name)[0] != f"{name}/photo.png" for name in names)
+    try:
+        for name in names:
+            assert first_four(name) == [f"{name}/photo.png", f"{name}/crop05.png", f"{name}/crop10.png", f"{name}/crop15.png"]
+        monkeypatch.setattr(verification, "STRENGTH_CERTAIN", np.inf)  # ordered by strength alone
+        assert all(first_four(name)[0] != f"{name}/photo.png" for name in names)
+    finally:
+        engine.close()
 
 
 def test_a_small_copy_among_many_copies_keeps_the_evidence_they_share():

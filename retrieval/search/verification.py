@@ -487,6 +487,11 @@ def _strength(candidates: list[Candidate], query_points: np.ndarray) -> tuple[np
     return strength, inliers
 
 
+def is_verified(inliers: np.ndarray, strength: np.ndarray) -> np.ndarray:
+    """bool (K,): at least ``MIN_INLIERS`` inliers and a strength of at least ``MIN_STRENGTH``."""
+    return (inliers >= MIN_INLIERS) & (strength >= MIN_STRENGTH)
+
+
 def _holders(best: Sequence[Match], counted: np.ndarray, keypoints: int) -> np.ndarray:
     """float64 (keypoints,): per query keypoint, how many of the ``counted`` candidates' best matches hold it."""
     shared = np.zeros(max(keypoints, 1), np.float64)
@@ -508,7 +513,7 @@ def _weighed(candidates: list[Candidate], counted: np.ndarray, query_points: np.
     ])
     inliers = np.array([m.inliers for m in best], np.int64)
     if verified is None:
-        verified = np.flatnonzero((inliers >= MIN_INLIERS) & (strength >= MIN_STRENGTH))
+        verified = np.flatnonzero(is_verified(inliers, strength))
     for i, (own, clean) in enumerate(candidates):
         if not clean.clean:
             continue
@@ -520,7 +525,7 @@ def _weighed(candidates: list[Candidate], counted: np.ndarray, query_points: np.
         specific = float(np.sum(1.0 / (others + 1.0))) * clean.specific_weight
         if specific > strength[i]:
             strength[i], inliers[i] = specific, clean.inliers
-    return strength, inliers, (inliers >= MIN_INLIERS) & (strength >= MIN_STRENGTH)
+    return strength, inliers, is_verified(inliers, strength)
 
 
 def surrounds(points: np.ndarray, inliers: np.ndarray, others: Sequence[np.ndarray]) -> bool:
@@ -554,5 +559,5 @@ def verify(
         strength = np.where(better, weighted, strength)
         inliers = np.where(better, raw, inliers)
         mirrored = np.where(better, is_mirror, mirrored)
-    verified = (inliers >= MIN_INLIERS) & (strength >= MIN_STRENGTH)
+    verified = is_verified(inliers, strength)
     return Verification(inliers, strength, mirrored, verified)
