@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 from .descriptors.extractor import Extractor
 from .errors import RetrievalError
@@ -163,13 +164,16 @@ class RetrievalEngine:
         """An RGB PIL image -> what a copy search compares (``retrieval.search.copies.QueryFeatures``): its descriptor,
         the descriptors of its windows (one batch with it) when the database has regions, and, when
         ``for_verification`` (a search that verifies) and the database has local features, its local features and
-        its mirror image's."""
+        its mirror image's. A picture under opaque stripes (``occlusion.stripe_mask``) is searched as it is and with
+        the stripes filled in (one more window), and verified with the filled picture's local features."""
         from .descriptors.local_features import query_local_features
+        from .descriptors.occlusion import stripe_mask, unveiled
         from .descriptors.regions import PAGE_WEIGHT, WINDOW_WEIGHT, content_boxes, detailed_windows, window_boxes
         from .search.verification import QueryLocalFeatures
 
         image = image.convert("RGB")
         crops, weights = [image], []
+        seen = image  # the picture the local features are taken from
         if self.pipeline.copies is not None and self.pipeline.copies.has_regions:
             contents = content_boxes(np.asarray(image))
             if contents:  # a picture inside a page (a screenshot): its content stands for the query, the page counts less
@@ -180,9 +184,15 @@ class RetrievalEngine:
             windows = detailed_windows(np.asarray(image), window_boxes(*image.size))
             crops += [image.crop(box) for box in windows]
             weights += [1.0 if contents else WINDOW_WEIGHT] * len(windows)  # a page's picture is all evidence
+            seen = image
+            stripes = stripe_mask(np.asarray(image))
+            if stripes is not None:  # a picture under stripes: searched and verified as it looks with them filled in
+                seen = Image.fromarray(unveiled(np.asarray(image), stripes))
+                crops.append(seen)
+                weights.append(1.0)
         if for_verification and self.pipeline.can_verify:  # SIFT on a second thread beside the model (both free the GIL)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-features") as pool:
-                pending = pool.submit(query_local_features, np.asarray(image))
+                pending = pool.submit(query_local_features, np.asarray(seen))
                 vectors = self.encode_images(crops)
                 local = QueryLocalFeatures(*pending.result())
         else:
