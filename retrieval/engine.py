@@ -166,7 +166,7 @@ class RetrievalEngine:
         ``for_verification`` (a search that verifies) and the database has local features, its local features and
         its mirror image's. A picture under opaque stripes (``occlusion.stripe_mask``) is searched as it is and with
         the stripes filled in (one more window), and verified with the filled picture's local features."""
-        from .descriptors.local_features import query_local_features
+        from .descriptors.local_features import QUERY_SIDE, query_local_features
         from .descriptors.occlusion import stripe_mask, unveiled
         from .descriptors.regions import PAGE_WEIGHT, WINDOW_WEIGHT, content_boxes, detailed_windows, window_boxes
         from .search.verification import QueryLocalFeatures
@@ -185,9 +185,13 @@ class RetrievalEngine:
             crops += [image.crop(box) for box in windows]
             weights += [1.0 if contents else WINDOW_WEIGHT] * len(windows)  # a page's picture is all evidence
             seen = image
-            stripes = stripe_mask(np.asarray(image))
+            picture = image
+            if max(image.size) > 2 * QUERY_SIDE:  # the most SIFT reads of a query: no need to fill in more pixels
+                picture = image.copy()
+                picture.thumbnail((2 * QUERY_SIDE, 2 * QUERY_SIDE))
+            stripes = stripe_mask(np.asarray(picture))
             if stripes is not None:  # a picture under stripes: searched and verified as it looks with them filled in
-                seen = Image.fromarray(unveiled(np.asarray(image), stripes))
+                seen = Image.fromarray(unveiled(np.asarray(picture), stripes))
                 crops.append(seen)
                 weights.append(1.0)
         if for_verification and self.pipeline.can_verify:  # SIFT on a second thread beside the model (both free the GIL)

@@ -107,6 +107,11 @@ def test_a_striped_copy_of_a_blurred_photo_is_found_and_verified(tmp_path, monke
     try:
         found, verified = results()
         assert found == len(NAMES) and verified >= 5
+        big = io.BytesIO()  # a large query is filled in at the size its SIFT reads at most (1,280 px)
+        Image.open(io.BytesIO(queries[0])).resize((2600, 2600 * 3 // 4), Image.Resampling.BICUBIC).save(big, "JPEG", quality=90)
+        features = engine.query_features(Image.open(io.BytesIO(big.getvalue())))
+        assert features.window_weights[-1] == 1.0 and len(features.local.direct) > 0  # its stripes were found
+        assert engine.search_image(big.getvalue(), k=1)[0].path == f"{NAMES[0]}/photo.png"
         monkeypatch.setattr(occlusion, "stripe_mask", lambda pixels: None)
         found, verified = results()
         assert found <= len(NAMES) - 2 and verified <= 2
