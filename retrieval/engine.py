@@ -27,6 +27,20 @@ from .search.pipeline import QueryPipeline, searched_matrix
 from .storage.database import FeatureDatabase, read_database, with_legacy_weights
 
 
+def without_stripes(image: Image.Image) -> Image.Image | None:
+    """An RGB picture with opaque stripes over it filled in (``descriptors.occlusion``), at most as large as a query's
+    SIFT reads (twice ``QUERY_SIDE``); None when it has none."""
+    from .descriptors.local_features import QUERY_SIDE
+    from .descriptors.occlusion import stripe_mask, unveiled
+
+    if max(image.size) > 2 * QUERY_SIDE:
+        image = image.copy()
+        image.thumbnail((2 * QUERY_SIDE, 2 * QUERY_SIDE))
+    pixels = np.asarray(image)
+    stripes = stripe_mask(pixels)
+    return None if stripes is None else Image.fromarray(unveiled(pixels, stripes))
+
+
 @dataclass(frozen=True)
 class Hit:
     """One search result: 1-based rank, cosine score, row in the database, path relative to the image folder."""
@@ -164,10 +178,10 @@ class RetrievalEngine:
         """An RGB PIL image -> what a copy search compares (``retrieval.search.copies.QueryFeatures``): its descriptor,
         the descriptors of its windows (one batch with it) when the database has regions, and, when
         ``for_verification`` (a search that verifies) and the database has local features, its local features and
-        its mirror image's. A picture under opaque stripes (``occlusion.stripe_mask``) is searched as it is and with
-        the stripes filled in (one more window), and verified with the filled picture's local features."""
-        from .descriptors.local_features import QUERY_SIDE, query_local_features
-        from .descriptors.occlusion import stripe_mask, unveiled
+        its mirror image's. A query (or, for a page, its picture) under opaque stripes (``without_stripes``) is
+        searched as it is and with the stripes filled in (one more window), and verified with the filled picture's
+        local features."""
+        from .descriptors.local_features import query_local_features
         from .descriptors.regions import PAGE_WEIGHT, WINDOW_WEIGHT, content_boxes, detailed_windows, window_boxes
         from .search.verification import QueryLocalFeatures
 
@@ -185,15 +199,15 @@ class RetrievalEngine:
             crops += [image.crop(box) for box in windows]
             weights += [1.0 if contents else WINDOW_WEIGHT] * len(windows)  # a page's picture is all evidence
             seen = image
-            picture = image
-            if max(image.size) > 2 * QUERY_SIDE:  # the most SIFT reads of a query: no need to fill in more pixels
-                picture = image.copy()
-                picture.thumbnail((2 * QUERY_SIDE, 2 * QUERY_SIDE))
-            stripes = stripe_mask(np.asarray(picture))
-            if stripes is not None:  # a picture under stripes: searched and verified as it looks with them filled in
-                seen = Image.fromarray(unveiled(np.asarray(picture), stripes))
-                crops.append(seen)
-                weights.append(1.0)
+            # stripes across the whole query (a collage is taken for a page too), else across its picture: searched
+            # and verified as it looks with them filled in
+            for picture in [page, image] if contents else [image]:
+                filled = without_stripes(picture)
+                if filled is not None:
+                    seen = filled
+                    crops.append(filled)
+                    weights.append(1.0)
+                    break
         if for_verification and self.pipeline.can_verify:  # SIFT on a second thread beside the model (both free the GIL)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-features") as pool:
                 pending = pool.submit(query_local_features, np.asarray(seen))
