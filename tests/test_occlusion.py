@@ -83,7 +83,7 @@ def test_the_fill_comes_from_the_picture_around_the_stripes():
 def test_a_striped_copy_of_a_blurred_photo_is_found_and_verified(tmp_path, monkeypatch):
     """Blur, then opaque stripes, then JPEG: the stripes' sharp edges took the query's keypoints and its descriptor.
     With the stripes filled in every photo's copy finds it first and half are verified; as they were, 3 of 12 were
-    found elsewhere and 1 verified."""
+    found elsewhere and 1 verified. A large query and a screenshot of one (stripes across its picture) too."""
     from retrieval.engine import RetrievalEngine
     from retrieval.indexing import build_index
 
@@ -112,7 +112,10 @@ def test_a_striped_copy_of_a_blurred_photo_is_found_and_verified(tmp_path, monke
         features = engine.query_features(Image.open(io.BytesIO(big.getvalue())))
         assert features.window_weights[-1] == 1.0 and len(features.local.direct) > 0  # its stripes were found
         assert engine.search_image(big.getvalue(), k=1)[0].path == f"{NAMES[0]}/photo.png"
+        shot = chained_edits.apply(Image.open(io.BytesIO(queries[0])), "screenshot", np.random.default_rng(0))
+        views = len(engine.query_features(shot).windows)  # a page: the stripes are looked for across its picture too
         monkeypatch.setattr(occlusion, "stripe_mask", lambda pixels: None)
+        assert len(engine.query_features(shot).windows) == views - 1
         found, verified = results()
         assert found <= len(NAMES) - 2 and verified <= 2
     finally:
