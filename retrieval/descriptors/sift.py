@@ -4,8 +4,9 @@ The scale space is OpenCV's (``scale_space``): the picture upsampled 2x (OpenCV'
 ``SIGMA``, ``LAYERS`` + 3 Gaussian layers per octave, each octave's first layer its predecessor's layer ``LAYERS``
 subsampled (OpenCV's ``INTER_NEAREST``), down to ~8 px, and their differences (DoG). The Gaussian blurs, most of
 SIFT's time, are ``_blurred``: OpenCV's separable filter summed in OpenCV's order, the same float32 values (but in
-the last W mod 8 columns, ~1e-5 grey levels apart) at about twice OpenCV's speed on AVX2. Every step after it follows OpenCV's ``sift.simd.hpp`` (float build) in numba kernels that release the interpreter lock
-(indexing runs SIFT beside the model): DoG extrema over 26 neighbours, up to 5 quadratic refinement steps, the
+the last W mod 8 columns, ~1e-5 grey levels apart) at about twice OpenCV's speed on AVX2. Every step after it
+follows OpenCV's ``sift.simd.hpp`` (float build) in numba kernels that release the interpreter lock (indexing runs
+SIFT beside the model): DoG extrema over 26 neighbours, up to 5 quadratic refinement steps, the
 contrast and edge tests, a 36-bin orientation histogram (smoothed; every peak >= 0.8 of the highest is a keypoint),
 and the 4 x 4 x 8 descriptor with trilinear interpolation, clipped at 0.2 and scaled to a norm of 512, rounded.
 
@@ -135,7 +136,8 @@ def _blurred(source, kernel, out):
         i = 1
         while i + 3 <= 2 * r:  # four taps per sweep over the row (1.5x faster than one), in the same order
             w0, w1, w2, w3 = kernel[i], kernel[i + 1], kernel[i + 2], kernel[i + 3]
-            p0, p1, p2, p3 = padded[i : i + cols], padded[i + 1 : i + 1 + cols], padded[i + 2 : i + 2 + cols], padded[i + 3 : i + 3 + cols]
+            p0, p1 = padded[i : i + cols], padded[i + 1 : i + 1 + cols]
+            p2, p3 = padded[i + 2 : i + 2 + cols], padded[i + 3 : i + 3 + cols]
             for x in range(cols):
                 sums[x] = (((sums[x] + p0[x] * w0) + p1[x] * w1) + p2[x] * w2) + p3[x] * w3
             i += 4
@@ -257,7 +259,8 @@ def _candidates(gaussians, threshold):
     found = []
     for r in range(BORDER, rows - BORDER):  # rows outside, layers inside: a Gaussian row is read from memory once
         for k in range(1, layers - 2):
-            if _row_prefilter(gaussians[k - 1], gaussians[k], gaussians[k + 1], gaussians[k + 2], r, threshold, maybe, BORDER, cols - BORDER) == 0:
+            below, lower, upper, above = gaussians[k - 1], gaussians[k], gaussians[k + 1], gaussians[k + 2]
+            if _row_prefilter(below, lower, upper, above, r, threshold, maybe, BORDER, cols - BORDER) == 0:
                 continue
             for w in range(words):
                 if packed[w]:
