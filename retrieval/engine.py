@@ -170,9 +170,9 @@ class RetrievalEngine:
         """An image file or its bytes -> descriptor (D,), encoded like the database. Raises ImageError."""
         return self._extractor().encode_source(source)
 
-    def encode_images(self, images: Sequence) -> np.ndarray:
-        """RGB PIL images -> descriptors (M, D), encoded like the database."""
-        return self._extractor().encode_pil(images)
+    def encode_images(self, images: Sequence, input_sizes: Sequence[int] | None = None) -> np.ndarray:
+        """RGB PIL images -> descriptors (M, D), encoded like the database (``input_sizes``: ``Extractor.encode_pil``'s)."""
+        return self._extractor().encode_pil(images, input_sizes)
 
     def query_features(self, image, for_verification: bool = True) -> QueryFeatures:
         """An RGB PIL image -> what a copy search compares (``retrieval.search.copies.QueryFeatures``): its descriptor,
@@ -182,11 +182,14 @@ class RetrievalEngine:
         searched as it is and with the stripes filled in (one more window), and verified with the filled picture's
         local features."""
         from .descriptors.local_features import query_local_features
-        from .descriptors.regions import PAGE_WEIGHT, WINDOW_WEIGHT, content_boxes, detailed_windows, window_boxes
+        from .descriptors.regions import (
+            PAGE_WEIGHT, WINDOW_WEIGHT, content_boxes, detailed_windows, window_boxes, window_input_side,
+        )
         from .search.verification import QueryLocalFeatures
 
         image = image.convert("RGB")
         crops, weights = [image], []
+        window_rows = range(0)  # the crops that are windows: they go through the model smaller
         seen = image  # the picture the local features are taken from
         if self.pipeline.copies is not None and self.pipeline.copies.has_regions:
             contents = content_boxes(np.asarray(image))
@@ -196,6 +199,7 @@ class RetrievalEngine:
                 crops = [image, page, *(page.crop(box) for box in contents[1:])]
                 weights = [PAGE_WEIGHT] + [1.0] * (len(contents) - 1)
             windows = detailed_windows(np.asarray(image), window_boxes(*image.size))
+            window_rows = range(len(crops), len(crops) + len(windows))
             crops += [image.crop(box) for box in windows]
             weights += [1.0 if contents else WINDOW_WEIGHT] * len(windows)  # a page's picture is all evidence
             seen = image
@@ -208,13 +212,15 @@ class RetrievalEngine:
                     crops.append(filled)
                     weights.append(1.0)
                     break
+        input_size = self._extractor().encoder.input_size
+        sides = [window_input_side(input_size) if i in window_rows else input_size for i in range(len(crops))]
         if for_verification and self.pipeline.can_verify:  # SIFT on a second thread beside the model (both free the GIL)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-features") as pool:
                 pending = pool.submit(query_local_features, np.asarray(seen))
-                vectors = self.encode_images(crops)
+                vectors = self.encode_images(crops, sides)
                 local = QueryLocalFeatures(*pending.result())
         else:
-            vectors, local = self.encode_images(crops), None
+            vectors, local = self.encode_images(crops, sides), None
         if len(crops) == 1:
             return QueryFeatures(vectors[0], None, local)
         return QueryFeatures(vectors[0], vectors[1:], local, np.asarray(weights, np.float32))

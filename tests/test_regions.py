@@ -132,6 +132,36 @@ def test_an_extremely_elongated_query_is_searched(tmp_path):
     assert "coffee.jpg" in result.stdout and "chelsea.jpg" in result.stdout
 
 
+def test_query_windows_go_through_the_model_smaller_than_whole_pictures(tmp_path):
+    """A plain query's windows are encoded at ``window_input_side`` (192 px for a 224 px model), the query itself at
+    the model's input size: the same vectors as encoding the crops at those sizes by hand, not those at 224."""
+
+    from retrieval.engine import RetrievalEngine
+    from retrieval.indexing import build_index
+    from test_verification import photo
+
+    assert regions.window_input_side(224) == 192 and regions.window_input_side(448) == 384
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("coffee", "chelsea"):
+        photo(name, 320).save(folder / f"{name}.jpg")
+    index = tmp_path / "copies.h5"
+    build_index(folder, index, backbone="efficientnet-lite0", regions=True, progress=False, notice=lambda line: None)
+    engine = RetrievalEngine.open(index)
+    try:
+        query = photo("coffee", 400).convert("RGB")
+        features = engine.query_features(query)
+        boxes = regions.detailed_windows(np.asarray(query), regions.window_boxes(*query.size))
+        crops = [query.crop(box) for box in boxes]
+        assert len(boxes) == len(features.windows) > 0 and regions.content_boxes(np.asarray(query)) == []
+        np.testing.assert_allclose(features.vector, engine.encode_images([query])[0], atol=1e-5)
+        by_hand = engine.encode_images(crops, [192] * len(crops))
+        np.testing.assert_allclose(features.windows, by_hand, atol=1e-5)
+        assert np.abs(features.windows - engine.encode_images(crops)).max() > 1e-2
+    finally:
+        engine.close()
+
+
 def test_windows_too_small_to_encode_are_left_out():
     assert regions.window_boxes(12, 12) == []  # the 0.6 windows are 7 px: under 8
     boxes = regions.window_boxes(14, 14)

@@ -157,10 +157,14 @@ class Extractor:
         combined = per_scale[0] if len(per_scale) == 1 else pooling.combine_scales(per_scale)
         return l2_normalize(combined)
 
-    def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """RGB PIL images of any size -> L2-normalised float32 (N, D), resized by the database's rule."""
-        size, rule = self.encoder.input_size, self.encoder.resize_rule
-        return self.encode_arrays([resize_for_backbone(image.convert("RGB"), size, rule) for image in images])
+    def encode_pil(self, images: Sequence[Image.Image], input_sizes: Sequence[int] | None = None) -> np.ndarray:
+        """RGB PIL images of any size -> L2-normalised float32 (N, D), resized by the database's rule to the encoder's
+        input size or, one per image, to ``input_sizes`` (query windows: ``regions.window_input_side``)."""
+        rule = self.encoder.resize_rule
+        sizes = [self.encoder.input_size] * len(images) if input_sizes is None else list(input_sizes)
+        if len(sizes) != len(images):
+            raise ValueError(f"{len(sizes)} input sizes for {len(images)} images")
+        return self.encode_arrays([resize_for_backbone(image.convert("RGB"), size, rule) for image, size in zip(images, sizes)])
 
     def encode_source(self, source: str | os.PathLike | bytes) -> np.ndarray:
         """One image file or its bytes -> float32 (D,). Raises ImageError for anything that is not a usable image."""
