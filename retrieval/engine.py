@@ -176,9 +176,9 @@ class RetrievalEngine:
 
     def query_features(self, image, for_verification: bool = True) -> QueryFeatures:
         """An RGB PIL image -> what a copy search compares (``retrieval.search.copies.QueryFeatures``): its descriptor,
-        the descriptors of its windows (one batch with it) when the database has regions, and, when
-        ``for_verification`` (a search that verifies) and the database has local features, its local features and
-        its mirror image's. A query (or, for a page, its picture) under opaque stripes (``without_stripes``) is
+        the descriptors of its windows (one batch with it, smaller: ``regions.window_input_side``) when the database
+        has regions, and, when ``for_verification`` (a search that verifies) and the database has local features, its
+        local features and its mirror image's. A query (or, for a page, its picture) under opaque stripes (``without_stripes``) is
         searched as it is and with the stripes filled in (one more window), and verified with the filled picture's
         local features."""
         from .descriptors.local_features import query_local_features
