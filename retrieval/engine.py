@@ -171,16 +171,17 @@ class RetrievalEngine:
         return self._extractor().encode_source(source)
 
     def encode_images(self, images: Sequence, input_sizes: Sequence[int] | None = None) -> np.ndarray:
-        """RGB PIL images -> descriptors (M, D), encoded like the database (``input_sizes``: ``Extractor.encode_pil``'s)."""
+        """RGB PIL images -> descriptors (M, D), encoded like the database (``input_sizes``: see
+        ``Extractor.encode_pil``)."""
         return self._extractor().encode_pil(images, input_sizes)
 
     def query_features(self, image, for_verification: bool = True) -> QueryFeatures:
         """An RGB PIL image -> what a copy search compares (``retrieval.search.copies.QueryFeatures``): its descriptor,
         the descriptors of its windows (one batch with it, smaller: ``regions.window_input_side``) when the database
         has regions, and, when ``for_verification`` (a search that verifies) and the database has local features, its
-        local features and its mirror image's. A query (or, for a page, its picture) under opaque stripes (``without_stripes``) is
-        searched as it is and with the stripes filled in (one more window), and verified with the filled picture's
-        local features."""
+        local features and its mirror image's. A query (or, for a page, its picture) under opaque stripes
+        (``without_stripes``) is searched as it is and with the stripes filled in (one more window), and verified with
+        the filled picture's local features."""
         from .descriptors.local_features import query_local_features
         from .descriptors.regions import (
             PAGE_WEIGHT, WINDOW_WEIGHT, content_boxes, detailed_windows, window_boxes, window_input_side,
@@ -213,7 +214,8 @@ class RetrievalEngine:
                     weights.append(1.0)
                     break
         input_size = self._extractor().encoder.input_size
-        sides = [window_input_side(input_size) if i in window_rows else input_size for i in range(len(crops))]
+        window_side = window_input_side(input_size)
+        sides = [window_side if i in window_rows else input_size for i in range(len(crops))]
         if for_verification and self.pipeline.can_verify:  # SIFT on a second thread beside the model (both free the GIL)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-features") as pool:
                 pending = pool.submit(query_local_features, np.asarray(seen))

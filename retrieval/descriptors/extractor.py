@@ -164,7 +164,8 @@ class Extractor:
         sizes = [self.encoder.input_size] * len(images) if input_sizes is None else list(input_sizes)
         if len(sizes) != len(images):
             raise ValueError(f"{len(sizes)} input sizes for {len(images)} images")
-        return self.encode_arrays([resize_for_backbone(image.convert("RGB"), size, rule) for image, size in zip(images, sizes)])
+        arrays = [resize_for_backbone(image.convert("RGB"), size, rule) for image, size in zip(images, sizes)]
+        return self.encode_arrays(arrays)
 
     def encode_source(self, source: str | os.PathLike | bytes) -> np.ndarray:
         """One image file or its bytes -> float32 (D,). Raises ImageError for anything that is not a usable image."""
