@@ -135,7 +135,6 @@ def test_an_extremely_elongated_query_is_searched(tmp_path):
 def test_query_windows_go_through_the_model_smaller_than_whole_pictures(tmp_path):
     """A plain query's windows are encoded at ``window_input_side`` (192 px for a 224 px model), the query itself at
     the model's input size: the same vectors as encoding the crops at those sizes by hand, not those at 224."""
-
     from retrieval.engine import RetrievalEngine
     from retrieval.indexing import build_index
     from test_verification import photo
@@ -158,6 +157,8 @@ def test_query_windows_go_through_the_model_smaller_than_whole_pictures(tmp_path
         by_hand = engine.encode_images(crops, [192] * len(crops))
         np.testing.assert_allclose(features.windows, by_hand, atol=1e-5)
         assert np.abs(features.windows - engine.encode_images(crops)).max() > 1e-2
+        with pytest.raises(ValueError, match="input sizes"):  # one size per image, or none
+            engine.encode_images(crops, [192])
     finally:
         engine.close()
 
