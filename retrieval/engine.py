@@ -189,7 +189,7 @@ class RetrievalEngine:
         from .search.verification import QueryLocalFeatures
 
         image = image.convert("RGB")
-        crops, weights = [image], []
+        crops, weights, whole_views = [image], [], 0
         window_rows = range(0)  # the crops that are windows: they go through the model smaller
         seen = image  # the picture the local features are taken from
         if self.pipeline.copies is not None and self.pipeline.copies.has_regions:
@@ -212,6 +212,7 @@ class RetrievalEngine:
                     seen = filled
                     crops.append(filled)
                     weights.append(1.0)
+                    whole_views = 1  # a view of the whole query, not a part: its cosines stand as they are
                     break
         input_size = self._extractor().encoder.input_size
         window_side = window_input_side(input_size)
@@ -225,7 +226,8 @@ class RetrievalEngine:
             vectors, local = self.encode_images(crops, sides), None
         if len(crops) == 1:
             return QueryFeatures(vectors[0], None, local)
-        return QueryFeatures(vectors[0], vectors[1:], local, np.asarray(weights, np.float32))
+        parts = np.arange(len(weights)) < len(weights) - whole_views
+        return QueryFeatures(vectors[0], vectors[1:], local, np.asarray(weights, np.float32), parts)
 
     @property
     def copy_search(self) -> bool:

@@ -115,6 +115,7 @@ def test_a_striped_copy_of_a_blurred_photo_is_found_and_verified(tmp_path, monke
         Image.open(io.BytesIO(queries[0])).resize((2600, 2600 * 3 // 4), Image.Resampling.BICUBIC).save(big, "JPEG", quality=90)
         features = engine.query_features(Image.open(io.BytesIO(big.getvalue())))
         assert features.window_weights[-1] == 1.0 and len(features.local.direct) > 0  # its stripes were found
+        assert not features.window_parts[-1] and features.window_parts[:-1].all()  # the filled view is a whole view
         assert engine.search_image(big.getvalue(), k=1)[0].path == f"{NAMES[0]}/photo.png"
         shot = chained_edits.apply(Image.open(io.BytesIO(queries[0])), "screenshot", np.random.default_rng(0))
         views = len(engine.query_features(shot).windows)  # a page: the stripes are looked for across its picture too

@@ -11,7 +11,8 @@ from PIL import Image
 from retrieval.descriptors import regions
 from retrieval.search.backends.memory import MemoryBackend
 from retrieval.search.backends.regions import ExactRegions, RankedRegions, distinct_images
-from retrieval.search.copies import fuse, weighted_lists
+from retrieval.search.copies import BACKGROUND_RANK, QueryFeatures, background, calibrated, fuse, weighted_lists
+from retrieval.search.pipeline import QueryPipeline
 
 
 def test_database_regions_of_a_7x7_map_are_four_overlapping_thirds():
@@ -254,6 +255,51 @@ def test_fuse_takes_each_images_best_evidence_and_ignores_padding():
     regional = (np.array([2, 0, -1]), np.array([0.95, 0.1, -np.inf]))
     scores = fuse(4, [ranked, windows, regional])
     np.testing.assert_allclose(scores, [0.7, 0.2, 0.95, -np.inf])
+
+
+def test_a_lists_background_is_its_score_at_the_background_rank_or_its_last():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, -np.inf], np.float32)
+    assert background(scores) == pytest.approx(scores[BACKGROUND_RANK])
+    assert background(scores[:3]) == pytest.approx(0.7)  # shorter than the rank: its last
+    assert background(np.array([0.9, -np.inf, -np.inf], np.float32)) == pytest.approx(0.9)  # padding is no score
+    assert background(np.array([], np.float32)) == 0.0
+
+
+def test_calibration_lowers_a_window_that_resembles_everything_and_never_raises_one():
+    """A window of a flat sky is 0.80 like image 10 but also 0.78-0.70 like everything else; the whole query is 0.75
+    like image 3 and 0.40-0.30 like the rest. Uncalibrated, the sky's maximum wins; calibrated, the window's scores
+    are lowered by its background's excess over the whole query's, and image 3 wins. A window whose background is
+    below the whole query's keeps its scores."""
+    rows = np.arange(3, 11)
+    ranked = (rows, np.array([0.75, 0.40, 0.38, 0.36, 0.34, 0.32, 0.31, 0.30], np.float32))
+    sky = (rows[::-1].copy(), np.array([0.80, 0.78, 0.76, 0.75, 0.74, 0.72, 0.71, 0.70], np.float32))
+    quiet = (rows, np.array([0.60, 0.20, 0.15, 0.10, 0.10, 0.05, 0.05, 0.0], np.float32))
+    assert np.argmax(fuse(12, [ranked, sky, quiet])) == 10
+    lowered = calibrated([sky, quiet], ranked[1])
+    excess = background(sky[1]) - background(ranked[1])
+    np.testing.assert_allclose(lowered[0][1], sky[1] - excess, rtol=1e-6)
+    np.testing.assert_array_equal(lowered[1][1], quiet[1])
+    assert lowered[0][0] is sky[0] and lowered[1][0] is quiet[0]
+    assert np.argmax(fuse(12, [ranked, *lowered])) == 3
+    assert calibrated([], ranked[1]) == []
+    whole, part = calibrated([sky, sky], ranked[1], np.array([False, True]))  # the first a whole view, not a part
+    assert whole[1] is sky[1]
+    np.testing.assert_allclose(part[1], sky[1] - excess, rtol=1e-6)
+
+
+def test_a_copy_search_ranks_the_same_whatever_the_number_of_results_asked():
+    """The backgrounds come from lists searched at least ``BACKGROUND_RANK`` + 1 deep, so asking for the first result
+    gives the first of ten, and so on."""
+    rng = np.random.default_rng(5)
+    matrix = rng.normal(size=(60, 16)).astype(np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    pipeline = QueryPipeline(MemoryBackend(matrix), matrix)
+    queries = [
+        QueryFeatures(rng.normal(size=16).astype(np.float32), rng.normal(size=(6, 16)).astype(np.float32)) for _ in range(30)
+    ]
+    ten = pipeline.search_copies(queries, 10)[0]
+    for k in range(1, 10):
+        assert pipeline.search_copies(queries, k)[0].tolist() == ten[:, :k].tolist(), k
 
 
 def web_page(inner: np.ndarray, at=(400, 200), size=(900, 640)) -> np.ndarray:

@@ -11,7 +11,11 @@ parts of the query encoded like whole images) and its local features. Against a 
                                         index or a Milvus collection of their own; a crop meets the part it was cut from)
 
 so several vectors stand for one image and the results are always images (each at most once). Taking the maximum
-keeps the ranking of the global descriptor wherever the regions do not match better. Then, when verification is on,
+keeps the ranking of the global descriptor wherever the regions do not match better. Before the maximum, each
+window's cosines are lowered by what its ``background`` (its 6th best cosine) exceeds the global search's
+(``calibrated``): a window that many unrelated images resemble (a flat sky, a texture, noise) gives each of them a
+high cosine, which says less than the same cosine through the whole query. A whole view beside the query's vector
+(the query with its stripes filled in: ``QueryFeatures.window_parts``) keeps its cosines. Then, when verification is on,
 the best ``verify_top`` images, and the best of a search over the local features themselves that are not among
 them (``visual_words``), are verified with local features (``verification.verify``) and a verified image
 scores ``1 + strength / (strength + 15)`` (the strength capped at 40, where a copy is certain) plus a hundredth of
@@ -36,17 +40,22 @@ from ..errors import RetrievalError
 from . import photometric
 from .verification import MIRROR_TOP, VERIFY_TOP, QueryLocalFeatures, verify
 
+BACKGROUND_RANK = 5  # ``background``: a list's 6th best score
+
 
 @dataclass(frozen=True)
 class QueryFeatures:
     """What a copy search compares: ``vector`` (D,) the extractor descriptor, ``windows`` (W, D) descriptors of parts of
     the query (or None), ``local`` its local features and its mirror image's (or None). ``window_weights`` (W,) scale
-    each window's cosines before they are fused (None: all 1): a view dominated by page furniture counts for less."""
+    each window's cosines before they are fused (None: all 1): a view dominated by page furniture counts for less.
+    ``window_parts`` (W,) bool: whether a window's cosines are ``calibrated`` (None: all are); False for another view
+    of the whole query (the query with its stripes filled in), which stands beside ``vector``."""
 
     vector: np.ndarray
     windows: np.ndarray | None = None
     local: QueryLocalFeatures | None = None
     window_weights: np.ndarray | None = None
+    window_parts: np.ndarray | None = None
 
 
 class NoLocalFeatures(RetrievalError):
@@ -87,6 +96,28 @@ def fuse(count: int, lists: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarr
         found = rows >= 0
         np.maximum.at(scores, rows[found], values[found].astype(np.float32))
     return scores
+
+
+def background(scores: np.ndarray, rank: int = BACKGROUND_RANK) -> float:
+    """A ranked list's background: its score at 0-based ``rank`` (the last finite one in a shorter list; 0 in an empty
+    one), what an unrelated image can reach through that list."""
+    finite = np.asarray(scores, np.float64)
+    finite = finite[np.isfinite(finite)]
+    return float(finite[min(rank, len(finite) - 1)]) if len(finite) else 0.0
+
+
+def calibrated(
+    lists: Sequence[tuple[np.ndarray, np.ndarray]], reference: np.ndarray, parts: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A query's window lists (rows, scores) -> the same lists, each one's scores lowered by what its ``background``
+    exceeds that of ``reference`` (the global search's scores), never raised: a window that many unrelated images
+    resemble (a flat sky, a texture, noise) gives them all high cosines, which say less than the same cosine through
+    the whole query. ``parts`` (W,) bool: the lists to calibrate (``QueryFeatures.window_parts``; None: all)."""
+    floor = background(reference)
+    return [
+        (rows, scores - np.float32(max(0.0, background(scores) - floor))) if parts is None or parts[j] else (rows, scores)
+        for j, (rows, scores) in enumerate(lists)
+    ]
 
 
 def weighted_lists(rows: np.ndarray, scores: np.ndarray, weights: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -21,7 +21,8 @@ from ..vectors import as_query_matrix, l2_normalize
 from .backends.base import Backend
 from .backends.regions import ExactRegions, RegionSearch
 from .copies import (
-    NO_LOCAL_FEATURES, NoLocalFeatures, QueryFeatures, fuse, stored_query, verified_ranking, weighted_lists,
+    BACKGROUND_RANK, NO_LOCAL_FEATURES, NoLocalFeatures, QueryFeatures, calibrated, fuse, stored_query,
+    verified_ranking, weighted_lists,
 )
 from .expansion import NO_EXPANSION, QueryExpansion, expand
 from .verification import VERIFY_TOP
@@ -140,7 +141,8 @@ class QueryPipeline:
         vectors = as_query_matrix(self.transform(np.stack([q.vector for q in prepared])), self.matrix.shape[1])
         if expansion.active:
             vectors = self._expanded(vectors, expansion, query_rows)
-        depth = min(count, max(k, verify_top if verify else k))
+        # deep enough for each list's background (``copies.calibrated``) whatever k is, and for verification
+        depth = min(count, max(k, BACKGROUND_RANK + 1, verify_top if verify else k))
         windows = [np.zeros((0, vectors.shape[1]), np.float32) if q.windows is None or not len(q.windows) else self.transform(q.windows) for q in prepared]
         sizes = [len(w) for w in windows]
         # the global vectors and the windows in one search: one pass over the database's vectors
@@ -157,7 +159,8 @@ class QueryPipeline:
                 lists.append((region_rows[i], region_scores[i]))
             if sizes[i]:
                 part = slice(start, start + sizes[i])
-                lists += weighted_lists(window_rows[part], window_scores[part], query.window_weights)
+                windows_found = weighted_lists(window_rows[part], window_scores[part], query.window_weights)
+                lists += calibrated(windows_found, global_scores[i], query.window_parts)
             start += sizes[i]
             fused = fuse(self.matrix.shape[0], lists)
             if verify and query.local is not None:
