@@ -294,9 +294,8 @@ def test_a_copy_search_ranks_the_same_whatever_the_number_of_results_asked():
     matrix = rng.normal(size=(60, 16)).astype(np.float32)
     matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
     pipeline = QueryPipeline(MemoryBackend(matrix), matrix)
-    queries = [
-        QueryFeatures(rng.normal(size=16).astype(np.float32), rng.normal(size=(6, 16)).astype(np.float32)) for _ in range(30)
-    ]
+    vectors, windows = rng.normal(size=(30, 16)).astype(np.float32), rng.normal(size=(30, 6, 16)).astype(np.float32)
+    queries = [QueryFeatures(vector, views) for vector, views in zip(vectors, windows)]
     ten = pipeline.search_copies(queries, 10)[0]
     for k in range(1, 10):
         assert pipeline.search_copies(queries, k)[0].tolist() == ten[:, :k].tolist(), k

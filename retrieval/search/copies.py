@@ -114,10 +114,11 @@ def calibrated(
     resemble (a flat sky, a texture, noise) gives them all high cosines, which say less than the same cosine through
     the whole query. ``parts`` (W,) bool: the lists to calibrate (``QueryFeatures.window_parts``; None: all)."""
     floor = background(reference)
-    return [
-        (rows, scores - np.float32(max(0.0, background(scores) - floor))) if parts is None or parts[j] else (rows, scores)
-        for j, (rows, scores) in enumerate(lists)
-    ]
+    lowered = []
+    for j, (rows, scores) in enumerate(lists):
+        excess = max(0.0, background(scores) - floor) if parts is None or parts[j] else 0.0
+        lowered.append((rows, scores - np.float32(excess) if excess else scores))
+    return lowered
 
 
 def weighted_lists(rows: np.ndarray, scores: np.ndarray, weights: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
