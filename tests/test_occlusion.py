@@ -95,8 +95,10 @@ def test_a_striped_copy_of_a_blurred_photo_is_found_and_verified(tmp_path, monke
         (folder / name).mkdir(parents=True)
         photo(name).save(folder / name / "photo.png")
     index = tmp_path / "photos.h5"
-    build_index(folder, index, backbone="efficientnet-lite0", regions=True, local_features=True, verify=True, progress=False,
-                precision="float32")
+    build_index(
+        folder, index, backbone="efficientnet-lite0", regions=True, local_features=True, verify=True, progress=False,
+        precision="float32",
+    )
     queries = []
     for n, name in enumerate(NAMES):
         query = io.BytesIO()
