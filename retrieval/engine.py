@@ -181,10 +181,12 @@ class RetrievalEngine:
         has regions, and, when ``for_verification`` (a search that verifies) and the database has local features, its
         local features and its mirror image's. A query (or, for a page, its picture) under opaque stripes
         (``without_stripes``) is searched as it is and with the stripes filled in (one more window), and verified with
-        the filled picture's local features."""
+        the filled picture's local features. A query with a picture pasted on it (``regions.inset_box``) and no page
+        around it is searched as that picture, with the whole query one more view, calibrated like the windows and
+        cut into them as a plain query is; its local features are the whole query's."""
         from .descriptors.local_features import query_local_features
         from .descriptors.regions import (
-            PAGE_WEIGHT, WINDOW_WEIGHT, content_boxes, detailed_windows, window_boxes, window_input_side,
+            PAGE_WEIGHT, WINDOW_WEIGHT, content_boxes, detailed_windows, inset_box, window_boxes, window_input_side,
         )
         from .search.verification import QueryLocalFeatures
 
@@ -193,12 +195,15 @@ class RetrievalEngine:
         window_rows = range(0)  # the crops that are windows: they go through the model smaller
         seen = image  # the picture the local features are taken from
         if self.pipeline.copies is not None and self.pipeline.copies.has_regions:
-            contents = content_boxes(np.asarray(image))
+            pixels = np.asarray(image)
+            contents = content_boxes(pixels)
             if contents:  # a picture inside a page (a screenshot): its content stands for the query, the page counts less
                 page = image
                 image = page.crop(contents[0])
                 crops = [image, page, *(page.crop(box) for box in contents[1:])]
                 weights = [PAGE_WEIGHT] + [1.0] * (len(contents) - 1)
+            elif (inset := inset_box(pixels)) is not None:  # the pasted picture may be the copy
+                crops, weights = [image.crop(inset), image], [1.0]
             windows = detailed_windows(np.asarray(image), window_boxes(*image.size))
             window_rows = range(len(crops), len(crops) + len(windows))
             crops += [image.crop(box) for box in windows]

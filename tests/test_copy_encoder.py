@@ -79,6 +79,37 @@ def test_an_elongated_picture_stores_its_strips_as_its_regions(tmp_path, effnet_
         assert best_strip > 0.8 and best_strip > float((map_regions @ original.vector).max()) + 0.05
 
 
+def test_a_picture_pasted_on_another_is_one_more_region_and_keeps_the_whole_keypoints(tmp_path, effnet_extractor):
+    """A photo pasted on a drawn picture: its descriptor is appended to the image's own regions (searched for by its
+    original, the pasted photo meets it: here its region's cosine with the original is far above any other region's),
+    the image is no page, and its local features are the whole image's (the pasted photo's keypoints among them)."""
+    from retrieval.descriptors.local_features import extract_local_features
+    from retrieval.descriptors.regions import inset_box
+    from test_regions import pasted
+    from test_verification import photo
+
+    composite, _ = pasted("chelsea", (200, 150))
+    path, original = tmp_path / "composite.png", tmp_path / "chelsea.png"
+    composite.save(path)
+    photo("chelsea", 340).save(original)
+    (items,) = list(CopyEncoder(effnet_extractor).encode_files([path, original]))
+    encoder = effnet_extractor.encoder
+    array = load_sized_for_backbone(path, encoder.input_size, encoder.resize_rule)[0]
+    own = region_vectors(effnet_extractor.feature_maps(array[None]))[0]
+    picture = open_image(path, draft_size=512)
+    box = inset_box(np.asarray(picture))
+    inside = effnet_extractor.encode_arrays([resize_for_backbone(picture.crop(box), encoder.input_size, encoder.resize_rule)])[0]
+    stored = items[0]
+    assert not stored.page and len(stored.regions) == len(own) + 1
+    np.testing.assert_allclose(stored.regions[: len(own)], own, atol=2e-3)
+    np.testing.assert_allclose(stored.regions[-1], inside, atol=2e-3)
+    cosines = stored.regions @ items[1].vector
+    assert cosines[-1] > 0.8 and cosines[-1] > cosines[:-1].max() + 0.2
+    whole = extract_local_features(np.asarray(picture))
+    np.testing.assert_array_equal(stored.local.descriptors, whole.descriptors)
+    assert len(stored.local.thumbnails) == 1
+
+
 def test_opencv_runs_one_thread_per_loader_while_encoding_and_is_restored_after(tmp_path, effnet_extractor):
     """The loader threads are the parallelism of indexing: OpenCV's own threads (SIFT's blurs) would oversubscribe
     the cores while the model runs; the setting is OpenCV's global one, so it is put back however the run ends."""

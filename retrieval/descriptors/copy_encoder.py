@@ -13,7 +13,9 @@ region, its last, and is marked ``page``; its local features are that picture's 
 thumbnail beside the page's (a query that is a page is searched and verified as its picture; the page's template
 is shared by unrelated screenshots). An elongated image (a collage of pictures side by side:
 ``regions.database_strip_boxes``) has its strips, encoded in the same forward pass, as its regions instead of its
-conv map's (a squashed map, where no region holds one of its pictures).
+conv map's (a squashed map, where no region holds one of its pictures). Any other image with a picture pasted on it
+(``regions.inset_box``) gets that picture's descriptor as one more region, its last, as a page does, but keeps its
+own local features (the pasted picture's keypoints are among them): searched for by its original, the inset is found.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..vectors import l2_normalize
 from . import pooling
 from .extractor import DEFAULT_BATCH_SIZE, EncodedItem, Extractor
 from .local_features import DATABASE_KEYPOINTS, DATABASE_SIDE, LocalFeatures, extract_local_features
-from .regions import content_boxes, database_strip_boxes, region_vectors
+from .regions import content_boxes, database_strip_boxes, inset_box, region_vectors
 
 SHARED_MAP_POOLINGS = ("max", "avg", "sum", "gem", "rmac", "crow")
 
@@ -41,6 +43,11 @@ class CopyItem(EncodedItem):
     regions: np.ndarray | None = None
     local: LocalFeatures | None = None
     page: bool = False  # a page around a picture (``regions.content_boxes``): its last region is that picture
+
+
+# what an image's crops (encoded beside it) are to its regions: a page's picture or a pasted picture, appended; or
+# an elongated picture's strips, instead of its conv map's regions
+PAGE, INSET, STRIPS = "page", "inset", "strips"
 
 
 class CopyEncoder:
@@ -92,15 +99,16 @@ class CopyEncoder:
             array, dimensions = resize_for_backbone(picture, size, rule), picture.info["source_size"]
             pixels = np.asarray(picture)
             boxes = content_boxes(pixels, patterns=True) if self.regions else []  # a page's picture is stored besides
-            inside = None
-            crops = [picture.crop(boxes[0])] if boxes else []  # a page's picture, or an elongated picture's strips
+            inside, crops, kind = None, [], None
             if boxes:
                 left, top, right, bottom = boxes[0]
-                inside = pixels[top:bottom, left:right]
+                inside, crops, kind = pixels[top:bottom, left:right], [picture.crop(boxes[0])], PAGE
             elif self.regions:
-                crops = [picture.crop(box) for box in database_strip_boxes(*picture.size)]
+                crops, kind = [picture.crop(box) for box in database_strip_boxes(*picture.size)], STRIPS
+                if not crops and (inset := inset_box(pixels)) is not None:
+                    crops, kind = [picture.crop(inset)], INSET
             local = extract_local_features(pixels, DATABASE_SIDE, DATABASE_KEYPOINTS, picture=inside) if self.local else None
-            return array, dimensions, local, [resize_for_backbone(crop, size, rule) for crop in crops], bool(boxes)
+            return array, dimensions, local, [resize_for_backbone(crop, size, rule) for crop in crops], kind
 
         import cv2
 
@@ -120,14 +128,14 @@ class CopyEncoder:
             items = [CopyItem(start + i, None, error) for i, (_, error) in enumerate(results)]
             next_crop = len(good)  # the crops' vectors follow the images', in the same order
             for row, i in enumerate(good):
-                _, dimensions, local, crops, page = results[i][0]
-                if crops:  # a page keeps its regions and adds its picture's; an elongated picture's are its strips
+                _, dimensions, local, crops, kind = results[i][0]
+                if crops:  # a page keeps its regions and adds its picture's (an inset too); an elongated picture's are its strips
                     mine = vectors[next_crop : next_crop + len(crops)].astype(regions[row].dtype)
                     next_crop += len(crops)
-                    regions[row] = np.concatenate([regions[row], mine]) if page else mine
+                    regions[row] = mine if kind == STRIPS else np.concatenate([regions[row], mine])
                 items[i].vector = vectors[row]
                 items[i].size = tuple(int(side) for side in dimensions)
                 items[i].regions = regions[row]
                 items[i].local = local
-                items[i].page = page
+                items[i].page = kind == PAGE
             yield items
