@@ -98,7 +98,8 @@ def test_a_picture_pasted_on_another_is_one_more_region_and_keeps_the_whole_keyp
     own = region_vectors(effnet_extractor.feature_maps(array[None]))[0]
     picture = open_image(path, draft_size=512)
     box = inset_box(np.asarray(picture))
-    inside = effnet_extractor.encode_arrays([resize_for_backbone(picture.crop(box), encoder.input_size, encoder.resize_rule)])[0]
+    crop = resize_for_backbone(picture.crop(box), encoder.input_size, encoder.resize_rule)
+    inside = effnet_extractor.encode_arrays([crop])[0]
     stored = items[0]
     assert not stored.page and len(stored.regions) == len(own) + 1
     np.testing.assert_allclose(stored.regions[: len(own)], own, atol=2e-3)

@@ -533,7 +533,7 @@ def drawn_shapes(width: int, height: int, seed: int = 0) -> Image.Image:
     return canvas.filter(ImageFilter.GaussianBlur(1))
 
 
-def pasted(name: str, at: tuple[int, int], seed: int = 0, width: int = 340) -> tuple[Image.Image, tuple[int, int, int, int]]:
+def pasted(name: str, at: tuple[int, int], seed: int = 0, width: int = 340) -> tuple[Image.Image, tuple]:
     """Photo ``name`` ``width`` px wide pasted at ``at`` on an 800 x 600 drawn picture, and where it lies (a box)."""
     from test_verification import photo
 
@@ -542,8 +542,9 @@ def pasted(name: str, at: tuple[int, int], seed: int = 0, width: int = 340) -> t
     return canvas, (at[0], at[1], at[0] + inner.width, at[1] + inner.height)
 
 
-@pytest.mark.parametrize("name, at, seed", [("chelsea", (200, 150), 0), ("coffee", (300, 300), 1), ("rocket", (60, 0), 2),
-                                            ("coffee", (100, 60), 4)])
+@pytest.mark.parametrize("name, at, seed", [
+    ("chelsea", (200, 150), 0), ("coffee", (300, 300), 1), ("rocket", (60, 0), 2), ("coffee", (100, 60), 4),
+])
 def test_a_picture_pasted_on_another_is_its_inset_box(name, at, seed):
     """Anywhere on the drawn picture, touching its border or not (then one side is the border). Not every one: a
     side along which the photo and the drawing have alike colours can be missed (16 of 20 random placements of

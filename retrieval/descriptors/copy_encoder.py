@@ -129,7 +129,7 @@ class CopyEncoder:
             next_crop = len(good)  # the crops' vectors follow the images', in the same order
             for row, i in enumerate(good):
                 _, dimensions, local, crops, kind = results[i][0]
-                if crops:  # a page keeps its regions and adds its picture's (an inset too); an elongated picture's are its strips
+                if crops:  # a page (an inset) adds its picture's to its regions; an elongated picture's are its strips
                     mine = vectors[next_crop : next_crop + len(crops)].astype(regions[row].dtype)
                     next_crop += len(crops)
                     regions[row] = mine if kind == STRIPS else np.concatenate([regions[row], mine])

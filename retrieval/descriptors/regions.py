@@ -290,7 +290,7 @@ INSET_BLUR = 1.0
 INSET_MIN_SIDE = 0.2  # an inset side is at least this share of the picture's side along it
 INSET_MIN_AREA, INSET_MAX_AREA = 0.1, 0.8  # fractions of the picture: a smaller pasted picture is a sticker, an icon
 INSET_SUPPORT = 0.9  # share of each side's length that lies on an edge (within 1 px)
-INSET_TOLERANCE = 3  # px: two parallel sides whose ends are this close pair up; a side this close to the border is on it
+INSET_TOLERANCE = 3  # px: parallel sides whose ends are this close pair up; a side this close to the border is on it
 INSET_MAX_EDGES = 0.35  # a picture with edges at more than this share of its pixels has none to trust (insets: <= 0.25)
 INSET_MIN_PIXELS = 32  # the picture's shorter side at the detector's scale: a thinner strip has no inset
 
@@ -324,7 +324,8 @@ def inset_box(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
     if min(height, width) < PAGE_MIN_SIDE:
         return None
     scale = min(1.0, CONTENT_SIDE / max(height, width))  # never enlarged: an enlarged picture's pixels are blocks
-    small = cv2.resize(pixels, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
     rows, cols = small.shape[:2]
     if min(rows, cols) < INSET_MIN_PIXELS:  # a strip (20,000 x 100 px: 256 x 1 here)
         return None
@@ -337,14 +338,11 @@ def inset_box(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
         return None
     horizontal = _edge_runs(across_rows, round(INSET_MIN_SIDE * cols))
     vertical = _edge_runs(across_cols.T, round(INSET_MIN_SIDE * rows))
-    candidates = []
-    i, j = _paired_runs(vertical)  # left and right sides: their rows span top to bottom
-    candidates.append(np.stack([np.maximum(vertical[i, 1], vertical[j, 1]), np.minimum(vertical[i, 2], vertical[j, 2]) - 1,
-                                np.minimum(vertical[i, 0], vertical[j, 0]), np.maximum(vertical[i, 0], vertical[j, 0])], axis=1))
-    i, j = _paired_runs(horizontal)  # top and bottom sides: their columns span left to right
-    candidates.append(np.stack([np.minimum(horizontal[i, 0], horizontal[j, 0]), np.maximum(horizontal[i, 0], horizontal[j, 0]),
-                                np.maximum(horizontal[i, 1], horizontal[j, 1]), np.minimum(horizontal[i, 2], horizontal[j, 2]) - 1], axis=1))
-    top, bottom, left, right = np.concatenate(candidates).T
+    near, far, first, last = _spans(vertical)  # left and right sides: the rows both span are top to bottom
+    by_columns = (first, last, near, far)
+    near, far, first, last = _spans(horizontal)  # top and bottom sides: the columns both span are left to right
+    by_rows = (near, far, first, last)
+    top, bottom, left, right = (np.concatenate(pair) for pair in zip(by_columns, by_rows))
     top = np.where(top <= INSET_TOLERANCE, 0, top)
     bottom = np.where(bottom >= rows - 1 - INSET_TOLERANCE, rows - 1, bottom)
     left = np.where(left <= INSET_TOLERANCE, 0, left)
@@ -394,13 +392,16 @@ def _edge_runs(edges: np.ndarray, min_length: int) -> np.ndarray:
     return np.stack([lines[long_enough], starts[long_enough], stops[long_enough]], axis=1)
 
 
-def _paired_runs(runs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (i < j) of ``_edge_runs`` rows whose ends both match within ``INSET_TOLERANCE`` on lines further
-    apart than that."""
+def _spans(runs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For each pair of ``_edge_runs`` rows whose ends both match within ``INSET_TOLERANCE``, on lines further apart
+    than that: the nearer line, the farther one, and the first and last sample both runs cover (int arrays)."""
+    def close(values: np.ndarray) -> np.ndarray:
+        return np.abs(values[:, None] - values[None]) <= INSET_TOLERANCE
+
     line, start, stop = runs.T
-    matched = (np.abs(start[:, None] - start[None]) <= INSET_TOLERANCE) & (np.abs(stop[:, None] - stop[None]) <= INSET_TOLERANCE)
-    matched &= np.abs(line[:, None] - line[None]) > INSET_TOLERANCE
-    return np.nonzero(np.triu(matched, 1))
+    i, j = np.nonzero(np.triu(close(start) & close(stop) & ~close(line), 1))
+    return (np.minimum(line[i], line[j]), np.maximum(line[i], line[j]), np.maximum(start[i], start[j]),
+            np.minimum(stop[i], stop[j]) - 1)
 
 
 def _cumulative_near(edges: np.ndarray) -> np.ndarray:
