@@ -133,21 +133,28 @@ def test_an_extremely_elongated_query_is_searched(tmp_path):
     assert "coffee.jpg" in result.stdout and "chelsea.jpg" in result.stdout
 
 
+def regions_index(tmp_path, names=("coffee", "chelsea"), width: int = 320):
+    """An index with regions (no local features) of the demo photos ``names``, ``width`` px wide, as ``<name>.jpg``."""
+    from retrieval.indexing import build_index
+    from test_verification import photo
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in names:
+        photo(name, width).save(folder / f"{name}.jpg")
+    index = tmp_path / "copies.h5"
+    build_index(folder, index, backbone="efficientnet-lite0", regions=True, progress=False, notice=lambda line: None)
+    return index
+
+
 def test_query_windows_go_through_the_model_smaller_than_whole_pictures(tmp_path):
     """A plain query's windows are encoded at ``window_input_side`` (192 px for a 224 px model), the query itself at
     the model's input size: the same vectors as encoding the crops at those sizes by hand, not those at 224."""
     from retrieval.engine import RetrievalEngine
-    from retrieval.indexing import build_index
     from test_verification import photo
 
     assert regions.window_input_side(224) == 192 and regions.window_input_side(448) == 384
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for name in ("coffee", "chelsea"):
-        photo(name, 320).save(folder / f"{name}.jpg")
-    index = tmp_path / "copies.h5"
-    build_index(folder, index, backbone="efficientnet-lite0", regions=True, progress=False, notice=lambda line: None)
-    engine = RetrievalEngine.open(index)
+    engine = RetrievalEngine.open(regions_index(tmp_path))
     try:
         query = photo("coffee", 400).convert("RGB")
         features = engine.query_features(query)
@@ -583,16 +590,8 @@ def test_a_query_with_a_pasted_picture_is_searched_as_that_picture(tmp_path):
     """The pasted photo is the query's own descriptor; the whole query is one more view (weight 1, calibrated like the
     windows, at the full input side), and the windows are the whole query's, as for a plain query."""
     from retrieval.engine import RetrievalEngine
-    from retrieval.indexing import build_index
-    from test_verification import photo
 
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for name in ("chelsea", "coffee"):
-        photo(name, 320).save(folder / f"{name}.jpg")
-    index = tmp_path / "copies.h5"
-    build_index(folder, index, backbone="efficientnet-lite0", regions=True, progress=False, notice=lambda line: None)
-    engine = RetrievalEngine.open(index)
+    engine = RetrievalEngine.open(regions_index(tmp_path))
     try:
         query, box = pasted("chelsea", (200, 150))
         features = engine.query_features(query)
