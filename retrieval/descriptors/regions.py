@@ -284,7 +284,7 @@ def _trimmed(small: np.ndarray, y: int, x: int, h: int, w: int) -> tuple[int, in
     return box(furniture=True) or box(furniture=False) or (y, x, h, w)
 
 
-# insets (``inset_box``), found at CONTENT_SIDE px on the longest side
+# insets (``inset_box``), found at CONTENT_SIDE px on the longest side (a smaller picture at its own size)
 INSET_EDGE_LEVEL = 30  # an edge: R, G, B steps summed (of 255 each), 2 px apart after a 5 x 5 blur (sigma 1 px)
 INSET_BLUR = 1.0
 INSET_MIN_SIDE = 0.2  # an inset side is at least this share of the picture's side along it
@@ -416,4 +416,3 @@ def _cumulative_near(edges: np.ndarray) -> np.ndarray:
 def _share(cumulative: np.ndarray, line: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
     """The share of samples first..last - 1 of each ``line`` that lie on an edge (``_cumulative_near``)."""
     return (cumulative[line, last] - cumulative[line, first]) / np.maximum(1, last - first)
-
