@@ -111,6 +111,36 @@ def test_a_picture_pasted_on_another_is_one_more_region_and_keeps_the_whole_keyp
     assert len(stored.local.thumbnails) == 1
 
 
+def test_the_pictures_of_a_grid_are_more_regions_and_keep_the_whole_keypoints(tmp_path, effnet_extractor):
+    """A 2 x 2 grid (one photo, three drawn pictures): each cell's descriptor is appended to the image's own regions,
+    and searched for by its original, the photo's cell meets it far above any other region."""
+    from retrieval.descriptors.local_features import extract_local_features
+    from retrieval.descriptors.regions import grid_boxes
+    from test_regions import grid_of
+    from test_verification import photo
+
+    composite, boxes = grid_of((None, None, "chelsea", None), 2)
+    path, original = tmp_path / "grid.png", tmp_path / "chelsea.png"
+    composite.save(path)
+    photo("chelsea", 340).save(original)
+    (items,) = list(CopyEncoder(effnet_extractor).encode_files([path, original]))
+    encoder = effnet_extractor.encoder
+    array = load_sized_for_backbone(path, encoder.input_size, encoder.resize_rule)[0]
+    own = region_vectors(effnet_extractor.feature_maps(array[None]))[0]
+    picture = open_image(path, draft_size=512)
+    cells = grid_boxes(np.asarray(picture))
+    assert len(cells) == 4
+    crops = [resize_for_backbone(picture.crop(cell), encoder.input_size, encoder.resize_rule) for cell in cells]
+    stored = items[0]
+    assert not stored.page and len(stored.regions) == len(own) + 4
+    np.testing.assert_allclose(stored.regions[: len(own)], own, atol=2e-3)
+    np.testing.assert_allclose(stored.regions[len(own) :], effnet_extractor.encode_arrays(crops), atol=2e-3)
+    cosines = stored.regions @ items[1].vector
+    photo_cell = len(own) + 2
+    assert cosines[photo_cell] > 0.8 and cosines[photo_cell] > np.delete(cosines, photo_cell).max() + 0.2
+    np.testing.assert_array_equal(stored.local.descriptors, extract_local_features(np.asarray(picture)).descriptors)
+
+
 def test_opencv_runs_one_thread_per_loader_while_encoding_and_is_restored_after(tmp_path, effnet_extractor):
     """The loader threads are the parallelism of indexing: OpenCV's own threads (SIFT's blurs) would oversubscribe
     the cores while the model runs; the setting is OpenCV's global one, so it is put back however the run ends."""

@@ -606,3 +606,104 @@ def test_a_query_with_a_pasted_picture_is_searched_as_that_picture(tmp_path):
         assert engine.search_image(tmp_path / "query.png", k=1)[0].path == "chelsea.jpg"
     finally:
         engine.close()
+
+
+def grid_of(names: tuple, columns: int, cell: tuple[int, int] = (300, 240), gap: int = 12) -> tuple[Image.Image, list]:
+    """Photos ``names`` (None: a drawn picture) in ``columns`` columns on white, ``gap`` px apart, each resized to
+    ``cell``; and where each lies (boxes, reading order)."""
+    from test_verification import photo
+
+    rows = -(-len(names) // columns)
+    canvas = Image.new("RGB", (columns * cell[0] + (columns - 1) * gap, rows * cell[1] + (rows - 1) * gap), "white")
+    boxes = []
+    for i, name in enumerate(names):
+        x, y = (i % columns) * (cell[0] + gap), (i // columns) * (cell[1] + gap)
+        tile = drawn_shapes(*cell, seed=i) if name is None else photo(name, 512).resize(cell)
+        canvas.paste(tile, (x, y))
+        boxes.append((x, y, x + cell[0], y + cell[1]))
+    return canvas, boxes
+
+
+@pytest.mark.parametrize("names, columns", [
+    (("chelsea", None, None, "coffee"), 2),  # a 2 x 2 grid
+    (("rocket", None), 1),  # two pictures stacked
+    (("astronaut", None, "camera", None, "coins", None), 3),  # 2 rows of 3
+])
+def test_the_pictures_of_a_grid_are_its_cells(names, columns):
+    composite, expected = grid_of(names, columns)
+    cells = regions.grid_boxes(np.asarray(composite))
+    assert len(cells) == len(expected)
+    near = 3 * max(composite.size) / regions.CONTENT_SIDE  # 3 px at the detector's scale (its blur widens edges)
+    for cell, box in zip(cells, expected):
+        assert all(abs(a - b) <= near for a, b in zip(cell, box)), (cell, box)
+
+
+@pytest.mark.parametrize("name", ["astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins",
+                                  "hubble_deep_field", "immunohistochemistry", "retina", "rocket"])
+def test_a_plain_photo_is_no_grid(name):
+    """(The brick wall has a mortar joint with edges straight down the whole picture; with no gap of one colour
+    beside them it is no cut: it was, before the gap was asked for.)"""
+    from test_verification import photo
+
+    assert regions.grid_boxes(np.asarray(photo(name, 512))) == []
+
+
+def test_a_straight_line_without_a_gap_cuts_nothing():
+    """A horizon (a photo darker below a straight full-width line) and two pictures that touch: edges along the whole
+    picture with no gap of one colour beside them."""
+    from test_verification import photo
+
+    horizon = np.asarray(photo("coffee", 600)).astype(np.int16)
+    horizon[horizon.shape[0] // 2 :] -= 90
+    assert regions.grid_boxes(np.clip(horizon, 0, 255).astype(np.uint8)) == []
+    touching, _ = grid_of(("chelsea", "coffee"), 1, gap=0)
+    assert regions.grid_boxes(np.asarray(touching)) == []
+    apart, _ = grid_of(("chelsea", "coffee"), 1, gap=12)
+    assert len(regions.grid_boxes(np.asarray(apart))) == 2
+
+
+def test_grid_cells_of_noise_flat_pasted_and_tiny_pictures():
+    rng = np.random.default_rng(0)
+    assert regions.grid_boxes((rng.random((600, 800, 3)) * 255).astype(np.uint8)) == []  # edges everywhere
+    assert regions.grid_boxes(np.zeros((600, 800, 3), np.uint8)) == []
+    assert regions.grid_boxes(np.zeros((100, 20000, 3), np.uint8)) == []
+    assert regions.grid_boxes(np.asarray(pasted("chelsea", (200, 150))[0])) == []  # an inset: no line runs across
+    composite, _ = grid_of(("chelsea", None, None, "coffee"), 2)
+    assert regions.grid_boxes(np.asarray(composite.resize((60, 48)))) == []  # smaller than PAGE_MIN_SIDE
+    thin, _ = grid_of(("chelsea", "coffee"), 2, cell=(300, 240))
+    flat = np.asarray(thin).copy()
+    flat[:, 312:] = 255  # one picture beside a white band: one cell, with structure
+    assert len(regions.grid_boxes(flat)) == 1
+    nine, _ = grid_of(tuple(["coffee", "rocket", "chelsea"] * 3), 3, cell=(200, 160))
+    assert len(regions.grid_boxes(np.asarray(nine))) == 9 == regions.GRID_MAX_CELLS
+    twelve, _ = grid_of(tuple(["coffee", "rocket", "chelsea"] * 4), 4, cell=(200, 160))
+    assert regions.grid_boxes(np.asarray(twelve)) == []  # more pieces than a database image stores
+
+
+def test_a_photo_in_a_stored_3_x_3_grid_is_found_by_its_original(tmp_path):
+    """Searched for by its original, a grid of nine pictures that holds it comes first (its cell is one of its stored
+    regions, more than ``MAX_DATABASE_REGIONS``: the file must accept them), among photos that are not it."""
+    from retrieval.engine import RetrievalEngine
+    from retrieval.indexing import build_index
+    from retrieval.storage.database import read_database
+    from test_verification import photo
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    names = ("coffee", "rocket", "astronaut", "camera", "chelsea", "coins", "clock", "retina", "cell")
+    composite, _ = grid_of(names, 3, cell=(200, 160))
+    composite.save(folder / "grid.png")
+    for name in ("coffee", "rocket", "astronaut", "immunohistochemistry"):
+        photo(name, 400).save(folder / f"{name}.jpg")
+    index = tmp_path / "copies.h5"
+    build_index(folder, index, backbone="efficientnet-lite0", regions=True, progress=False, notice=lambda line: None)
+    database = read_database(index)
+    grid_regions = database.copies.regions_of(database.paths.index("grid.png"))
+    assert len(grid_regions) == len(database.copies.regions_of(database.paths.index("coffee.jpg"))) + 9
+    assert len(grid_regions) > regions.MAX_DATABASE_REGIONS
+    photo("chelsea", 400).save(tmp_path / "query.jpg")
+    engine = RetrievalEngine.open(index)
+    try:
+        assert engine.search_image(tmp_path / "query.jpg", k=1)[0].path == "grid.png"
+    finally:
+        engine.close()

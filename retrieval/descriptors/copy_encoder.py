@@ -13,9 +13,10 @@ region, its last, and is marked ``page``; its local features are that picture's 
 thumbnail beside the page's (a query that is a page is searched and verified as its picture; the page's template
 is shared by unrelated screenshots). An elongated image (a collage of pictures side by side:
 ``regions.database_strip_boxes``) has its strips, encoded in the same forward pass, as its regions instead of its
-conv map's (a squashed map, where no region holds one of its pictures). Any other image with a picture pasted on it
-(``regions.inset_box``) gets that picture's descriptor as one more region, its last, as a page does, but keeps its
-own local features (the pasted picture's keypoints are among them): searched for by its original, the inset is found.
+conv map's (a squashed map, where no region holds one of its pictures). Any other image made of pictures in a grid
+or one above the other (``regions.grid_boxes``) gets each picture's descriptor as one more region; failing that, an
+image with a picture pasted on it (``regions.inset_box``) gets that picture's, as a page does. Both keep their own
+local features (the pictures' keypoints are among them): searched for by its original, the cell or inset is found.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ..vectors import l2_normalize
 from . import pooling
 from .extractor import DEFAULT_BATCH_SIZE, EncodedItem, Extractor
 from .local_features import DATABASE_KEYPOINTS, DATABASE_SIDE, LocalFeatures, extract_local_features
-from .regions import content_boxes, database_strip_boxes, inset_box, region_vectors
+from .regions import content_boxes, database_strip_boxes, grid_boxes, inset_box, region_vectors, straight_edges
 
 SHARED_MAP_POOLINGS = ("max", "avg", "sum", "gem", "rmac", "crow")
 
@@ -45,9 +46,9 @@ class CopyItem(EncodedItem):
     page: bool = False  # a page around a picture (``regions.content_boxes``): its last region is that picture
 
 
-# what an image's crops (encoded beside it) are to its regions: a page's picture or a pasted picture, appended; or
-# an elongated picture's strips, instead of its conv map's regions
-PAGE, INSET, STRIPS = "page", "inset", "strips"
+# what an image's crops (encoded beside it) are to its regions: a page's picture, the cells of a grid or a pasted
+# picture, appended; or an elongated picture's strips, instead of its conv map's regions
+PAGE, GRID, INSET, STRIPS = "page", "grid", "inset", "strips"
 
 
 class CopyEncoder:
@@ -105,7 +106,10 @@ class CopyEncoder:
                 inside, crops, kind = pixels[top:bottom, left:right], [picture.crop(boxes[0])], PAGE
             elif self.regions:
                 crops, kind = [picture.crop(box) for box in database_strip_boxes(*picture.size)], STRIPS
-                if not crops and (inset := inset_box(pixels)) is not None:
+                edges = None if crops else straight_edges(pixels)  # both look for straight lines in the same edges
+                if edges is not None:
+                    crops, kind = [picture.crop(box) for box in grid_boxes(pixels, edges)], GRID
+                if edges is not None and not crops and (inset := inset_box(pixels, edges)) is not None:
                     crops, kind = [picture.crop(inset)], INSET
             local = extract_local_features(pixels, DATABASE_SIDE, DATABASE_KEYPOINTS, picture=inside) if self.local else None
             return array, dimensions, local, [resize_for_backbone(crop, size, rule) for crop in crops], kind
@@ -129,7 +133,7 @@ class CopyEncoder:
             next_crop = len(good)  # the crops' vectors follow the images', in the same order
             for row, i in enumerate(good):
                 _, dimensions, local, crops, kind = results[i][0]
-                if crops:  # a page (an inset) adds its picture's to its regions; an elongated picture's are its strips
+                if crops:  # a page, a grid or an inset adds its pictures' to its regions; a strip's are its strips
                     mine = vectors[next_crop : next_crop + len(crops)].astype(regions[row].dtype)
                     next_crop += len(crops)
                     regions[row] = mine if kind == STRIPS else np.concatenate([regions[row], mine])

@@ -22,11 +22,16 @@ Two kinds, one per side (the search is asymmetric, ``retrieval.search.regions``)
   its short side (``strip_boxes``), one of which holds each of its pictures.
 * **insets** (``inset_box``): a picture pasted on another, with no page around it, found by its straight edges; a
   query is searched as it (the whole query one more view), a database image stores its descriptor as a region.
+* **grid cells** (``grid_boxes``): the pictures of a picture made of several in a grid or one above the other, cut
+  along the gaps between them (straight edges across the whole picture beside a line of one colour); a database
+  image stores each one's descriptor as a region (a query's windows already hold them).
 
 Both are L2-normalised like every descriptor; whitening, when the database has one, applies to them too.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,6 +40,7 @@ from . import pooling
 
 DATABASE_REGION_LEVELS = (2,)
 MAX_DATABASE_REGIONS = 8
+MAX_STORED_REGIONS = 2 * MAX_DATABASE_REGIONS  # per database image: its conv map's and its pictures' (grid cells)
 MAX_QUERY_STRIPS = 24  # strip windows of an elongated query at most (a collage of 12 pictures: half a window apart)
 
 # query windows as (x0, y0, width, height), fractions of the picture's width and height: a 2 x 2 grid of windows
@@ -293,9 +299,14 @@ INSET_SUPPORT = 0.9  # share of each side's length that lies on an edge (within 
 INSET_TOLERANCE = 3  # px: parallel sides whose ends are this close pair up; a side this close to the border is on it
 INSET_MAX_EDGES = 0.35  # a picture with edges at more than this share of its pixels has none to trust (insets: <= 0.25)
 INSET_MIN_PIXELS = 32  # the picture's shorter side at the detector's scale: a thinner strip has no inset
+GRID_LINE_SUPPORT = 0.95  # share of a line's samples on an edge for it to cut a picture into cells (``grid_boxes``)
+GRID_GAP_FLATNESS = 2.0  # grey levels: the spread (std) along a gap between pictures; a horizon's, a joint's: 5-67
+GRID_GAP_REACH = 2  # px at the detector's scale: how near the cut's edges the gap's flat line lies
+GRID_MAX_EDGES = 0.5  # a grid of small busy pictures has more edges than an inset's picture: noise has more still
+GRID_MAX_CELLS = 9  # a 3 x 3 grid; with more, a picture is no grid of pictures to store
 
 
-def inset_box(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
+def inset_box(pixels: np.ndarray, edges: StraightEdges | None = None) -> tuple[int, int, int, int] | None:
     """The largest picture pasted on another in an RGB uint8 (H, W, 3) picture, as a PIL crop box (left, top, right,
     bottom), or None: a rectangle whose sides (three at least: one may lie on the picture's border) run along straight
     edges for ``INSET_SUPPORT`` of their length, each side ``INSET_MIN_SIDE`` of the picture's or longer, covering
@@ -315,27 +326,16 @@ def inset_box(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
     lost on the copy-detection protocol at 6 %). On bench/unseen_edits.py's 120 insets it finds 110; it also finds
     the picture inside a thick border (113 of 120), the drawing laid over a photo (83 of 120) and a rectangle in 30 of
     560 references and distractors (a poster, a window, a screen: such a query is searched as that rectangle too,
-    the whole query one more view: ``RetrievalEngine.query_features``).
+    the whole query one more view: ``RetrievalEngine.query_features``). ``edges``: ``straight_edges(pixels)``, when
+    known.
     """
     import cv2
 
-    pixels = np.asarray(pixels)
-    height, width = pixels.shape[:2]
-    if min(height, width) < PAGE_MIN_SIDE:
+    edges = straight_edges(pixels) if edges is None else edges
+    if edges is None or edges.density > INSET_MAX_EDGES:
         return None
-    scale = min(1.0, CONTENT_SIDE / max(height, width))  # never enlarged: an enlarged picture's pixels are blocks
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    small = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
-    rows, cols = small.shape[:2]
-    if min(rows, cols) < INSET_MIN_PIXELS:  # a strip (20,000 x 100 px: 256 x 1 here)
-        return None
-    smooth = cv2.GaussianBlur(small, (5, 5), INSET_BLUR)
-    across_rows = np.zeros((rows, cols), bool)  # an edge between the rows above and below
-    across_rows[1:-1] = _steps(smooth[2:], smooth[:-2]) > INSET_EDGE_LEVEL
-    across_cols = np.zeros((rows, cols), bool)
-    across_cols[:, 1:-1] = _steps(smooth[:, 2:], smooth[:, :-2]) > INSET_EDGE_LEVEL
-    if (across_rows.mean() + across_cols.mean()) / 2 > INSET_MAX_EDGES:  # noise, a texture: no edge stands out
-        return None
+    small, scale, across_rows, across_cols = edges.small, edges.scale, edges.across_rows, edges.across_cols
+    (width, height), (rows, cols) = edges.size, small.shape[:2]
     horizontal = _edge_runs(across_rows, round(INSET_MIN_SIDE * cols))
     vertical = _edge_runs(across_cols.T, round(INSET_MIN_SIDE * rows))
     near, far, first, last = _spans(vertical)  # left and right sides: the rows both span are top to bottom
@@ -367,6 +367,93 @@ def inset_box(pixels: np.ndarray) -> tuple[int, int, int, int] | None:
             return (round(left[k] / scale), round(top[k] / scale), min(width, round(right[k] / scale)),
                     min(height, round(bottom[k] / scale)))
     return None
+
+
+def grid_boxes(pixels: np.ndarray, edges: StraightEdges | None = None) -> list[tuple[int, int, int, int]]:
+    """The cells of an RGB uint8 (H, W, 3) picture made of pictures side by side or one above the other (a 2 x 2
+    grid, two pictures stacked), as PIL crop boxes (left, top, right, bottom) in reading order, those with visible
+    structure (``window_detail``); [] for a picture that is one picture. Cells are what the gaps between pictures cut
+    it into: full-length straight edges (along ``GRID_LINE_SUPPORT`` of the picture's width or height, with the
+    ``inset_box`` detector's edges) beside a line of one colour (``GRID_GAP_FLATNESS``) that runs the whole picture,
+    each cell at least ``INSET_MIN_SIDE`` of the picture's side, at most ``GRID_MAX_CELLS`` of them. A straight line
+    of a picture's own (a horizon, a shoreline, a brick wall's joint: edges along the whole picture without a gap)
+    does not cut it: its halves, stored as regions, met other pictures' (a blurred micrograph's striped copy found
+    the brick wall first). Not cut either: pictures that touch with no gap between them, and a picture with edges
+    almost everywhere (``GRID_MAX_EDGES``). Cut: a padded picture's flat bars (the picture is then a cell).
+    ``edges``: ``straight_edges(pixels)``, when known."""
+    import cv2
+
+    edges = straight_edges(pixels) if edges is None else edges
+    if edges is None or edges.density > GRID_MAX_EDGES:
+        return []
+    grey = cv2.cvtColor(edges.small, cv2.COLOR_RGB2GRAY)
+    row_spans, col_spans = _cells(edges.across_rows, grey), _cells(edges.across_cols.T, grey.T)
+    if not 2 <= len(row_spans) * len(col_spans) <= GRID_MAX_CELLS:
+        return []
+    (width, height), scale = edges.size, edges.scale
+    return [(round(left / scale), round(top / scale), min(width, round(right / scale)),
+             min(height, round(bottom / scale)))
+            for top, bottom in row_spans for left, right in col_spans
+            if window_detail(grey, (left + 2, top + 2, right - 1, bottom - 1)) >= WINDOW_MIN_DETAIL]
+
+
+def _cells(edges: np.ndarray, grey: np.ndarray) -> list[tuple[int, int]]:
+    """The spans (first, last + 1) of lines of a bool (L, N) between gaps: full-length edges (``GRID_LINE_SUPPORT``
+    of a line's samples; neighbours within ``INSET_TOLERANCE`` are one cut, the border's too) with a flat line of the
+    uint8 grey (L, N) within ``GRID_GAP_REACH``; each span at least ``INSET_MIN_SIDE`` of L; one span when nothing
+    cuts it."""
+    length = edges.shape[0]
+    full = np.flatnonzero(edges.mean(axis=1) >= GRID_LINE_SUPPORT)
+    full = full[(full > INSET_TOLERANCE) & (full < length - 1 - INSET_TOLERANCE)]
+    spread = grey.std(axis=1)
+    bounds = [0]
+    for cut in np.split(full, np.flatnonzero(np.diff(full) > INSET_TOLERANCE) + 1) if len(full) else []:
+        if spread[max(0, cut[0] - GRID_GAP_REACH) : cut[-1] + 1 + GRID_GAP_REACH].min() > GRID_GAP_FLATNESS:
+            continue  # a straight line of the picture's own, no gap
+        bounds += [int(cut[0]), int(cut[-1]) + 1]
+    bounds.append(length)
+    spans = zip(bounds[0::2], bounds[1::2])
+    return [(first, last) for first, last in spans if last - first >= INSET_MIN_SIDE * length]
+
+
+@dataclass(frozen=True)
+class StraightEdges:
+    """Where ``inset_box`` and ``grid_boxes`` look for straight lines: the picture (``size`` (width, height)) at
+    ``CONTENT_SIDE`` px on its longest side, never enlarged (``small`` uint8 (h, w, 3), ``scale`` small / picture),
+    its edges (bool (h, w)) between the rows above and below a sample (``across_rows``) and between the columns left
+    and right (``across_cols``), and the share of samples on an edge (``density``: noise and textures are all edges,
+    where straight runs are chance)."""
+
+    small: np.ndarray
+    scale: float
+    size: tuple[int, int]
+    across_rows: np.ndarray
+    across_cols: np.ndarray
+    density: float
+
+
+def straight_edges(pixels: np.ndarray) -> StraightEdges | None:
+    """An RGB uint8 (H, W, 3) picture's ``StraightEdges``; None for a picture under ``PAGE_MIN_SIDE`` and a strip
+    (fewer than ``INSET_MIN_PIXELS`` px across at that scale)."""
+    import cv2
+
+    pixels = np.asarray(pixels)
+    height, width = pixels.shape[:2]
+    if min(height, width) < PAGE_MIN_SIDE:
+        return None
+    scale = min(1.0, CONTENT_SIDE / max(height, width))  # never enlarged: an enlarged picture's pixels are blocks
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+    rows, cols = small.shape[:2]
+    if min(rows, cols) < INSET_MIN_PIXELS:  # a strip (20,000 x 100 px: 256 x 1 here)
+        return None
+    smooth = cv2.GaussianBlur(small, (5, 5), INSET_BLUR)
+    across_rows = np.zeros((rows, cols), bool)
+    across_rows[1:-1] = _steps(smooth[2:], smooth[:-2]) > INSET_EDGE_LEVEL
+    across_cols = np.zeros((rows, cols), bool)
+    across_cols[:, 1:-1] = _steps(smooth[:, 2:], smooth[:, :-2]) > INSET_EDGE_LEVEL
+    density = float(across_rows.mean() + across_cols.mean()) / 2
+    return StraightEdges(small, scale, (width, height), across_rows, across_cols, density)
 
 
 def _steps(a: np.ndarray, b: np.ndarray) -> np.ndarray:

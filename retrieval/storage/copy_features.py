@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from ..descriptors.local_features import DATABASE_KEYPOINTS, DATABASE_SIDE, DESCRIPTOR_BYTES, KEYPOINT_FIELDS, LocalFeatures
-from ..descriptors.regions import MAX_DATABASE_REGIONS
+from ..descriptors.regions import MAX_STORED_REGIONS
 from ..descriptors.thumbnails import THUMBNAIL_SIDE
 from ..errors import IndexFileError
 
@@ -172,7 +172,7 @@ def write_copy_features(h5, features: CopyFeatures | None, count: int) -> None:
         page = features.region_page if features.region_page is not None else np.zeros(count, bool)
         for name, data in (("vectors", features.region_vectors), ("image", features.region_image), ("page", page.astype(np.uint8))):
             group.create_dataset(name, data=data, chunks=True if len(data) else None, fletcher32=bool(len(data)))
-        group.attrs["max_per_image"] = MAX_DATABASE_REGIONS
+        group.attrs["max_per_image"] = MAX_STORED_REGIONS
     if features.has_local:
         group = h5.create_group("local")
         for name, data in (
@@ -214,7 +214,7 @@ def read_copy_features(h5, path: Path, count: int, dim: int) -> CopyFeatures | N
             raise IndexFileError(f"{path}: regions have shape {vectors.shape} {vectors.dtype}, expected float16 (M, {dim})")
         if not np.isfinite(vectors).all():
             raise IndexFileError(f"{path}: the index file is corrupt (region vectors hold NaN or infinite values); rebuild it with index.py --rebuild", kind="corrupt")
-        image = _image_column(group["image"][...], count, path, "regions", MAX_DATABASE_REGIONS)
+        image = _image_column(group["image"][...], count, path, "regions", MAX_STORED_REGIONS)
         if len(image) != len(vectors):
             raise IndexFileError(f"{path}: {len(vectors)} region vectors but {len(image)} region image ids")
         page = np.asarray(group["page"][...]) if "page" in group else np.zeros(count, np.uint8)
