@@ -467,6 +467,32 @@ def test_page_flags_round_trip_and_older_files_have_none(tmp_path):
         read_database(path)
 
 
+def test_an_image_may_store_up_to_max_stored_regions_and_more_is_a_corrupt_file(tmp_path):
+    """A 3 x 3 grid stores its map's regions and its 9 cells (more than ``MAX_DATABASE_REGIONS``); more than
+    ``MAX_STORED_REGIONS`` for one image is no file the index writes."""
+    from dataclasses import replace
+
+    import h5py
+
+    from retrieval.errors import IndexFileError
+    from retrieval.storage.copy_features import CopyFeatures
+    from retrieval.storage.database import read_database, write_database
+
+    path = tmp_path / "db.h5"
+    database = page_database([False, False, False])
+    dim = database.vectors.shape[1]
+    many = np.tile(np.eye(dim, dtype=np.float32), (2, 1))[: regions.MAX_STORED_REGIONS]
+    copies = CopyFeatures.assemble([many, many[:1], np.zeros((0, dim), np.float32)], None, dim)
+    write_database(path, replace(database, copies=copies))
+    assert len(read_database(path).copies.regions_of(0)) == regions.MAX_STORED_REGIONS > regions.MAX_DATABASE_REGIONS
+    with h5py.File(path, "r+") as h5:
+        image = h5["regions/image"][...]
+        image[regions.MAX_STORED_REGIONS] = 0  # the second image's region given to the first: one too many
+        h5["regions/image"][...] = image
+    with pytest.raises(IndexFileError, match=f"more than {regions.MAX_STORED_REGIONS} regions"):
+        read_database(path)
+
+
 def test_a_stored_page_is_searched_as_the_picture_inside_it():
     from retrieval.search.copies import stored_query
 
