@@ -79,6 +79,21 @@ def test_an_elongated_picture_stores_its_strips_as_its_regions(tmp_path, effnet_
         assert best_strip > 0.8 and best_strip > float((map_regions @ original.vector).max()) + 0.05
 
 
+def encoded_with_original(tmp_path, extractor, composite, name: str = "chelsea"):
+    """A composite picture (saved as a PNG) and photo ``name`` encoded by one CopyEncoder: (the composite's item, the
+    photo's item, the regions of the composite's own conv map, the composite as indexing decodes it)."""
+    from test_verification import photo
+
+    path, original = tmp_path / "composite.png", tmp_path / f"{name}.png"
+    composite.save(path)
+    photo(name, 340).save(original)
+    (items,) = list(CopyEncoder(extractor).encode_files([path, original]))
+    encoder = extractor.encoder
+    array = load_sized_for_backbone(path, encoder.input_size, encoder.resize_rule)[0]
+    own = region_vectors(extractor.feature_maps(array[None]))[0]
+    return items[0], items[1], own, open_image(path, draft_size=512)
+
+
 def test_a_picture_pasted_on_another_is_one_more_region_and_keeps_the_whole_keypoints(tmp_path, effnet_extractor):
     """A photo pasted on a drawn picture: its descriptor is appended to the image's own regions (searched for by its
     original, the pasted photo meets it: here its region's cosine with the original is far above any other region's),
@@ -86,25 +101,16 @@ def test_a_picture_pasted_on_another_is_one_more_region_and_keeps_the_whole_keyp
     from retrieval.descriptors.local_features import extract_local_features
     from retrieval.descriptors.regions import inset_box
     from test_regions import pasted
-    from test_verification import photo
 
-    composite, _ = pasted("chelsea", (200, 150))
-    path, original = tmp_path / "composite.png", tmp_path / "chelsea.png"
-    composite.save(path)
-    photo("chelsea", 340).save(original)
-    (items,) = list(CopyEncoder(effnet_extractor).encode_files([path, original]))
+    stored, original, own, picture = encoded_with_original(tmp_path, effnet_extractor, pasted("chelsea", (200, 150))[0])
     encoder = effnet_extractor.encoder
-    array = load_sized_for_backbone(path, encoder.input_size, encoder.resize_rule)[0]
-    own = region_vectors(effnet_extractor.feature_maps(array[None]))[0]
-    picture = open_image(path, draft_size=512)
     box = inset_box(np.asarray(picture))
     crop = resize_for_backbone(picture.crop(box), encoder.input_size, encoder.resize_rule)
     inside = effnet_extractor.encode_arrays([crop])[0]
-    stored = items[0]
     assert not stored.page and len(stored.regions) == len(own) + 1
     np.testing.assert_allclose(stored.regions[: len(own)], own, atol=2e-3)
     np.testing.assert_allclose(stored.regions[-1], inside, atol=2e-3)
-    cosines = stored.regions @ items[1].vector
+    cosines = stored.regions @ original.vector
     assert cosines[-1] > 0.8 and cosines[-1] > cosines[:-1].max() + 0.2
     whole = extract_local_features(np.asarray(picture))
     np.testing.assert_array_equal(stored.local.descriptors, whole.descriptors)
@@ -117,25 +123,17 @@ def test_the_pictures_of_a_grid_are_more_regions_and_keep_the_whole_keypoints(tm
     from retrieval.descriptors.local_features import extract_local_features
     from retrieval.descriptors.regions import grid_boxes
     from test_regions import grid_of
-    from test_verification import photo
 
-    composite, boxes = grid_of((None, None, "chelsea", None), 2)
-    path, original = tmp_path / "grid.png", tmp_path / "chelsea.png"
-    composite.save(path)
-    photo("chelsea", 340).save(original)
-    (items,) = list(CopyEncoder(effnet_extractor).encode_files([path, original]))
+    composite, _ = grid_of((None, None, "chelsea", None), 2)
+    stored, original, own, picture = encoded_with_original(tmp_path, effnet_extractor, composite)
     encoder = effnet_extractor.encoder
-    array = load_sized_for_backbone(path, encoder.input_size, encoder.resize_rule)[0]
-    own = region_vectors(effnet_extractor.feature_maps(array[None]))[0]
-    picture = open_image(path, draft_size=512)
     cells = grid_boxes(np.asarray(picture))
     assert len(cells) == 4
     crops = [resize_for_backbone(picture.crop(cell), encoder.input_size, encoder.resize_rule) for cell in cells]
-    stored = items[0]
     assert not stored.page and len(stored.regions) == len(own) + 4
     np.testing.assert_allclose(stored.regions[: len(own)], own, atol=2e-3)
     np.testing.assert_allclose(stored.regions[len(own) :], effnet_extractor.encode_arrays(crops), atol=2e-3)
-    cosines = stored.regions @ items[1].vector
+    cosines = stored.regions @ original.vector
     photo_cell = len(own) + 2
     assert cosines[photo_cell] > 0.8 and cosines[photo_cell] > np.delete(cosines, photo_cell).max() + 0.2
     np.testing.assert_array_equal(stored.local.descriptors, extract_local_features(np.asarray(picture)).descriptors)
