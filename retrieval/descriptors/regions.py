@@ -329,8 +329,6 @@ def inset_box(pixels: np.ndarray, edges: StraightEdges | None = None) -> tuple[i
     the whole query one more view: ``RetrievalEngine.query_features``). ``edges``: ``straight_edges(pixels)``, when
     known.
     """
-    import cv2
-
     edges = straight_edges(pixels) if edges is None else edges
     if edges is None or edges.density > INSET_MAX_EDGES:
         return None
@@ -361,9 +359,8 @@ def inset_box(pixels: np.ndarray, edges: StraightEdges | None = None) -> tuple[i
         np.where(right < cols - 1, _share(on_cols, right, top, bottom), np.inf),
     ])
     edged = (np.isfinite(sides).sum(axis=0) >= 3) & (sides.min(axis=0) >= INSET_SUPPORT)
-    grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     for k in np.flatnonzero(edged)[np.argsort(-area[edged], kind="stable")]:
-        if window_detail(grey, (left[k] + 2, top[k] + 2, right[k] - 1, bottom[k] - 1)) >= WINDOW_MIN_DETAIL:
+        if window_detail(edges.grey, (left[k] + 2, top[k] + 2, right[k] - 1, bottom[k] - 1)) >= WINDOW_MIN_DETAIL:
             return (round(left[k] / scale), round(top[k] / scale), min(width, round(right[k] / scale)),
                     min(height, round(bottom[k] / scale)))
     return None
@@ -381,12 +378,10 @@ def grid_boxes(pixels: np.ndarray, edges: StraightEdges | None = None) -> list[t
     the brick wall first). Not cut either: pictures that touch with no gap between them, and a picture with edges
     almost everywhere (``GRID_MAX_EDGES``). Cut: a padded picture's flat bars (the picture is then a cell).
     ``edges``: ``straight_edges(pixels)``, when known."""
-    import cv2
-
     edges = straight_edges(pixels) if edges is None else edges
     if edges is None or edges.density > GRID_MAX_EDGES:
         return []
-    grey = cv2.cvtColor(edges.small, cv2.COLOR_RGB2GRAY)
+    grey = edges.grey
     row_spans, col_spans = _cells(edges.across_rows, grey), _cells(edges.across_cols.T, grey.T)
     if not 2 <= len(row_spans) * len(col_spans) <= GRID_MAX_CELLS:
         return []
@@ -419,12 +414,13 @@ def _cells(edges: np.ndarray, grey: np.ndarray) -> list[tuple[int, int]]:
 @dataclass(frozen=True)
 class StraightEdges:
     """Where ``inset_box`` and ``grid_boxes`` look for straight lines: the picture (``size`` (width, height)) at
-    ``CONTENT_SIDE`` px on its longest side, never enlarged (``small`` uint8 (h, w, 3), ``scale`` small / picture),
-    its edges (bool (h, w)) between the rows above and below a sample (``across_rows``) and between the columns left
+    ``CONTENT_SIDE`` px on its longest side, never enlarged (``small`` uint8 (h, w, 3), ``grey`` uint8 (h, w) of it,
+    ``scale`` small / picture), its edges (bool (h, w)) between the rows above and below a sample (``across_rows``) and between the columns left
     and right (``across_cols``), and the share of samples on an edge (``density``: noise and textures are all edges,
     where straight runs are chance)."""
 
     small: np.ndarray
+    grey: np.ndarray
     scale: float
     size: tuple[int, int]
     across_rows: np.ndarray
@@ -453,7 +449,8 @@ def straight_edges(pixels: np.ndarray) -> StraightEdges | None:
     across_cols = np.zeros((rows, cols), bool)
     across_cols[:, 1:-1] = _steps(smooth[:, 2:], smooth[:, :-2]) > INSET_EDGE_LEVEL
     density = float(across_rows.mean() + across_cols.mean()) / 2
-    return StraightEdges(small, scale, (width, height), across_rows, across_cols, density)
+    grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+    return StraightEdges(small, grey, scale, (width, height), across_rows, across_cols, density)
 
 
 def _steps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
