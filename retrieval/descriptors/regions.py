@@ -415,9 +415,9 @@ def _cells(edges: np.ndarray, grey: np.ndarray) -> list[tuple[int, int]]:
 class StraightEdges:
     """Where ``inset_box`` and ``grid_boxes`` look for straight lines: the picture (``size`` (width, height)) at
     ``CONTENT_SIDE`` px on its longest side, never enlarged (``small`` uint8 (h, w, 3), ``grey`` uint8 (h, w) of it,
-    ``scale`` small / picture), its edges (bool (h, w)) between the rows above and below a sample (``across_rows``) and between the columns left
-    and right (``across_cols``), and the share of samples on an edge (``density``: noise and textures are all edges,
-    where straight runs are chance)."""
+    ``scale`` small / picture), its edges (bool (h, w)) between the rows above and below a sample (``across_rows``)
+    and between the columns left and right (``across_cols``), and the share of samples on an edge (``density``:
+    noise and textures are all edges, where straight runs are chance)."""
 
     small: np.ndarray
     grey: np.ndarray
