@@ -34,7 +34,9 @@ import json
 import shutil
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -74,7 +76,21 @@ def chain(original: Image.Image, rng: np.random.Generator) -> tuple[Image.Image,
     return image, edits
 
 
-def write_queries(references: Path, out: Path, seed: int, per_group: int = PER_GROUP) -> dict[str, list[str]]:
+@dataclass(frozen=True)
+class Chains:
+    """How a bench's queries are made: ``make(original, rng)`` -> (the edited image, its edits' names), with ``rng``
+    from ``numpy.random.default_rng([seed, stream, group, query])``; their files go under ``<work>/<name>-<seed>``."""
+
+    name: str
+    stream: int
+    make: Callable[[Image.Image, np.random.Generator], tuple[Image.Image, list[str]]]
+
+
+CHAINED = Chains("chained", STREAM, chain)
+
+
+def write_queries(references: Path, out: Path, seed: int, per_group: int = PER_GROUP,
+                  chains: Chains = CHAINED) -> dict[str, list[str]]:
     """``out/<group>/qN.jpg`` for every group original under ``references``: {"<group>/qN.jpg": edits}."""
     made = {}
     groups = sorted(p for p in references.iterdir() if p.is_dir() and not p.name.startswith("_"))
@@ -82,7 +98,7 @@ def write_queries(references: Path, out: Path, seed: int, per_group: int = PER_G
         original = Image.open(group / "original.jpg").convert("RGB")
         (out / group.name).mkdir(parents=True, exist_ok=True)
         for n in range(per_group):
-            image, edits = chain(original, np.random.default_rng([seed, STREAM, g, n]))
+            image, edits = chains.make(original, np.random.default_rng([seed, chains.stream, g, n]))
             image.save(out / group.name / f"q{n}.jpg", quality=QUERY_JPEG_QUALITY)
             made[f"{group.name}/q{n}.jpg"] = edits
     return made
@@ -124,22 +140,24 @@ def with_absent_originals(references: Path, queries: Path, out: Path) -> tuple[P
     return out / "references", out / "queries", len(absent)
 
 
-def run_seed(seed: int, work: Path, per_group: int) -> dict:
+def run_seed(seed: int, work: Path, per_group: int, chains: Chains = CHAINED) -> dict:
+    """The set of ``seed`` built anew, its queries made by ``chains``, both protocols scored per preset."""
     copies = unseen_edits.fresh_set(work, seed)
-    queries = work / f"chained-{seed}"
+    queries = work / f"{chains.name}-{seed}"
     if queries.exists():
         shutil.rmtree(queries)
-    chains = write_queries(copies / "references", queries, seed, per_group)
-    result = {"queries": len(chains), "chains": chains}
+    made = write_queries(copies / "references", queries, seed, per_group, chains)
+    result = {"queries": len(made), "chains": made}
     for preset, (metrics, report) in unseen_edits.scored_per_preset(copies, queries, work, seed).items():
         result[preset] = {"mAP": metrics["mAP"], "P@1": metrics["P@1"], "µAP": metrics["µAP"],
-                          "per_edit": per_edit(report, chains)}
-    references, mixed, absent = with_absent_originals(copies / "references", queries, work / f"unmatched-{seed}")
+                          "per_edit": per_edit(report, made)}
+    unmatched = f"{chains.name}-unmatched-{seed}"
+    references, mixed, absent = with_absent_originals(copies / "references", queries, work / unmatched)
     result["absent_groups"] = absent
     for preset, flags in PRESETS.items():
-        index = work / f"unmatched-{seed}-{preset}.h5"
+        index = work / f"{unmatched}-{preset}.h5"
         indexed(references, index, flags)
-        report = work / f"unmatched-{seed}-{preset}.json"
+        report = work / f"{unmatched}-{preset}.json"
         script("evaluate.py", "--index", index, "--ground-truth", "folders", "--queries", mixed, "--json", report)
         scored = json.loads(report.read_text())
         tops = [q["top_score"] for q in scored["unmatched_queries"]]
@@ -148,16 +166,21 @@ def run_seed(seed: int, work: Path, per_group: int) -> dict:
     return result
 
 
-def markdown(results: dict[int, dict]) -> str:
+TITLE = "Chained edits (DISC21-style queries, held out)"
+INTRO = "Each group original of the copy-detection set edited 2-3 times in a row"
+
+
+def markdown(results: dict[int, dict], title: str = TITLE, intro: str = INTRO) -> str:
+    """The results of every seed as tables: the metrics per seed and preset, then the mean AP per edit."""
     cpu = machine()
     seeds = sorted(results)
     head = "| " + " | ".join(f"seed {s}: classic | seed {s}: copy-detection" for s in seeds) + " |"
     rule = "|---|" + "---|---|" * len(seeds)
     lines = [
-        "# Chained edits (DISC21-style queries, held out)",
+        f"# {title}",
         "",
-        f"Machine: {cpu['cpu']}, {cpu['cores']} cores. Each group original of the copy-detection set edited 2-3 times "
-        "in a row, searched against the references (originals + distractors) through evaluate.py.",
+        f"Machine: {cpu['cpu']}, {cpu['cores']} cores. {intro}, searched against the references (originals + "
+        "distractors) through evaluate.py.",
         "",
         "| metric " + head,
         rule,

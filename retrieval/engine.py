@@ -27,18 +27,38 @@ from .search.pipeline import QueryPipeline, searched_matrix
 from .storage.database import FeatureDatabase, read_database, with_legacy_weights
 
 
-def without_stripes(image: Image.Image) -> Image.Image | None:
-    """An RGB picture with opaque stripes over it filled in (``descriptors.occlusion``), at most as large as a query's
-    SIFT reads (twice ``QUERY_SIDE``); None when it has none."""
+def _at_sift_size(image: Image.Image) -> np.ndarray:
+    """An RGB picture's pixels at most as large as a query's SIFT reads (twice ``QUERY_SIDE``)."""
     from .descriptors.local_features import QUERY_SIDE
-    from .descriptors.occlusion import stripe_mask, unveiled
 
     if max(image.size) > 2 * QUERY_SIDE:
         image = image.copy()
         image.thumbnail((2 * QUERY_SIDE, 2 * QUERY_SIDE))
-    pixels = np.asarray(image)
+    return np.asarray(image)
+
+
+def _scaled(box: tuple[int, int, int, int], scale: float) -> tuple[int, int, int, int]:
+    """A crop box (left, top, right, bottom) of a picture resized by 1 / ``scale``, in the full picture's pixels."""
+    return box if scale == 1 else tuple(int(round(value * scale)) for value in box)
+
+
+def without_stripes(image: Image.Image) -> Image.Image | None:
+    """An RGB picture with opaque stripes over it filled in (``descriptors.occlusion``), at most as large as a query's
+    SIFT reads; None when it has none."""
+    from .descriptors.occlusion import stripe_mask, unveiled
+
+    pixels = _at_sift_size(image)
     stripes = stripe_mask(pixels)
     return None if stripes is None else Image.fromarray(unveiled(pixels, stripes))
+
+
+def without_impulses(image: Image.Image) -> Image.Image | None:
+    """An RGB picture with impulse noise over it filtered out (``descriptors.impulses``), at most as large as a
+    query's SIFT reads; None when it has none."""
+    from .descriptors.impulses import despeckled
+
+    filtered = despeckled(_at_sift_size(image))
+    return None if filtered is None else Image.fromarray(filtered)
 
 
 @dataclass(frozen=True)
@@ -183,7 +203,9 @@ class RetrievalEngine:
         (``without_stripes``) is searched as it is and with the stripes filled in (one more window), and verified with
         the filled picture's local features. A query with a picture pasted on it (``regions.inset_box``) and no page
         around it is searched as that picture, with the whole query one more view, calibrated like the windows and
-        cut into them as a plain query is; its local features are the whole query's."""
+        cut into them as a plain query is; its local features are the whole query's. A query with impulse noise
+        (``without_impulses``) is looked at filtered for its page and inset, and, when it has no stripes, its
+        (filtered) picture is searched too (one more whole view) and verified with, beside the picture itself."""
         from .descriptors.local_features import query_local_features
         from .descriptors.regions import (
             PAGE_WEIGHT, WINDOW_WEIGHT, content_boxes, detailed_windows, inset_box, window_boxes, window_input_side,
@@ -194,16 +216,21 @@ class RetrievalEngine:
         crops, weights, whole_views = [image], [], 0
         window_rows = range(0)  # the crops that are windows: they go through the model smaller
         seen = image  # the picture the local features are taken from
+        despeckled = None  # the picture filtered of impulse noise: more local features to verify with
         if self.pipeline.copies is not None and self.pipeline.copies.has_regions:
-            pixels = np.asarray(image)
+            # impulse noise hides a page's flat background and a pasted picture's edges: look at the filtered query
+            filtered = without_impulses(image)
+            pixels = np.asarray(image if filtered is None else filtered)
+            scale = image.width / pixels.shape[1]  # the filtered query is at most as large as SIFT reads
             contents = content_boxes(pixels)
             if contents:  # a picture inside a page (a screenshot): its content stands for the query, the page counts less
                 page = image
-                image = page.crop(contents[0])
-                crops = [image, page, *(page.crop(box) for box in contents[1:])]
+                image = page.crop(_scaled(contents[0], scale))
+                crops = [image, page, *(page.crop(_scaled(box, scale)) for box in contents[1:])]
                 weights = [PAGE_WEIGHT] + [1.0] * (len(contents) - 1)
+                filtered = None if filtered is None else filtered.crop(contents[0])
             elif (inset := inset_box(pixels)) is not None:  # the pasted picture may be the copy
-                crops, weights = [image.crop(inset), image], [1.0]
+                crops, weights = [image.crop(_scaled(inset, scale)), image], [1.0]
             windows = detailed_windows(np.asarray(image), window_boxes(*image.size))
             window_rows = range(len(crops), len(crops) + len(windows))
             crops += [image.crop(box) for box in windows]
@@ -219,14 +246,22 @@ class RetrievalEngine:
                     weights.append(1.0)
                     whole_views = 1  # a view of the whole query, not a part: its cosines stand as they are
                     break
+            else:
+                despeckled = filtered
+                if despeckled is not None:
+                    crops.append(despeckled)
+                    weights.append(1.0)
+                    whole_views = 1
         input_size = self._extractor().encoder.input_size
         window_side = window_input_side(input_size)
         sides = [window_side if i in window_rows else input_size for i in range(len(crops))]
         if for_verification and self.pipeline.can_verify:  # SIFT on a second thread beside the model (both free the GIL)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-features") as pool:
                 pending = pool.submit(query_local_features, np.asarray(seen))
+                cleaned = None if despeckled is None else pool.submit(query_local_features, np.asarray(despeckled))
                 vectors = self.encode_images(crops, sides)
-                local = QueryLocalFeatures(*pending.result())
+                restored = () if cleaned is None else (cleaned.result()[0],)
+                local = QueryLocalFeatures(*pending.result(), restored)
         else:
             vectors, local = self.encode_images(crops, sides), None
         if len(crops) == 1:

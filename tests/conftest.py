@@ -60,6 +60,36 @@ def effnet_extractor():
     return Extractor(new_encoder_config(weights, "max", "float32"), weights)
 
 
+DEMO_NAMES = sorted(path.parent.name for path in DEMO_DATABASE.glob("*/original.jpg"))
+
+
+def demo_photo(name: str, side: int = 512):
+    """The demo group ``name``'s original as an RGB PIL image, its longest side at most ``side`` px."""
+    from PIL import Image
+
+    image = Image.open(DEMO_DATABASE / name / "original.jpg").convert("RGB")
+    image.thumbnail((side, side))
+    return image
+
+
+@pytest.fixture(scope="session")
+def demo_photos_copy_index(tmp_path_factory) -> Path:
+    """An index of the 12 demo originals (``demo_photo``, ``<name>/photo.png``) with the copy-detection features
+    (regions, local features, verification on), the model in float32 whatever ``auto`` would choose on this CPU."""
+    from retrieval.indexing import build_index
+
+    folder = tmp_path_factory.mktemp("demo-photos")
+    for name in DEMO_NAMES:
+        (folder / name).mkdir(parents=True)
+        demo_photo(name).save(folder / name / "photo.png")
+    index = folder.parent / f"{folder.name}.h5"
+    build_index(
+        folder, index, backbone="efficientnet-lite0", regions=True, local_features=True, verify=True, progress=False,
+        precision="float32",
+    )
+    return index
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     """A small image folder: six demo photos (two groups), one in a sub-folder with a non-ASCII name and a space."""

@@ -13,15 +13,7 @@ from bench import chained_edits, unseen_edits
 from retrieval.descriptors import occlusion
 from retrieval.descriptors.occlusion import stripe_mask, unveiled
 
-from conftest import DEMO_DATABASE
-
-NAMES = sorted(path.parent.name for path in DEMO_DATABASE.glob("*/original.jpg"))
-
-
-def photo(name: str, side: int = 512) -> Image.Image:
-    image = Image.open(DEMO_DATABASE / name / "original.jpg").convert("RGB")
-    image.thumbnail((side, side))
-    return image
+from conftest import DEMO_NAMES as NAMES, demo_photo as photo
 
 
 def stripes_of(image: Image.Image, seed: int) -> np.ndarray:
@@ -80,7 +72,7 @@ def test_the_fill_comes_from_the_picture_around_the_stripes():
     assert np.array_equal(unveiled(striped, np.ones(mask.shape, np.uint8)), striped)  # nothing left to fill from
 
 
-def test_a_striped_copy_of_a_blurred_photo_is_found_and_verified(tmp_path, monkeypatch):
+def test_a_striped_copy_of_a_blurred_photo_is_found_and_verified(demo_photos_copy_index, monkeypatch):
     """Blur, then opaque stripes, then JPEG: the stripes' sharp edges took the query's keypoints and its descriptor.
     With the stripes filled in every photo's copy finds it first and half are verified; as they were, 3 of 12 were
     found elsewhere and 1 verified. A large query and a screenshot of one (stripes across its picture) too.
@@ -88,23 +80,13 @@ def test_a_striped_copy_of_a_blurred_photo_is_found_and_verified(tmp_path, monke
     The model runs in float32 here, whatever ``auto`` would choose on this CPU: the blurred cell micrograph's copy
     (no keypoints left) is first by a cosine of 0.366 against 0.360, and in bfloat16 second (0.364 against 0.371)."""
     from retrieval.engine import RetrievalEngine
-    from retrieval.indexing import build_index
 
-    folder = tmp_path / "photos"
-    for name in NAMES:
-        (folder / name).mkdir(parents=True)
-        photo(name).save(folder / name / "photo.png")
-    index = tmp_path / "photos.h5"
-    build_index(
-        folder, index, backbone="efficientnet-lite0", regions=True, local_features=True, verify=True, progress=False,
-        precision="float32",
-    )
     queries = []
     for n, name in enumerate(NAMES):
         query = io.BytesIO()
         unseen_edits.striped(photo(name).filter(ImageFilter.GaussianBlur(2.5)), np.random.default_rng(n)).save(query, "JPEG", quality=85)
         queries.append(query.getvalue())
-    engine = RetrievalEngine.open(index)
+    engine = RetrievalEngine.open(demo_photos_copy_index)
 
     def results():
         tops = [engine.search_image(query, k=1)[0] for query in queries]

@@ -47,9 +47,13 @@ def _small(pixels: np.ndarray) -> np.ndarray:
     return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
 
 
-def _largest_channel(values: np.ndarray) -> np.ndarray:
-    """(H, W, 3) -> (H, W) the largest of the three (``max(axis=2)`` reduces a 3-long axis slowly)."""
-    return np.maximum(np.maximum(values[..., 0], values[..., 1]), values[..., 2])
+def largest_channel(values: np.ndarray) -> np.ndarray:
+    """uint8 or float32 (H, W, 3) -> (H, W) the largest of the three channels (numpy's reductions over a last axis of 3
+    are slow)."""
+    import cv2
+
+    first, second, third = cv2.split(np.ascontiguousarray(values))
+    return cv2.max(cv2.max(first, second), third)
 
 
 def _band_widths(mask: np.ndarray, normal: np.ndarray) -> list[float]:
@@ -92,14 +96,14 @@ def stripe_mask(pixels: np.ndarray) -> np.ndarray | None:
     small = _small(pixels)
     values = small.astype(np.float32)
     mean = cv2.blur(values, (5, 5))
-    spread = np.sqrt(np.maximum(_largest_channel(cv2.blur(values * values, (5, 5)) - mean * mean), 0.0))
+    spread = np.sqrt(np.maximum(largest_channel(cv2.blur(values * values, (5, 5)) - mean * mean), 0.0))
     flat = spread < FLAT_SPREAD
     if flat.mean() < MIN_COVER * 0.8:
         return None
     quantized = (small[flat] // 16).astype(np.int64)
     codes = (quantized[:, 0] << 8) | (quantized[:, 1] << 4) | quantized[:, 2]
     colour = np.median(small[flat][codes == np.bincount(codes).argmax()].astype(np.float32), axis=0)
-    mask = ((_largest_channel(np.abs(values - colour)) < COLOUR_TOLERANCE) & (spread < 2 * FLAT_SPREAD)).astype(np.uint8)
+    mask = ((largest_channel(np.abs(values - colour)) < COLOUR_TOLERANCE) & (spread < 2 * FLAT_SPREAD)).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
     if not MIN_COVER <= mask.mean() <= MAX_COVER:
         return None

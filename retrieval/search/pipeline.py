@@ -165,7 +165,8 @@ class QueryPipeline:
             fused = fuse(self.matrix.shape[0], lists)
             if verify and query.local is not None:
                 words = self.words
-                also = () if words is None else words.top(query.local.direct.descriptors)
+                sides = (query.local.direct, *query.local.restored)
+                also = () if words is None else np.concatenate([words.top(side.descriptors) for side in sides])
                 also_mirrored = () if words is None else words.top(query.local.mirrored.descriptors)
                 order, scores, inliers = verified_ranking(
                     fused, query.local, self.copies, verify_top, rows_of[i], also, also_mirrored

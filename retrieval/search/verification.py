@@ -130,10 +130,12 @@ BLOCK_KEYPOINTS = 4_096  # candidate keypoints matched per matrix product: 8 MB 
 
 @dataclass(frozen=True)
 class QueryLocalFeatures:
-    """A query's local features and its mirror image's (``retrieval.descriptors.local_features.query_local_features``)."""
+    """A query's local features and its mirror image's (``retrieval.descriptors.local_features.query_local_features``),
+    and those of ``restored`` views of it (its picture filtered of impulse noise), verified like ``direct``."""
 
     direct: LocalFeatures
     mirrored: LocalFeatures
+    restored: tuple[LocalFeatures, ...] = ()
 
     def __len__(self) -> int:
         return len(self.direct)
@@ -542,14 +544,15 @@ def surrounds(points: np.ndarray, inliers: np.ndarray, others: Sequence[np.ndarr
 def verify(
     query: QueryLocalFeatures, candidates: Sequence[LocalFeatures], mirror: Sequence[bool] | None = None
 ) -> Verification:
-    """Verify every candidate against the query, and those ``mirror`` marks (default: the first ``MIRROR_TOP``)
-    against its mirror image too (see the module docstring)."""
+    """Verify every candidate against the query (and its ``restored`` views), and those ``mirror`` marks (default:
+    the first ``MIRROR_TOP``) against its mirror image too (see the module docstring); each candidate keeps the
+    strongest."""
     count = len(candidates)
     inliers = np.zeros(count, np.int64)
     strength = np.zeros(count, np.float64)
     mirrored = np.zeros(count, bool)
     checked_mirror = np.arange(count) < MIRROR_TOP if mirror is None else np.asarray(mirror, bool).reshape(count)
-    for is_mirror, side in ((False, query.direct), (True, query.mirrored)):
+    for is_mirror, side in ((False, query.direct), (True, query.mirrored), *((False, view) for view in query.restored)):
         rows = np.flatnonzero(checked_mirror) if is_mirror else np.arange(count)
         found = [Candidate(NO_MATCH, NO_MATCH)] * count
         for row, candidate in zip(rows, _matches(side, [candidates[i] for i in rows])):
