@@ -37,6 +37,11 @@ def _at_sift_size(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
 
 
+# the picture turned a quarter, a half and three quarters: the CNN's descriptor is not invariant to rotation, and a
+# rotated copy of a smooth picture has no keypoints to verify
+QUARTER_TURNS = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
+
+
 def _scaled(box: tuple[int, int, int, int], scale: float) -> tuple[int, int, int, int]:
     """A crop box (left, top, right, bottom) of a picture resized by 1 / ``scale``, in the full picture's pixels."""
     return box if scale == 1 else tuple(int(round(value * scale)) for value in box)
@@ -203,9 +208,11 @@ class RetrievalEngine:
         (``without_stripes``) is searched as it is and with the stripes filled in (one more window), and verified with
         the filled picture's local features. A query with a picture pasted on it (``regions.inset_box``) and no page
         around it is searched as that picture, with the whole query one more view, calibrated like the windows and
-        cut into them as a plain query is; its local features are the whole query's. A query with impulse noise
-        (``without_impulses``) is looked at filtered for its page and inset, and, when it has no stripes, its
-        (filtered) picture is searched too (one more whole view) and verified with, beside the picture itself."""
+        cut into them as a plain query is; its local features are the whole query's. The query (its picture) turned
+        by quarter turns (``QUARTER_TURNS``) is three more views, calibrated and weighted like the windows (SIFT is
+        invariant to rotation, the CNN is not). A query with impulse noise (``without_impulses``) is looked at
+        filtered for its page and inset, and, when it has no stripes, its (filtered) picture is searched too (one
+        more whole view) and verified with, beside the picture itself."""
         from .descriptors.local_features import query_local_features
         from .descriptors.regions import (
             PAGE_WEIGHT, WINDOW_WEIGHT, content_boxes, detailed_windows, inset_box, window_boxes, window_input_side,
@@ -235,6 +242,8 @@ class RetrievalEngine:
             window_rows = range(len(crops), len(crops) + len(windows))
             crops += [image.crop(box) for box in windows]
             weights += [1.0 if contents else WINDOW_WEIGHT] * len(windows)  # a page's picture is all evidence
+            crops += [image.transpose(turn) for turn in QUARTER_TURNS]  # a copy on its side or upside down
+            weights += [WINDOW_WEIGHT] * len(QUARTER_TURNS)
             seen = image
             # stripes across the whole query (a collage is taken for a page too), else across its picture: searched
             # and verified as it looks with them filled in

@@ -148,9 +148,10 @@ def regions_index(tmp_path, names=("coffee", "chelsea"), width: int = 320):
 
 
 def test_query_windows_go_through_the_model_smaller_than_whole_pictures(tmp_path):
-    """A plain query's windows are encoded at ``window_input_side`` (192 px for a 224 px model), the query itself at
-    the model's input size: the same vectors as encoding the crops at those sizes by hand, not those at 224."""
-    from retrieval.engine import RetrievalEngine
+    """A plain query's windows are encoded at ``window_input_side`` (192 px for a 224 px model), the query itself and
+    its quarter turns at the model's input size: the same vectors as encoding the crops at those sizes by hand, not
+    those at 224. The turns count like windows."""
+    from retrieval.engine import QUARTER_TURNS, RetrievalEngine
     from test_verification import photo
 
     assert regions.window_input_side(224) == 192 and regions.window_input_side(448) == 384
@@ -160,11 +161,14 @@ def test_query_windows_go_through_the_model_smaller_than_whole_pictures(tmp_path
         features = engine.query_features(query)
         boxes = regions.detailed_windows(np.asarray(query), regions.window_boxes(*query.size))
         crops = [query.crop(box) for box in boxes]
-        assert len(boxes) == len(features.windows) > 0 and regions.content_boxes(np.asarray(query)) == []
+        turned = [query.transpose(turn) for turn in QUARTER_TURNS]
+        assert len(boxes) + 3 == len(features.windows) > 3 and regions.content_boxes(np.asarray(query)) == []
         np.testing.assert_allclose(features.vector, engine.encode_images([query])[0], atol=1e-5)
         by_hand = engine.encode_images(crops, [192] * len(crops))
-        np.testing.assert_allclose(features.windows, by_hand, atol=1e-5)
-        assert np.abs(features.windows - engine.encode_images(crops)).max() > 1e-2
+        np.testing.assert_allclose(features.windows[: len(boxes)], by_hand, atol=1e-5)
+        assert np.abs(features.windows[: len(boxes)] - engine.encode_images(crops)).max() > 1e-2
+        np.testing.assert_allclose(features.windows[len(boxes) :], engine.encode_images(turned), atol=1e-5)
+        assert (features.window_weights == regions.WINDOW_WEIGHT).all() and features.window_parts.all()
         with pytest.raises(ValueError, match="input sizes"):  # one size per image, or none
             engine.encode_images(crops, [192])
     finally:
@@ -612,6 +616,26 @@ def test_noise_flat_drawn_rectangles_and_tiny_pictures_have_no_inset():
     assert regions.inset_box(np.asarray(pasted("chelsea", (200, 150), width=300)[0])) is not None  # 12 %
 
 
+def test_a_turned_copy_meets_its_original_through_a_quarter_turn(tmp_path):
+    """The CNN's descriptor is not invariant to rotation: a photo turned a quarter, a half or three quarters is far
+    from its original as it is (cosine 0.45-0.84), and the view that turns it back is the original's vector."""
+    from retrieval.engine import QUARTER_TURNS, RetrievalEngine
+    from test_verification import photo
+
+    assert len(QUARTER_TURNS) == 3
+    engine = RetrievalEngine.open(regions_index(tmp_path))
+    try:
+        for name in ("coffee", "chelsea", "rocket", "astronaut"):
+            original = photo(name, 320)
+            vector = engine.encode_images([original])[0]
+            for turn in QUARTER_TURNS:
+                features = engine.query_features(original.transpose(turn))
+                assert features.vector @ vector < 0.9, (name, turn)
+                assert (features.windows[-len(QUARTER_TURNS) :] @ vector).max() > 0.99, (name, turn)
+    finally:
+        engine.close()
+
+
 def test_a_query_with_a_pasted_picture_is_searched_as_that_picture(tmp_path):
     """The pasted photo is the query's own descriptor; the whole query is one more view (weight 1, calibrated like the
     windows, at the full input side), and the windows are the whole query's, as for a plain query."""
@@ -626,7 +650,7 @@ def test_a_query_with_a_pasted_picture_is_searched_as_that_picture(tmp_path):
         np.testing.assert_allclose(features.vector, engine.encode_images([query.crop(inset)])[0], atol=1e-5)
         np.testing.assert_allclose(features.windows[0], engine.encode_images([query])[0], atol=1e-5)
         windows = regions.detailed_windows(np.asarray(query), regions.window_boxes(*query.size))
-        assert len(features.windows) == 1 + len(windows)
+        assert len(features.windows) == 1 + len(windows) + 3  # the whole query, its windows and its quarter turns
         assert features.window_weights[0] == 1.0 and features.window_parts.all()
         query.save(tmp_path / "query.png")
         assert engine.search_image(tmp_path / "query.png", k=1)[0].path == "chelsea.jpg"
