@@ -26,6 +26,19 @@ OpenCV described every keypoint it returned, 4x cost 11 % more indexing time on 
 scores on the copy-detection set (mAP 0.985, all-vs-all 0.892 / P@1 0.935); with 1x (SIFT's strongest 256, no
 choice) all-vs-all fell to 0.887 / 0.921. Only the kept keypoints are described.
 
+A database image keeps keypoints at every scale: at least ``COARSE_KEYPOINTS`` (64) of SIFT's coarse octaves
+(``COARSE_OCTAVE`` and up: the picture at half its size and smaller, keypoints of ~7 px and more at
+``DATABASE_SIDE``), where it has them, the strongest of them spread over the grid as above; then the rest as above.
+The strongest keypoints of a picture are mostly fine ones (of the 85,300 stored for the 560 references of the
+copy-detection set's seed 1 before, 61 % were under 4 px and 8.5 % 11 px or more; a wallpaper of long strings kept 5
+of its 256 at 11 px or more), and a copy shown at a sixth of the size can only show keypoints of six times the
+finest size (11 px): such a copy of a photo found nothing to match. The coarse ones come from a second detection over
+those octaves only (a sixteenth of the pixels; 5 % of a database picture's SIFT time). Measured on 12 photos of the
+demo database, each searched at 64 px wide against their 512 px originals: 5 verified before, 10 with 64 coarse
+keypoints (at 96 px: 9 and 11); on the chained edits of ``bench/`` (seed 0) mAP 0.898 -> 0.905, on AugLy's (seed 1,
+copies scaled to 15-35 % among them) 0.891 -> 0.900. With 128 of the 256 coarse, copies matched by their fine
+keypoints were lost (see the README).
+
 A database image stores ``DATABASE_KEYPOINTS`` (256) of them: 256 x (128 + 8) bytes = 34.8 KB per image. A query is
 not stored and keeps up to ``QUERY_KEYPOINTS`` (512) at a larger ``QUERY_SIDE`` (640), so the photo inside a
 screenshot still gets keypoints of its own. An elongated query (several pictures side by side: at least
@@ -80,6 +93,8 @@ QUERY_KEYPOINTS = 512
 GRID = 4  # keypoints are chosen round-robin over GRID x GRID cells, strongest first in each
 QUERY_DETECT_FACTOR = 4  # a query asks SIFT for this many times the kept count, before the spread-out choice
 DATABASE_DETECT_FACTOR = 2  # and a database image (see the module docstring)
+COARSE_OCTAVE = 2  # SIFT's octave of the picture at half its size (0: upsampled 2x): keypoints of ~7 px and more
+COARSE_KEYPOINTS = 64  # a database image keeps at least this many of that octave and coarser, where it has them
 CONTRAST_THRESHOLD = 0.01  # SIFT's DoG contrast floor: a quarter of OpenCV's 0.04, so smooth wallpapers get keypoints
 PRETHRESHOLD = 0.5 * CONTRAST_THRESHOLD / 3 * 255  # grey levels of DoG an extremum needs to be refined (see the docstring)
 MIN_SIDE = 16  # a picture narrower than this has no keypoints
@@ -166,9 +181,21 @@ def keep_freed_memory() -> bool:
     return bool(set_option(m_mmap_threshold, MMAP_THRESHOLD_BYTES)) and bool(set_option(m_trim_threshold, KEEP_FREED_BYTES))
 
 
-def _detect_described(grey: np.ndarray, max_keypoints: int, detect_factor: int) -> LocalFeatures:
-    """The ``detect_factor`` x ``max_keypoints`` strongest SIFT keypoints (``sift.detect``: OpenCV's), of which
-    ``spread_choice`` keeps ``max_keypoints``; only those are described."""
+def scale_balanced_choice(points: np.ndarray, responses: np.ndarray, coarse: np.ndarray, size: tuple[int, int],
+                          count: int, coarse_count: int) -> np.ndarray:
+    """Indices of ``count`` keypoints: ``spread_choice`` of up to ``coarse_count`` of those ``coarse`` (bool (n,))
+    marks, then of the others. ``points`` (n, 2) x, y; ``responses`` (n,)."""
+    first = np.flatnonzero(coarse)
+    first = first[spread_choice(points[first], responses[first], size, coarse_count)[:coarse_count]]
+    rest = np.setdiff1d(np.arange(len(points)), first)
+    rest = rest[spread_choice(points[rest], responses[rest], size, count - len(first))[: count - len(first)]]
+    return np.concatenate([first, rest])
+
+
+def _detect_described(grey: np.ndarray, max_keypoints: int, detect_factor: int, coarse: int = 0) -> LocalFeatures:
+    """The ``detect_factor`` x ``max_keypoints`` strongest SIFT keypoints (``sift.detect``: OpenCV's), and the
+    ``coarse`` strongest of the octaves from ``COARSE_OCTAVE`` on, of which ``scale_balanced_choice`` keeps
+    ``max_keypoints``, ``coarse`` of them coarse where it can; only those are described."""
     from . import sift
 
     keep_freed_memory()
@@ -177,9 +204,12 @@ def _detect_described(grey: np.ndarray, max_keypoints: int, detect_factor: int) 
         return LocalFeatures.empty(size)
     space = sift.scale_space(grey)
     found = sift.detect(space, max_keypoints * detect_factor, CONTRAST_THRESHOLD, prethreshold=PRETHRESHOLD)
+    if coarse:
+        found = found.union(sift.detect(space, coarse, CONTRAST_THRESHOLD, prethreshold=PRETHRESHOLD, first_octave=COARSE_OCTAVE))
     if not len(found):
         return LocalFeatures.empty(size)
-    kept = found.take(spread_choice(found.table[:, :2], found.response, size, max_keypoints))
+    chosen = scale_balanced_choice(found.table[:, :2], found.response, found.octave >= COARSE_OCTAVE, size, max_keypoints, coarse)
+    kept = found.take(chosen)
     quantized = np.clip(np.rint(root_sift(sift.describe(space, kept)) * 255.0), 0, 255).astype(np.uint8)
     return LocalFeatures(kept.table.astype(np.float16), quantized, size)
 
@@ -212,7 +242,7 @@ def extract_local_features(
     keypoints are the picture's when there is one, as a query that is a page is verified with its picture's: the
     frame of a screenshot template is shared by unrelated screenshots, so its keypoints are no evidence of a copy."""
     grey, _ = _grey(image if picture is None else picture, max_side)
-    features = _detect_described(grey, max_keypoints, DATABASE_DETECT_FACTOR)
+    features = _detect_described(grey, max_keypoints, DATABASE_DETECT_FACTOR, COARSE_KEYPOINTS)
     pictures = (image,) if picture is None else (image, picture)
     return replace(features, thumbnails=tuple(colour_thumbnail(p) for p in pictures))
 

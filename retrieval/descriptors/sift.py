@@ -80,6 +80,14 @@ class Keypoints:
     def take(self, rows: np.ndarray) -> "Keypoints":
         return Keypoints(self.table[rows], self.response[rows], self.octave[rows], self.layer[rows])
 
+    def union(self, other: "Keypoints") -> "Keypoints":
+        """These keypoints, then those of ``other`` that are not among them (the same octave, layer, position, size
+        and angle: ``detect`` computes a keypoint alike in every call on one scale space)."""
+        both = Keypoints(np.concatenate([self.table, other.table]), np.concatenate([self.response, other.response]),
+                         np.concatenate([self.octave, other.octave]), np.concatenate([self.layer, other.layer]))
+        identity = np.column_stack([both.table.view(np.int32), both.octave, both.layer])
+        return both.take(np.sort(np.unique(identity, axis=0, return_index=True)[1]))
+
     @classmethod
     def empty(cls) -> "Keypoints":
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, np.int32))
@@ -625,15 +633,19 @@ def _descriptors(gaussians, xs, ys, layers, scales, angles):
     return out
 
 
-def detect(space: ScaleSpace, max_keypoints: int, contrast: float, prethreshold: float | None = OPENCV_PRETHRESHOLD) -> Keypoints:
+def detect(space: ScaleSpace, max_keypoints: int, contrast: float, prethreshold: float | None = OPENCV_PRETHRESHOLD,
+           first_octave: int = 0) -> Keypoints:
     """OpenCV's ``detectAndCompute`` keypoints with ``nfeatures = max_keypoints``, strongest first: the refined DoG
     extrema (contrast floor ``contrast``), one per refined position, ranked by response; only the strongest are
     oriented (each dominant angle a keypoint), and all keypoints at least as strong as the ``max_keypoints``-th are
     kept (``retainBest``: ties at the boundary stay). ``prethreshold``: the |DoG| (grey levels) an extremum must
-    exceed to be refined; None for OpenCV's (see the module docstring)."""
+    exceed to be refined; None for OpenCV's (see the module docstring). ``first_octave``: the octaves before it are
+    not searched (the strongest coarse keypoints: 1 is the picture's own resolution, each next one half the last)."""
     threshold = float(math.floor(0.5 * contrast / LAYERS * 255.0)) if prethreshold is None else float(prethreshold)
     per_octave = []
     for octave, gaussians in enumerate(space.gaussians):
+        if octave < first_octave:
+            continue
         rows = _refined(gaussians, _candidates(gaussians, np.float32(threshold)), np.float32(contrast), np.float32(EDGE_THRESHOLD))
         if len(rows):
             per_octave.append(np.column_stack([rows, np.full(len(rows), octave, np.float32)]))
