@@ -119,6 +119,7 @@ def test_scale_balanced_choice_takes_the_coarse_quota_first_then_the_strongest_o
     few = scale_balanced_choice(points, responses, np.arange(60) == 59, (100, 100), 20, 4)  # fewer coarse than the quota
     assert 59 in few.tolist() and len(set(few.tolist())) == 20
     assert sorted(scale_balanced_choice(points, responses, coarse, (100, 100), 100, 4).tolist()) == list(range(60))  # all
+    assert len(scale_balanced_choice(points, responses, coarse, (100, 100), 3, 4)) == 3  # never more than asked
 
 
 @pytest.mark.parametrize("name", PHOTOS)

@@ -185,6 +185,7 @@ def scale_balanced_choice(points: np.ndarray, responses: np.ndarray, coarse: np.
                           count: int, coarse_count: int) -> np.ndarray:
     """Indices of ``count`` keypoints: ``spread_choice`` of up to ``coarse_count`` of those ``coarse`` (bool (n,))
     marks, then of the others. ``points`` (n, 2) x, y; ``responses`` (n,)."""
+    coarse_count = min(coarse_count, count)
     first = np.flatnonzero(coarse)
     first = first[spread_choice(points[first], responses[first], size, coarse_count)[:coarse_count]]
     rest = np.setdiff1d(np.arange(len(points)), first)
