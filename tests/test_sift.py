@@ -107,17 +107,20 @@ def test_describing_the_kept_keypoints_gives_their_descriptors_among_all():
     assert np.array_equal(sift.describe(space, found.take(kept)), sift.describe(space, found)[kept])
 
 
-def test_the_coarse_octaves_alone_give_the_same_keypoints_and_a_union_keeps_each_once():
+def test_the_strongest_of_some_extrema_are_theirs_among_all_and_a_union_keeps_each_once():
     space = sift.scale_space(grey_photo("astronaut"))
-    everything = sift.detect(space, 100_000, 0.01, prethreshold=local_features.PRETHRESHOLD)
-    coarse = sift.detect(space, 100_000, 0.01, prethreshold=local_features.PRETHRESHOLD, first_octave=2)
+    found = sift.extrema(space, 0.01, local_features.PRETHRESHOLD)
+    assert (np.diff(found[:, 3]) <= 0).all()  # strongest first
+    everything = sift.strongest(space, found, 100_000)
+    coarse = sift.strongest(space, found[found[:, sift.EXTREMUM_OCTAVE] >= 2], 100_000)
     assert len(coarse) and (coarse.octave >= 2).all()
     assert np.array_equal(np.sort(coarse.table.view(np.int32), axis=0),
                           np.sort(everything.table[everything.octave >= 2].view(np.int32), axis=0))
-    strongest = sift.detect(space, 200, 0.01, prethreshold=local_features.PRETHRESHOLD)
-    union = strongest.union(coarse)
-    assert np.array_equal(union.table[: len(strongest)], strongest.table)  # its own first, in order
-    assert len(union) == len(strongest) + len(coarse) - int(np.sum(strongest.octave >= 2))
+    best = sift.strongest(space, found, 200)
+    assert np.array_equal(best.table, sift.detect(space, 200, 0.01, local_features.PRETHRESHOLD).table)
+    union = best.union(coarse)
+    assert np.array_equal(union.table[: len(best)], best.table)  # its own first, in order
+    assert len(union) == len(best) + len(coarse) - int(np.sum(best.octave >= 2))
     assert len(np.unique(union.table.view(np.int32), axis=0)) == len(union)
 
 

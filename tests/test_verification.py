@@ -131,7 +131,8 @@ def test_a_database_image_keeps_coarse_keypoints(name):
     image = np.asarray(photo(name, 512))
     features = extract_local_features(image)
     space = sift.scale_space(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY))
-    available = len(sift.detect(space, 10_000, 0.01, prethreshold=0.5 * 0.01 / 3 * 255, first_octave=COARSE_OCTAVE))
+    found = sift.extrema(space, 0.01, 0.5 * 0.01 / 3 * 255)
+    available = len(sift.strongest(space, found[found[:, sift.EXTREMUM_OCTAVE] >= COARSE_OCTAVE], 10_000))
     smallest = 2 * sift.SIGMA * 2.0 ** (COARSE_OCTAVE - 1)  # picture pixels: the smallest keypoint of that octave
     kept = int(np.sum(features.keypoints[:, 2].astype(np.float32) >= 0.99 * smallest))
     assert kept >= min(COARSE_KEYPOINTS, available) > 0

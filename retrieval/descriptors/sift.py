@@ -633,29 +633,35 @@ def _descriptors(gaussians, xs, ys, layers, scales, angles):
     return out
 
 
-def detect(space: ScaleSpace, max_keypoints: int, contrast: float, prethreshold: float | None = OPENCV_PRETHRESHOLD,
-           first_octave: int = 0) -> Keypoints:
-    """OpenCV's ``detectAndCompute`` keypoints with ``nfeatures = max_keypoints``, strongest first: the refined DoG
-    extrema (contrast floor ``contrast``), one per refined position, ranked by response; only the strongest are
-    oriented (each dominant angle a keypoint), and all keypoints at least as strong as the ``max_keypoints``-th are
-    kept (``retainBest``: ties at the boundary stay). ``prethreshold``: the |DoG| (grey levels) an extremum must
-    exceed to be refined; None for OpenCV's (see the module docstring). ``first_octave``: the octaves before it are
-    not searched (the strongest coarse keypoints: 1 is the picture's own resolution, each next one half the last)."""
+EXTREMUM_OCTAVE = 7  # the octave's column in ``extrema``'s table
+
+
+def extrema(space: ScaleSpace, contrast: float, prethreshold: float | None = OPENCV_PRETHRESHOLD) -> np.ndarray:
+    """The refined DoG extrema of ``space`` (contrast floor ``contrast``), one per refined position, strongest first
+    (ties by position): float32 (n, 8) x, y, xi, response, layer, row, column (octave pixels) and octave
+    (``EXTREMUM_OCTAVE``). ``prethreshold``: the |DoG| (grey levels) an extremum must exceed to be refined; None for
+    OpenCV's (see the module docstring)."""
     threshold = float(math.floor(0.5 * contrast / LAYERS * 255.0)) if prethreshold is None else float(prethreshold)
     per_octave = []
     for octave, gaussians in enumerate(space.gaussians):
-        if octave < first_octave:
-            continue
         rows = _refined(gaussians, _candidates(gaussians, np.float32(threshold)), np.float32(contrast), np.float32(EDGE_THRESHOLD))
         if len(rows):
             per_octave.append(np.column_stack([rows, np.full(len(rows), octave, np.float32)]))
     if not per_octave:
-        return Keypoints.empty()
-    found = np.concatenate(per_octave)  # columns: x, y, xi, response, layer, row, column, octave
+        return np.zeros((0, EXTREMUM_OCTAVE + 1), np.float32)
+    found = np.concatenate(per_octave)
     # one per refined position (two extrema may converge on the same sample), strongest first; ties by position
     position = (found[:, 7].astype(np.int64) << 56) | (found[:, 4].astype(np.int64) << 48) | (found[:, 5].astype(np.int64) << 24) | found[:, 6].astype(np.int64)
     found = found[np.sort(np.unique(position, return_index=True)[1])]
-    found = found[np.lexsort((found[:, 1], found[:, 0], found[:, 7], -found[:, 3]))]
+    return found[np.lexsort((found[:, 1], found[:, 0], found[:, 7], -found[:, 3]))]
+
+
+def strongest(space: ScaleSpace, found: np.ndarray, max_keypoints: int) -> Keypoints:
+    """OpenCV's ``retainBest`` of ``found`` (rows of ``extrema``, strongest first): only the strongest are oriented
+    (each dominant angle a keypoint), and all keypoints at least as strong as the ``max_keypoints``-th are kept
+    (ties at the boundary stay), strongest first."""
+    if not len(found):
+        return Keypoints.empty()
     octaves = found[:, 7].astype(np.int32)
     layers = found[:, 4].astype(np.int32)
     steps = np.float32(2.0) ** octaves.astype(np.float32)
@@ -686,6 +692,12 @@ def detect(space: ScaleSpace, max_keypoints: int, contrast: float, prethreshold:
     table = np.column_stack([found[owner, 0] * steps[owner] * half, found[owner, 1] * steps[owner] * half,
                              scales[owner] * steps[owner], angle]).astype(np.float32)
     return Keypoints(table, found[owner, 3].copy(), octaves[owner], layers[owner])
+
+
+def detect(space: ScaleSpace, max_keypoints: int, contrast: float, prethreshold: float | None = OPENCV_PRETHRESHOLD) -> Keypoints:
+    """OpenCV's ``detectAndCompute`` keypoints with ``nfeatures = max_keypoints``, strongest first: the ``strongest``
+    of the ``extrema`` (see there)."""
+    return strongest(space, extrema(space, contrast, prethreshold), max_keypoints)
 
 
 def describe(space: ScaleSpace, keypoints: Keypoints) -> np.ndarray:
