@@ -31,13 +31,12 @@ A database image keeps keypoints at every scale: at least ``COARSE_KEYPOINTS`` (
 ``DATABASE_SIDE``), where it has them, the strongest of them spread over the grid as above; then the rest as above.
 The strongest keypoints of a picture are mostly fine ones (of the 85,300 stored for the 560 references of the
 copy-detection set's seed 1 before, 61 % were under 4 px and 8.5 % 11 px or more; a wallpaper of long strings kept 5
-of its 256 at 11 px or more), and a copy shown at a sixth of the size can only show keypoints of six times the
-finest size (11 px): such a copy of a photo found nothing to match. The coarse ones are the strongest of those octaves'
-extrema, oriented apart (the extrema are found once). Measured on 12 photos of the
-demo database, each searched at 64 px wide against their 512 px originals: 5 verified before, 10 with 64 coarse
-keypoints (at 96 px: 9 and 11); on the chained edits of ``bench/`` (seed 0) mAP 0.898 -> 0.905, on AugLy's (seed 1,
-copies scaled to 15-35 % among them) 0.891 -> 0.900. With 128 of the 256 coarse, copies matched by their fine
-keypoints were lost (see the README).
+of its 256 at 11 px or more), and a copy shown at a sixth of the size can only show keypoints of six times the finest
+size (11 px): such a copy of a photo found nothing to match. The coarse ones are the strongest of those octaves'
+extrema, oriented apart (the extrema are found once). Measured on 12 photos of the demo database, each searched at 64
+px wide against their 512 px originals: 5 verified before, 10 with 64 coarse keypoints (at 96 px: 9 and 11); on the
+chained edits of ``bench/`` (seed 0) mAP 0.898 -> 0.905, on AugLy's (seed 1, copies scaled to 15-35 % among them)
+0.891 -> 0.900. With 128 of the 256 coarse, copies matched by their fine keypoints were lost (see the README).
 
 A database image stores ``DATABASE_KEYPOINTS`` (256) of them: 256 x (128 + 8) bytes = 34.8 KB per image. A query is
 not stored and keeps up to ``QUERY_KEYPOINTS`` (512) at a larger ``QUERY_SIDE`` (640), so the photo inside a
