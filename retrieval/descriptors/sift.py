@@ -82,7 +82,7 @@ class Keypoints:
 
     def union(self, other: "Keypoints") -> "Keypoints":
         """These keypoints, then those of ``other`` that are not among them (the same octave, layer, position, size
-        and angle: ``detect`` computes a keypoint alike in every call on one scale space)."""
+        and angle: ``strongest`` computes a keypoint alike from any rows of one ``extrema`` table that hold it)."""
         both = Keypoints(np.concatenate([self.table, other.table]), np.concatenate([self.response, other.response]),
                          np.concatenate([self.octave, other.octave]), np.concatenate([self.layer, other.layer]))
         identity = np.column_stack([both.table.view(np.int32), both.octave, both.layer])
