@@ -56,6 +56,15 @@ def without_stripes(pixels: np.ndarray) -> Image.Image | None:
     return None if stripes is None else Image.fromarray(unveiled(pixels, stripes))
 
 
+def without_translucent_stripes(pixels: np.ndarray) -> Image.Image | None:
+    """An RGB picture's pixels (``_at_sift_size``) with stripes laid over it at any opacity taken off
+    (``descriptors.translucent_stripes``); None when it has none."""
+    from .descriptors.translucent_stripes import find_stripes, unblended
+
+    stripes = find_stripes(pixels)
+    return None if stripes is None else Image.fromarray(unblended(pixels, stripes))
+
+
 def without_impulses(pixels: np.ndarray) -> Image.Image | None:
     """An RGB picture's pixels (``_at_sift_size``) with impulse noise over them filtered out
     (``descriptors.impulses``); None when it has none."""
@@ -210,8 +219,9 @@ class RetrievalEngine:
         cut into them as a plain query is; its local features are the whole query's. The query (its picture) turned
         by quarter turns (``QUARTER_TURNS``) is three more views, calibrated and weighted like the windows (SIFT is
         invariant to rotation, the CNN is not). A query with impulse noise (``without_impulses``) is looked at
-        filtered for its page and inset, and, when it has no stripes, its (filtered) picture is searched too (one
-        more whole view) and verified with, beside the picture itself."""
+        filtered for its page and inset, and, when it has no opaque stripes, its (filtered) picture is searched too
+        (one more whole view) and verified with, beside the picture itself; so is the query (or its picture) with
+        stripes at any opacity taken off (``without_translucent_stripes``)."""
         from .descriptors.local_features import query_local_features
         from .descriptors.regions import (
             PAGE_WEIGHT, WINDOW_WEIGHT, content_boxes, detailed_windows, inset_box, window_boxes, window_input_side,
@@ -222,7 +232,7 @@ class RetrievalEngine:
         crops, weights, whole_views = [image], [], 0
         window_rows = range(0)  # the crops that are windows: they go through the model smaller
         seen = image  # the picture the local features are taken from
-        despeckled = None  # the picture filtered of impulse noise: more local features to verify with
+        restored_views = []  # the picture filtered of impulse noise, or unstriped: more local features to verify with
         if self.pipeline.copies is not None and self.pipeline.copies.has_regions:
             # the whole query as SIFT reads it, shrunk once (a 12-megapixel upload takes ~0.1 s)
             whole, small = image, _at_sift_size(image)
@@ -248,8 +258,10 @@ class RetrievalEngine:
             seen = image
             # stripes across the whole query (a collage is taken for a page too), else across its picture: searched
             # and verified as it looks with them filled in
-            for picture in [page, image] if contents else [image]:
-                filled = without_stripes(small if picture is whole else _at_sift_size(picture))
+            pictures = [small if picture is whole else _at_sift_size(picture)
+                        for picture in ([page, image] if contents else [image])]
+            for picture in pictures:
+                filled = without_stripes(picture)
                 if filled is not None:
                     seen = filled
                     crops.append(filled)
@@ -258,20 +270,22 @@ class RetrievalEngine:
                     break
             else:
                 despeckled = filtered
-                if despeckled is not None:
-                    crops.append(despeckled)
-                    weights.append(1.0)
-                    whole_views = 1
+                # translucent stripes: the picture computed back from under them is one more view beside the query
+                # (a checkerboard is such stripes too): searched and verified with, like the despeckled picture
+                unstriped = next(filter(None, map(without_translucent_stripes, pictures)), None)
+                restored_views = [view for view in (despeckled, unstriped) if view is not None]
+                crops += restored_views
+                weights += [1.0] * len(restored_views)
+                whole_views = len(restored_views)
         input_size = self._extractor().encoder.input_size
         window_side = window_input_side(input_size)
         sides = [window_side if i in window_rows else input_size for i in range(len(crops))]
         if for_verification and self.pipeline.can_verify:  # SIFT on a second thread beside the model (both free the GIL)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-features") as pool:
                 pending = pool.submit(query_local_features, np.asarray(seen))
-                cleaned = None if despeckled is None else pool.submit(query_local_features, np.asarray(despeckled))
+                cleaned = [pool.submit(query_local_features, np.asarray(view)) for view in restored_views]
                 vectors = self.encode_images(crops, sides)
-                restored = () if cleaned is None else (cleaned.result()[0],)
-                local = QueryLocalFeatures(*pending.result(), restored)
+                local = QueryLocalFeatures(*pending.result(), tuple(view.result()[0] for view in cleaned))
         else:
             vectors, local = self.encode_images(crops, sides), None
         if len(crops) == 1:

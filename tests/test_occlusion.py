@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from bench import chained_edits, unseen_edits
-from retrieval.descriptors import occlusion
+from retrieval.descriptors import occlusion, translucent_stripes
 from retrieval.descriptors.occlusion import stripe_mask, unveiled
 
 from conftest import DEMO_NAMES as NAMES, demo_photo as photo
@@ -104,6 +104,7 @@ def test_a_striped_copy_of_a_blurred_photo_is_found_and_verified(demo_photos_cop
         shot = chained_edits.apply(Image.open(io.BytesIO(queries[0])), "screenshot", np.random.default_rng(0))
         views = len(engine.query_features(shot).windows)  # a page: the stripes are looked for across its picture too
         monkeypatch.setattr(occlusion, "stripe_mask", lambda pixels: None)
+        monkeypatch.setattr(translucent_stripes, "find_stripes", lambda pixels: None)  # it finds some opaque ones too
         assert len(engine.query_features(shot).windows) == views - 1
         found, verified = results()
         assert found <= len(NAMES) - 2 and verified <= 2

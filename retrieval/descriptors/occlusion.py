@@ -36,7 +36,8 @@ EDGE_MARGIN = 2  # px at DETECT_SIDE added around the stripes
 FILL_SIGMAS = (2.0, 4.0, 8.0, 16.0, 32.0)  # px at DETECT_SIDE: the fill's scales, finest first
 
 
-def _small(pixels: np.ndarray) -> np.ndarray:
+def at_detect_side(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, ...) shrunk (area filter) to ``DETECT_SIDE`` px on its longest side; never enlarged."""
     import cv2
 
     height, width = pixels.shape[:2]
@@ -93,7 +94,7 @@ def stripe_mask(pixels: np.ndarray) -> np.ndarray | None:
     pixels = np.asarray(pixels)
     if pixels.ndim != 3 or pixels.shape[2] != 3 or min(pixels.shape[:2]) < 16:
         return None
-    small = _small(pixels)
+    small = at_detect_side(pixels)
     values = small.astype(np.float32)
     mean = cv2.blur(values, (5, 5))
     spread = np.sqrt(np.maximum(largest_channel(cv2.blur(values * values, (5, 5)) - mean * mean), 0.0))
@@ -134,7 +135,7 @@ def unveiled(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
     pixels = np.asarray(pixels)
     height, width = pixels.shape[:2]
-    small, small_mask = _small(pixels).astype(np.float32), _small(mask)
+    small, small_mask = at_detect_side(pixels).astype(np.float32), at_detect_side(mask)
     keep = (small_mask == 0).astype(np.float32)
     if not keep.any():
         return pixels.copy()

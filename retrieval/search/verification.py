@@ -131,7 +131,8 @@ BLOCK_KEYPOINTS = 4_096  # candidate keypoints matched per matrix product: 8 MB 
 @dataclass(frozen=True)
 class QueryLocalFeatures:
     """A query's local features and its mirror image's (``retrieval.descriptors.local_features.query_local_features``),
-    and those of ``restored`` views of it (its picture filtered of impulse noise), verified like ``direct``."""
+    and those of ``restored`` views of it (its picture filtered of impulse noise, or with stripes taken off), verified
+    like ``direct``."""
 
     direct: LocalFeatures
     mirrored: LocalFeatures
