@@ -1,5 +1,6 @@
-"""Stripes over a query (retrieval.descriptors.occlusion): found, told apart from what only looks like them, filled
-in, and the striped copy of a blurred photo found and verified through the engine."""
+"""Stripes over a query (retrieval.descriptors.occlusion): found, told apart from what only looks like them (by this
+detector and by translucent_stripes'), filled in, and the striped copy of a blurred photo found and verified through
+the engine."""
 
 from __future__ import annotations
 
@@ -36,25 +37,34 @@ def test_stripes_are_found_where_they_are(seed):
     assert (mask & ~truth).sum() <= 0.1 * (~truth).sum()  # and a thin margin of the picture
 
 
+STRIPE_DETECTORS = {"opaque": stripe_mask, "any opacity": translucent_stripes.find_stripes}
+
+
+@pytest.mark.parametrize("detector", STRIPE_DETECTORS)
 @pytest.mark.parametrize("name", NAMES)
-def test_a_photo_without_stripes_has_none(name):
-    assert stripe_mask(np.asarray(photo(name))) is None
+def test_a_photo_without_stripes_has_none(name, detector):
+    assert STRIPE_DETECTORS[detector](np.asarray(photo(name))) is None
 
 
-@pytest.mark.parametrize("edit", ["pad_rotate", "text_jpeg", "emoji_crop"])
-def test_padding_captions_and_emoji_are_not_stripes(edit):
-    """A rotated copy's padding is wedges with the picture on one side only; a caption's band is one band."""
+@pytest.mark.parametrize("detector", STRIPE_DETECTORS)
+@pytest.mark.parametrize("edit", ["pad_rotate", "text_jpeg", "emoji_crop", "screenshot"])
+def test_padding_captions_frames_and_emoji_are_not_stripes(edit, detector):
+    """A rotated copy's padding is wedges with the picture on one side only; a caption's band is one band; a page's
+    frame is straight lines, but no periodic pattern of them."""
     for n, name in enumerate(NAMES[:6]):
         edited = chained_edits.apply(photo(name), edit, np.random.default_rng(n))
-        assert stripe_mask(np.asarray(edited.convert("RGB"))) is None, name
+        assert STRIPE_DETECTORS[detector](np.asarray(edited.convert("RGB"))) is None, name
 
 
-def test_flat_pictures_and_odd_shapes():
-    assert stripe_mask(np.full((100, 120, 3), 200, np.uint8)) is None
-    assert stripe_mask(np.zeros((8, 300, 3), np.uint8)) is None  # too thin to tell
+@pytest.mark.parametrize("detector", STRIPE_DETECTORS)
+def test_flat_pictures_and_odd_shapes(detector):
+    found = STRIPE_DETECTORS[detector]
+    assert found(np.full((100, 120, 3), 200, np.uint8)) is None
+    assert found(np.zeros((8, 300, 3), np.uint8)) is None  # too thin to tell
+    assert found(np.zeros((64, 64), np.uint8)) is None  # not RGB
     halves = np.zeros((120, 160, 3), np.uint8)
     halves[:, 80:] = 255
-    assert stripe_mask(halves) is None  # one flat area is no set of stripes
+    assert found(halves) is None  # one flat area is no set of stripes
 
 
 def test_the_fill_comes_from_the_picture_around_the_stripes():

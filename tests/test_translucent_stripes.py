@@ -1,5 +1,5 @@
 """Stripes at any opacity over a query (retrieval.descriptors.translucent_stripes): AugLy's own stripes found, their
-blend measured and taken off; pictures without them left alone; the pieces (chords, periodic fit, blend fit) on
+blend measured and taken off (pictures without them: tests/test_occlusion.py); the pieces (chords, periodic fit, blend fit) on
 known inputs; and through the engine, a striped copy searched and verified with the picture under its stripes."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from bench import chained_edits, copy_detection
+from bench import copy_detection
 from retrieval.descriptors import translucent_stripes
 from retrieval.descriptors.translucent_stripes import (
     MIN_TRANSMISSION, _blend_fit, _chords, _periodic_fit, find_stripes, unblended,
@@ -60,8 +60,8 @@ def test_augly_stripes_are_found_their_blend_measured_and_taken_off(n):
     original = np.asarray(image).astype(np.float32)
     before = np.abs(pixels[truth].astype(np.float32) - original[truth]).mean()
     assert np.abs(restored[truth] - original[truth]).mean() <= 0.3 * before
-    assert np.array_equal(restored[~mask & ~truth], pixels[~mask & ~truth].astype(np.float32)) or \
-        np.abs(restored[~mask & ~truth] - pixels[~mask & ~truth]).mean() < 1.0  # only the stripes' edges move there
+    clear = ~mask & ~truth  # off the stripes only their inpainted edges move
+    assert np.abs(restored[clear] - pixels[clear]).mean() < 1.0
 
 
 def test_nearly_opaque_stripes_are_filled_in():
@@ -75,26 +75,7 @@ def test_nearly_opaque_stripes_are_filled_in():
     assert np.abs(filled[truth] - original[truth]).mean() < 0.5 * np.abs(pixels[truth] - original[truth]).mean()
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_a_photo_without_stripes_has_none(name):
-    assert find_stripes(np.asarray(photo(name))) is None
-
-
-@pytest.mark.parametrize("edit", ["pad_rotate", "text_jpeg", "emoji_crop", "screenshot"])
-def test_frames_padding_captions_and_emoji_are_not_stripes(edit):
-    """Straight lines, but not a periodic pattern across the picture (a page's frame, a rotated copy's padding)."""
-    for n, name in enumerate(NAMES[:6]):
-        edited = chained_edits.apply(photo(name), edit, np.random.default_rng(n))
-        assert find_stripes(np.asarray(edited.convert("RGB"))) is None, name
-
-
-def test_flat_tiny_and_odd_pictures():
-    assert find_stripes(np.full((100, 120, 3), 200, np.uint8)) is None
-    assert find_stripes(np.zeros((8, 300, 3), np.uint8)) is None
-    assert find_stripes(np.zeros((64, 64), np.uint8)) is None  # not RGB
-    halves = np.zeros((120, 160, 3), np.uint8)
-    halves[:, 80:] = 255
-    assert find_stripes(halves) is None
+# photos, padding, captions, frames and odd shapes without stripes: tests/test_occlusion.py, for both detectors
 
 
 @pytest.mark.parametrize("normal", [0.0, 0.3, np.pi / 2, 2.2])
