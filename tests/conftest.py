@@ -90,6 +90,14 @@ def demo_photos_copy_index(tmp_path_factory) -> Path:
     return index
 
 
+def demo_copies_first(engine, queries: list[bytes]) -> tuple[int, int]:
+    """One query per demo photo (``DEMO_NAMES`` order) searched in ``demo_photos_copy_index``: how many find their
+    photo first, and how many of those are verified."""
+    tops = [engine.search_image(query, k=1)[0] for query in queries]
+    first = [top.path == f"{name}/photo.png" for top, name in zip(tops, DEMO_NAMES)]
+    return sum(first), sum(top.verified and hit for top, hit in zip(tops, first))
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     """A small image folder: six demo photos (two groups), one in a sub-folder with a non-ASCII name and a space."""

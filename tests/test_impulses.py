@@ -12,7 +12,7 @@ from PIL import Image
 from retrieval.descriptors import impulses
 from retrieval.descriptors.impulses import MIN_SHARE, despeckled, impulse_share
 
-from conftest import DEMO_DATABASE, DEMO_NAMES, demo_photo
+from conftest import DEMO_DATABASE, DEMO_NAMES, demo_photo, demo_copies_first
 
 
 def shuffled(image: Image.Image, share: float, rng: np.random.Generator) -> Image.Image:
@@ -82,22 +82,17 @@ def test_a_shuffled_copy_is_verified_with_the_filtered_picture(demo_photos_copy_
         queries.append(query.getvalue())
     engine = RetrievalEngine.open(demo_photos_copy_index)
 
-    def results():
-        tops = [engine.search_image(query, k=1)[0] for query in queries]
-        found = sum(top.path == f"{name}/photo.png" for top, name in zip(tops, DEMO_NAMES))
-        return found, sum(top.verified and top.path == f"{name}/photo.png" for top, name in zip(tops, DEMO_NAMES))
-
     try:
         features = engine.query_features(Image.open(io.BytesIO(queries[0])))
         assert len(features.local.restored) == 1 and len(features.local.restored[0]) > 0
         assert not features.window_parts[-1] and features.window_parts[:-1].all()  # the filtered view is a whole view
         clean = engine.query_features(demo_photo(DEMO_NAMES[0]))
         assert clean.local.restored == () and len(clean.windows) == len(features.windows) - 1
-        found, verified = results()
+        found, verified = demo_copies_first(engine, queries)
         assert found == len(DEMO_NAMES) and verified >= 11
         monkeypatch.setattr(impulses, "despeckled", lambda pixels: None)
         assert engine.query_features(Image.open(io.BytesIO(queries[0]))).local.restored == ()
-        found, verified = results()
+        found, verified = demo_copies_first(engine, queries)
         assert verified <= 9
     finally:
         engine.close()

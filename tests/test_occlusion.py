@@ -14,7 +14,7 @@ from bench import chained_edits, unseen_edits
 from retrieval.descriptors import occlusion, translucent_stripes
 from retrieval.descriptors.occlusion import stripe_mask, unveiled
 
-from conftest import DEMO_NAMES as NAMES, demo_photo as photo
+from conftest import DEMO_NAMES as NAMES, demo_photo as photo, demo_copies_first
 
 
 def stripes_of(image: Image.Image, seed: int) -> np.ndarray:
@@ -98,12 +98,8 @@ def test_a_striped_copy_of_a_blurred_photo_is_found_and_verified(demo_photos_cop
         queries.append(query.getvalue())
     engine = RetrievalEngine.open(demo_photos_copy_index)
 
-    def results():
-        tops = [engine.search_image(query, k=1)[0] for query in queries]
-        return sum(top.path == f"{name}/photo.png" for top, name in zip(tops, NAMES)), sum(top.verified for top in tops)
-
     try:
-        found, verified = results()
+        found, verified = demo_copies_first(engine, queries)
         assert found == len(NAMES) and verified >= 5
         big = io.BytesIO()  # a large query is filled in at the size its SIFT reads at most (1,280 px)
         Image.open(io.BytesIO(queries[0])).resize((2600, 2600 * 3 // 4), Image.Resampling.BICUBIC).save(big, "JPEG", quality=90)
@@ -116,7 +112,7 @@ def test_a_striped_copy_of_a_blurred_photo_is_found_and_verified(demo_photos_cop
         monkeypatch.setattr(occlusion, "stripe_mask", lambda pixels: None)
         monkeypatch.setattr(translucent_stripes, "find_stripes", lambda pixels: None)  # it finds some opaque ones too
         assert len(engine.query_features(shot).windows) == views - 1
-        found, verified = results()
+        found, verified = demo_copies_first(engine, queries)
         assert found <= len(NAMES) - 2 and verified <= 2
     finally:
         engine.close()

@@ -16,7 +16,7 @@ from retrieval.descriptors.translucent_stripes import (
     MIN_TRANSMISSION, _blend_fit, _chords, _periodic_fit, find_stripes, unblended,
 )
 
-from conftest import DEMO_NAMES as NAMES, demo_photo as photo
+from conftest import DEMO_NAMES as NAMES, demo_photo as photo, demo_copies_first
 
 # (line_width, line_angle, line_density, line_type, line_opacity, line_color) as AugLy takes them, and the demo photo
 # each is laid over (the blend is measured across the stripes' edges: on a fine texture, a brick wall or a star field,
@@ -141,17 +141,13 @@ def test_a_translucent_striped_copy_is_found_and_verified(demo_photos_copy_index
         queries.append(query.getvalue())
     engine = RetrievalEngine.open(demo_photos_copy_index)
 
-    def results():
-        tops = [engine.search_image(query, k=1)[0] for query in queries]
-        return sum(top.path == f"{name}/photo.png" for top, name in zip(tops, NAMES)), sum(top.verified for top in tops)
-
     try:
         features = engine.query_features(Image.open(io.BytesIO(queries[0])))
         assert len(features.local.restored) == 1 and not features.window_parts[-1]  # one more whole view, verified with
-        with_view = results()
+        with_view = demo_copies_first(engine, queries)
         monkeypatch.setattr(translucent_stripes, "find_stripes", lambda pixels: None)
         assert engine.query_features(Image.open(io.BytesIO(queries[0]))).local.restored == ()
-        without = results()
+        without = demo_copies_first(engine, queries)
         assert with_view[0] >= len(NAMES) - 1 and with_view[0] >= without[0] and with_view[1] >= without[1] + 2
     finally:
         engine.close()
