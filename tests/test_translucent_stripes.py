@@ -20,7 +20,7 @@ from conftest import DEMO_NAMES as NAMES, demo_photo as photo, demo_copies_first
 
 # (line_width, line_angle, line_density, line_type, line_opacity, line_color) as AugLy takes them, and the demo photo
 # each is laid over (the blend is measured across the stripes' edges: on a fine texture, a brick wall or a star field,
-# the picture 4 px apart is another, and the stripes read as opaque: see the module docstring)
+# the picture 7 px apart is another, and the stripes may read as opaque: see the module docstring)
 STRIPED_PHOTOS = ["astronaut", "camera", "rocket", "retina"]
 STRIPES = [
     (0.4, 30.0, 0.5, "solid", 0.6, (255, 255, 255)),

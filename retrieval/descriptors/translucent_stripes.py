@@ -29,12 +29,12 @@ How they are found (at ``DETECT_SIDE`` px):
 
 ``unblended`` then computes the picture under the stripes, or, where they let through less than ``MIN_TRANSMISSION``
 of it (nearly opaque: the division would magnify JPEG's errors), fills them in as ``occlusion.unveiled`` does; their
-blurred edges are inpainted. On bench/augly_edits.py's queries it finds 23 of the 43 striped ones (the others mostly
+blurred edges are inpainted. On bench/augly_edits.py's queries it finds 25 of the 43 striped ones (the others mostly
 have stripes covering a few % of the picture, or a scaling, skew or crop after them) and none of the 437 others; of
-60 pictures striped by AugLy with the bench's parameters it finds 38, the opacity to within 0.05 for 33. On a fine
-texture (a brick wall, a star field) the pixels 4 px apart across an edge differ and the stripes read as opaque
-(then filled in). It also finds checkerboards, pictures enlarged from a few dozen pixels (periodic flat squares: 14
-of the 1,120 references of the copy-detection sets) and pictures in a thick border seen in perspective (3 of the
+60 pictures striped by AugLy with the bench's parameters it finds 39, the opacity to within 0.05 for 34. On a fine
+texture (a brick wall, a star field) the pixels 7 px apart across an edge differ and the stripes read as opaque
+(then filled in). It also finds checkerboards, pictures enlarged from a few dozen pixels (periodic flat squares: 9
+of the 1,120 references of the copy-detection sets) and pictures in a thick border seen in perspective (2 of the
 chained edits' 850 queries without stripes), which is why the query is searched with the picture it gives *beside*
 the query itself (``RetrievalEngine.query_features``), never instead of it.
 """
@@ -63,6 +63,7 @@ MIN_TRANSMISSION = 0.2  # under this the picture is filled in rather than unblen
 TOP_DIRECTIONS = 3
 MAX_LINES = 12  # the strongest lines whose spacings are tried as periods
 MIN_PAIRS = 50
+RING = (3.0, 4.0)  # px at DETECT_SIDE (Euclidean): how far inside and outside the outline a pair's pixels lie
 EDGE_WIDTH = 1.5  # px at DETECT_SIDE each side of a stripe's edge that is inpainted
 
 
@@ -283,15 +284,17 @@ def _support(mask: np.ndarray, near_edges: np.ndarray) -> float:
 
 
 def _blend_fit(values: np.ndarray, mask: np.ndarray, keep: float = 0.7) -> tuple[float, np.ndarray, float] | None:
-    """(s, t, relative residual) of ``inside = s * outside + t`` over pairs of pixels 2 px inside and 2 px outside
-    the mask's outline (each inside pixel with the nearest outside one), least squares over the ``keep`` best-fitting
-    pairs (three rounds); the residual relative to the outside pixels' spread. None without enough pairs."""
+    """(s, t, relative residual) of ``inside = s * outside + t`` over pairs of pixels ``RING`` px inside and outside
+    the mask's outline (each inside pixel with the nearest outside one; beyond the edge's blur, in any direction),
+    least squares over the ``keep`` best-fitting pairs (three rounds); the residual relative to the outside pixels'
+    spread. None without ``MIN_PAIRS`` pairs."""
     import cv2
 
     mask = mask.astype(np.uint8)
-    square = np.ones((3, 3), np.uint8)
-    inner = cv2.erode(mask, square, iterations=2) & (1 - cv2.erode(mask, square, iterations=3))
-    outer = cv2.dilate(mask, square, iterations=3) & (1 - cv2.dilate(mask, square, iterations=2))
+    inside_depth = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
+    outside_depth = cv2.distanceTransform(1 - mask, cv2.DIST_L2, 5)
+    inner = ((inside_depth > RING[0]) & (inside_depth <= RING[1])).astype(np.uint8)
+    outer = ((outside_depth > RING[0]) & (outside_depth <= RING[1])).astype(np.uint8)
     if inner.sum() < MIN_PAIRS or outer.sum() < MIN_PAIRS:
         return None
     distance, labels = cv2.distanceTransformWithLabels(1 - outer, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL)
@@ -299,7 +302,7 @@ def _blend_fit(values: np.ndarray, mask: np.ndarray, keep: float = 0.7) -> tuple
     index_of = np.zeros(labels.max() + 1, np.int64)
     index_of[labels[outer_ys, outer_xs]] = np.arange(len(outer_ys))
     inner_ys, inner_xs = np.nonzero(inner)
-    close = distance[inner_ys, inner_xs] <= 6
+    close = distance[inner_ys, inner_xs] <= 2 * RING[1] + 1
     partner = index_of[labels[inner_ys[close], inner_xs[close]]]
     inside = values[inner_ys[close], inner_xs[close]]
     outside = values[outer_ys[partner], outer_xs[partner]]
