@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .occlusion import DETECT_SIDE, at_detect_side
+from .occlusion import DETECT_SIDE, at_detect_side, unveiled
 
 EDGE_LEVEL = 24.0  # colour gradient (Sobel / 8, the largest eigenvalue's root of the channels' structure tensor)
 ALIGNMENT = np.deg2rad(5.0)  # an edge pixel's gradient this close to a direction counts for lines across it
@@ -345,14 +345,13 @@ def find_stripes(pixels: np.ndarray) -> Stripes | None:
     if not found:
         return None
     fit, normal, origin = max(found, key=lambda item: item[0].score)
-    across = [Lines(normal, origin, fit.period, fit.start, fit.end)]
-    bands = across[0].inside(across[0].coordinate(magnitude.shape))
-    along = _cross_lines(edges, across, bands)
+    first = Lines(normal, origin, fit.period, fit.start, fit.end)
+    refits, along = _cross_lines(edges, first, first.inside(first.coordinate(magnitude.shape)))
     hypotheses = []
-    for first in across:
+    for first in [first, *refits]:
         u = first.coordinate(magnitude.shape)
+        cut = [None] + [other for other in along if abs(other.period / first.period - 1) < 0.05]
         for lines in (first, first.flipped()):
-            cut = [None] + [other for other in along if abs(other.period / first.period - 1) < 0.05]
             for second in cut:
                 for pieces in ((second,) if second is None else (second, second.flipped())):
                     mask = lines.inside(u)
@@ -372,7 +371,7 @@ def find_stripes(pixels: np.ndarray) -> Stripes | None:
         if support < max(supports) - SUPPORT_MARGIN:
             continue
         blend = _blend_fit(values, mask)
-        if blend is None or not -0.1 <= blend[0] <= MAX_TRANSMISSION or blend[2] > MAX_RESIDUAL:
+        if blend is None or not -0.1 <= blend[0] <= MAX_TRANSMISSION or blend[2] > MAX_RESIDUAL:  # -0.1: opaque, noisy
             continue
         if best is None or blend[2] < best[0][2]:
             best = (blend, lines, pieces)
@@ -382,35 +381,33 @@ def find_stripes(pixels: np.ndarray) -> Stripes | None:
     return Stripes(lines, pieces, max(s, 0.0), t, scale)
 
 
-def _cross_lines(edges: _EdgePixels, across: list[Lines], bands: np.ndarray) -> list[Lines]:
-    """The patterns that cut the bands of ``across[0]`` into dots or dashes: lines across them, of the same period,
-    found over the whole picture, inside the bands or between them. When the cut's own lines give a longer period
-    (``across`` had two lines only), ``across`` gets a second fit at that period (appended to it)."""
-    first = across[0]
+def _cross_lines(edges: _EdgePixels, first: Lines, bands: np.ndarray) -> tuple[list[Lines], list[Lines]]:
+    """(refits of ``first``, cuts): the patterns that cut the bands of ``first`` (bool (h, w): ``bands``) into dots
+    or dashes, lines across them of the same period, found over the whole picture, inside the bands or between them;
+    and where the cut's own lines give a longer period (``first`` fitted two lines only), ``first`` fitted again at
+    that period, with that cut."""
     normal = _refined(edges, (first.normal + np.pi / 2) % np.pi)
     near_period = np.arange(0.96 * first.period, 1.04 * first.period + 0.01, 0.5)
-    out = []
+    refits, cuts = [], []
     for region in (None, bands, ~bands):
         profile, origin = _line_profile(edges, normal, region)
         fit = _periodic_fit(profile, near_period)
         if fit is not None and fit.score >= CROSS_LEVEL:
-            out.append(Lines(normal, origin, fit.period, fit.start, fit.end))
+            cuts.append(Lines(normal, origin, fit.period, fit.start, fit.end))
         own = _periodic_fit(profile)
         if own is not None and own.score >= LINE_LEVEL and own.period > 1.04 * first.period:
             own_period = np.arange(0.96 * own.period, 1.04 * own.period + 0.01, 0.5)
             again = _periodic_fit(_line_profile(edges, first.normal)[0], own_period)
             if again is not None and again.score >= CROSS_LEVEL:
-                across.append(Lines(first.normal, first.origin, again.period, again.start, again.end))
-                out.append(Lines(normal, origin, own.period, own.start, own.end))
-    return out
+                refits.append(Lines(first.normal, first.origin, again.period, again.start, again.end))
+                cuts.append(Lines(normal, origin, own.period, own.start, own.end))
+    return refits, cuts
 
 
 def unblended(pixels: np.ndarray, stripes: Stripes) -> np.ndarray:
     """uint8 RGB (H, W, 3) with the picture under ``stripes`` computed back (``(pixel - offset) / transmission``), or,
     for nearly opaque stripes, filled in (``occlusion.unveiled``); their edges (``EDGE_WIDTH``) inpainted."""
     import cv2
-
-    from .occlusion import unveiled
 
     pixels = np.asarray(pixels)
     height, width = pixels.shape[:2]
