@@ -128,7 +128,7 @@ def test_the_blend_fit_measures_what_the_stripes_let_through():
 def test_a_translucent_striped_copy_is_found_and_verified(demo_photos_copy_index, monkeypatch):
     """AugLy's stripes at 70-92 % opacity over blurred photos, then JPEG: searched with the picture under the stripes
     beside the query, 11 of 12 are first and 8 verified; without it, 10 and 5 (with more blur, 6 px: 10 and 3 against
-    4 and 0)."""
+    4 and 0; measured on an Intel Xeon: the test leaves a copy's room for another CPU's float32 arithmetic)."""
     from retrieval.engine import RetrievalEngine
 
     queries = []
@@ -148,6 +148,6 @@ def test_a_translucent_striped_copy_is_found_and_verified(demo_photos_copy_index
         monkeypatch.setattr(translucent_stripes, "find_stripes", lambda pixels: None)
         assert engine.query_features(Image.open(io.BytesIO(queries[0]))).local.restored == ()
         without = demo_copies_first(engine, queries)
-        assert with_view[0] >= len(NAMES) - 1 and with_view[0] >= without[0] and with_view[1] >= without[1] + 2
+        assert with_view[0] >= len(NAMES) - 2 and with_view[0] >= without[0] and with_view[1] >= without[1] + 2
     finally:
         engine.close()
