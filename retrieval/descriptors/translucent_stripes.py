@@ -129,6 +129,8 @@ def _colour_gradient(small: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class _EdgePixels:
+    """The picture's edge pixels (colour gradient over ``EDGE_LEVEL``) at ``DETECT_SIDE`` px: where and which way."""
+
     shape: tuple[int, int]
     xs: np.ndarray
     ys: np.ndarray
@@ -348,15 +350,15 @@ def find_stripes(pixels: np.ndarray) -> Stripes | None:
     first = Lines(normal, origin, fit.period, fit.start, fit.end)
     refits, along = _cross_lines(edges, first, first.inside(first.coordinate(magnitude.shape)))
     hypotheses = []
+    u = first.coordinate(magnitude.shape)  # a refit has the same direction and origin
+    v = {id(cut): cut.coordinate(magnitude.shape) for cut in along}
     for first in [first, *refits]:
-        u = first.coordinate(magnitude.shape)
-        cut = [None] + [other for other in along if abs(other.period / first.period - 1) < 0.05]
+        cuts = [None] + [cut for cut in along if abs(cut.period / first.period - 1) < 0.05]
         for lines in (first, first.flipped()):
-            for second in cut:
-                for pieces in ((second,) if second is None else (second, second.flipped())):
-                    mask = lines.inside(u)
-                    if pieces is not None:
-                        mask &= pieces.inside(pieces.coordinate(magnitude.shape))
+            bands = lines.inside(u)
+            for cut in cuts:
+                for pieces in ((None,) if cut is None else (cut, cut.flipped())):
+                    mask = bands if pieces is None else bands & pieces.inside(v[id(cut)])
                     if MIN_COVER <= mask.mean() <= MAX_COVER:
                         hypotheses.append((mask, lines, pieces))
     if not hypotheses:
