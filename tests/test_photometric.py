@@ -73,6 +73,73 @@ def test_likeness_finds_a_mirrored_copy():
     assert photometric.likeness(mirrored, []) == -1.0
 
 
+def test_likeness_finds_a_copy_upside_down_or_turned_half():
+    original = misty(1)
+    thumb = colour_thumbnail(original)
+    copy = captioned_jpeg(original)
+    for flipped in (copy[::-1], copy[::-1, ::-1]):  # a vertical flip, a half turn: the layout is reversed
+        flipped = colour_thumbnail(np.ascontiguousarray(flipped))
+        assert photometric.similarity(flipped, thumb) < photometric.MIN_SIMILARITY
+        assert photometric.likeness(flipped, [thumb]) > 0.95
+
+
+def noisy(pixels: np.ndarray, sigma: float = 60.0, seed: int = 0) -> np.ndarray:
+    """Heavy Gaussian noise over a picture (each channel, sigma in grey levels)."""
+    rng = np.random.default_rng(seed)
+    return np.clip(pixels + rng.normal(0, sigma, pixels.shape), 0, 255).astype(np.uint8)
+
+
+def test_squashed_thumbnails_correlate_a_picture_with_its_copies_and_not_with_look_alikes():
+    original = misty(1)
+    thumb = photometric.squashed(colour_thumbnail(original))
+    assert thumb.shape == (photometric.SEARCH_SIDE**2 * 3,) and abs(float(thumb @ thumb) - 1) < 1e-5
+    small = np.asarray(Image.fromarray(original).resize((64, 40), Image.Resampling.BILINEAR))
+    for copy in (noisy(original), captioned_jpeg(original), small, original[:, 40:]):  # a tenth narrower: still
+        assert float(photometric.squashed(colour_thumbnail(copy)) @ thumb) > photometric.MIN_SIMILARITY
+    look_alikes = [float(photometric.squashed(colour_thumbnail(misty(seed))) @ thumb) for seed in range(2, 12)]
+    assert max(look_alikes) < photometric.MIN_SIMILARITY
+    assert not photometric.squashed(np.full((20, 32, 3), 90, np.uint8)).any()  # flat: correlates 0 with anything
+
+
+def test_thumbnail_search_finds_noisy_and_flipped_copies_among_look_alikes():
+    pictures = [misty(seed) for seed in range(20)]
+    copies = _copies(pictures)
+    search = photometric.ThumbnailSearch.of(copies.thumbnails, copies.thumbnail_sizes, copies.thumbnail_image)
+    for copy in (noisy(pictures[7]), np.ascontiguousarray(captioned_jpeg(pictures[7])[::-1])):
+        rows = search.top(colour_thumbnail(copy))
+        assert rows.dtype == np.int64 and rows[0] == 7 and len(rows) <= photometric.SEARCH_TOP
+        assert 7 not in search.top(colour_thumbnail(copy), exclude=7)
+    assert len(search.top(colour_thumbnail(misty(99)))) == 0  # a look-alike of them all is a copy of none
+    empty = photometric.ThumbnailSearch.of(np.zeros((0, THUMBNAIL_SIDE, THUMBNAIL_SIDE, 3), np.uint8), np.zeros((0, 2), np.int32), np.zeros(0, np.int32))
+    assert len(empty.top(colour_thumbnail(pictures[0]))) == 0
+
+
+def test_the_pipeline_checks_the_thumbnail_search_candidates_wherever_they_rank():
+    """End to end through ``QueryPipeline.search_copies``: heavy noise took the smooth original's CNN descriptor far
+    from the query's (none of the searched lists reaches it) and its keypoints; the thumbnail search brings it to the
+    photometric check with its own cosine, and it comes first. A file without thumbnails finds nothing more."""
+    from retrieval.search.backends.memory import MemoryBackend
+    from retrieval.search.copies import QueryFeatures
+    from retrieval.search.pipeline import QueryPipeline
+
+    pictures = [misty(seed) for seed in range(30)]
+    cosines = np.append(np.linspace(0.39, 0.33, len(pictures) - 1), 0.30).astype(np.float32)  # the original last
+    matrix = np.zeros((len(pictures), len(pictures) + 1), np.float32)  # row i: cosines[i] with the query, e_0
+    matrix[:, 0] = cosines
+    matrix[np.arange(len(pictures)), np.arange(len(pictures)) + 1] = np.sqrt(1 - cosines**2)
+    vector = np.eye(1, len(pictures) + 1, dtype=np.float32)[0]
+    local = QueryLocalFeatures(*query_local_features(noisy(pictures[-1])))
+    query = QueryFeatures(vector, None, local)
+    copies = _copies(pictures)
+    pipeline = QueryPipeline(MemoryBackend(matrix), matrix, copies=copies)
+    rows, scores, inliers = pipeline.search_copies([query], 5, verify=True, verify_top=3)
+    assert rows[0, 0] == len(pictures) - 1 and inliers[0, 0] <= 0 and cosines[-1] < scores[0, 0] < 1.0 + 1e-6
+    older = _copies(pictures)
+    older.thumbnails = older.thumbnail_sizes = older.thumbnail_image = None  # a file written before thumbnails
+    rows, _, _ = QueryPipeline(MemoryBackend(matrix), matrix, copies=older).search_copies([query], 5, verify=True, verify_top=3)
+    assert len(pictures) - 1 not in rows[0]
+
+
 def test_boost_is_zero_below_the_threshold_and_stays_below_a_verified_score():
     values = photometric.boost(np.array([-1.0, 0.5, photometric.MIN_SIMILARITY, 0.95, 1.0]))
     np.testing.assert_allclose(values, [0, 0, 0, photometric.MAX_BOOST / 2, photometric.MAX_BOOST])

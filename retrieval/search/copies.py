@@ -20,7 +20,8 @@ the best ``verify_top`` images, and the best of a search over the local features
 them (``visual_words``), are verified with local features (``verification.verify``) and a verified image
 scores ``1 + strength / (strength + 15)`` (the strength capped at 40, where a copy is certain) plus a hundredth of
 its cosine, which orders the certain copies, above every unverified cosine; unverified ones keep their score, plus, for
-the first ``photometric.CHECK_TOP`` of them, what their colour thumbnail's likeness to the query's adds
+the first ``photometric.CHECK_TOP`` of them and for the images whose thumbnails a search over all of them finds
+(``photometric.ThumbnailSearch``, verified too), what their colour thumbnail's likeness to the query's adds
 (``photometric``: the copies of smooth, blurred and noisy pictures, which have no keypoints to verify).
 
 Each of these is a ranked list of images, as deep as the verification needs (``verify_top``), so the fused top of
@@ -129,16 +130,23 @@ def weighted_lists(rows: np.ndarray, scores: np.ndarray, weights: np.ndarray | N
     return [(r, s * np.float32(w)) for r, s, w in zip(rows, scores, weights)]
 
 
-def photometric_boost(query: LocalFeatures, candidates: Sequence[LocalFeatures], verified: np.ndarray) -> np.ndarray:
+def photometric_boost(
+    query: LocalFeatures, candidates: Sequence[LocalFeatures], verified: np.ndarray, always: np.ndarray | None = None
+) -> np.ndarray:
     """(K,) score increments: ``photometric.boost`` of the ``photometric.likeness`` of the query's picture (its last
     thumbnail: a page is searched as its picture) to a candidate's thumbnails (its whole picture, a page's picture),
-    for the first ``photometric.CHECK_TOP`` of the ``candidates`` (in ranking order) that were not ``verified``; 0 for
-    the others and where either side has no thumbnail (an older file)."""
+    for the first ``photometric.CHECK_TOP`` of the ``candidates`` (in ranking order) that were not ``verified``, and
+    for those of ``always`` (K,) bool (``photometric.ThumbnailSearch``'s) not verified; 0 for the others and where
+    either side has no thumbnail (an older file)."""
     likeness = np.full(len(candidates), -1.0)
     if query.thumbnails:
         picture = query.thumbnails[-1]
-        unverified = np.flatnonzero(~np.asarray(verified, bool))[: photometric.CHECK_TOP]
-        for j in unverified:
+        unverified = ~np.asarray(verified, bool)
+        checked = np.zeros(len(candidates), bool)
+        checked[np.flatnonzero(unverified)[: photometric.CHECK_TOP]] = True
+        if always is not None:
+            checked |= unverified & np.asarray(always, bool)
+        for j in np.flatnonzero(checked):
             likeness[j] = photometric.likeness(picture, candidates[j].thumbnails)
     return photometric.boost(likeness)
 
@@ -146,18 +154,22 @@ def photometric_boost(query: LocalFeatures, candidates: Sequence[LocalFeatures],
 def verified_ranking(
     scores: np.ndarray, query: QueryLocalFeatures, copies, top: int = VERIFY_TOP, exclude: int | None = None,
     also: Sequence[int] = (), also_mirrored: Sequence[int] = (), mirror_top: int = MIRROR_TOP,
+    also_photometric: Sequence[int] = (),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Verify the best ``top`` images of ``scores`` (count,), and the rows ``also`` and ``also_mirrored`` (the
     visual-word search's for the query and for its mirror image, ``visual_words``) -> (order of all found rows, their
     scores, inliers: the inlier count of verified rows, 0 for rows verified without success, -1 for rows not
     verified). The mirror image is verified against the first ``mirror_top`` candidates and the rows of
     ``also_mirrored``. A row of either that does not verify keeps the place its score gives it, or stays out of the
-    ranking where it has none."""
+    ranking where it has none. The rows of ``also_photometric`` (``photometric.ThumbnailSearch``'s, each with a finite
+    score) are verified too and, unverified, get the photometric check wherever they rank."""
     order = np.argsort(-scores, kind="stable")
     order = order[np.isfinite(scores[order])]
     fused = scores[order].astype(np.float32)
     head = set(order[:top].tolist())
-    extra = list(dict.fromkeys(int(row) for row in (*also, *also_mirrored) if int(row) not in head and row != exclude))
+    extra = list(dict.fromkeys(
+        int(row) for row in (*also, *also_mirrored, *also_photometric) if int(row) not in head and row != exclude
+    ))
     unranked = [row for row in extra if not np.isfinite(scores[row])]  # verified at the end of the ranking
     order = np.concatenate([order, np.array(unranked, np.int64)])
     fused = np.concatenate([fused, np.full(len(unranked), -np.inf, np.float32)])
@@ -172,7 +184,9 @@ def verified_ranking(
         index = np.array(candidates)
         inliers[index] = np.where(result.verified, result.inliers, 0)
         fused[index] = np.where(result.verified, result.scores(fused[index]), fused[index]).astype(np.float32)
-        fused[index] += photometric_boost(query.direct, features, result.verified).astype(np.float32)
+        photometric_rows = {int(row) for row in also_photometric}
+        always = np.array([int(order[i]) in photometric_rows for i in candidates])
+        fused[index] += photometric_boost(query.direct, features, result.verified, always).astype(np.float32)
         again = np.argsort(-fused, kind="stable")
         again = again[np.isfinite(fused[again])]
         order, fused, inliers = order[again], fused[again], inliers[again]

@@ -25,7 +25,8 @@ from .copies import (
     verified_ranking, weighted_lists,
 )
 from .expansion import NO_EXPANSION, QueryExpansion, expand
-from .verification import VERIFY_TOP
+from .photometric import ThumbnailSearch
+from .verification import VERIFY_TOP, QueryLocalFeatures
 from .visual_words import VisualWords, Vocabulary
 
 
@@ -60,6 +61,15 @@ class QueryPipeline:
         copies = self.copies
         stored = None if copies.words is None else Vocabulary(copies.word_top, copies.word_children)
         return VisualWords.of(copies.descriptors, copies.keypoint_image, copies.count, stored, copies.words)
+
+    @functools.cached_property
+    def thumbnail_search(self) -> ThumbnailSearch | None:
+        """The photometric check's search over every database thumbnail (``photometric.ThumbnailSearch``), built on
+        first use; None for a database without thumbnails (written before them)."""
+        copies = self.copies
+        if copies.thumbnails is None:
+            return None
+        return ThumbnailSearch.of(copies.thumbnails, copies.thumbnail_sizes, copies.thumbnail_image)
 
     @property
     def can_verify(self) -> bool:
@@ -168,8 +178,10 @@ class QueryPipeline:
                 sides = (query.local.direct, *query.local.restored)
                 also = () if words is None else np.concatenate([words.top(side.descriptors) for side in sides])
                 also_mirrored = () if words is None else words.top(query.local.mirrored.descriptors)
+                alike = self._alike_thumbnails(query.local, vectors[i], fused, rows_of[i])
                 order, scores, inliers = verified_ranking(
-                    fused, query.local, self.copies, verify_top, rows_of[i], also, also_mirrored
+                    fused, query.local, self.copies, verify_top, rows_of[i], also, also_mirrored,
+                    also_photometric=alike,
                 )
             else:
                 order = np.argsort(-fused, kind="stable")
@@ -178,6 +190,20 @@ class QueryPipeline:
             n = min(k, len(order))
             out_rows[i, :n], out_scores[i, :n], out_inliers[i, :n] = order[:n], scores[:n], inliers[:n]
         return out_rows, out_scores, out_inliers
+
+    def _alike_thumbnails(
+        self, local: QueryLocalFeatures, vector: np.ndarray, fused: np.ndarray, own_row: int | None
+    ) -> np.ndarray:
+        """The rows ``ThumbnailSearch`` finds for a query's local features (its picture's thumbnail), each given its
+        global cosine in ``fused`` (N,) where the fused lists left it unscored."""
+        search = self.thumbnail_search
+        if search is None or not local.direct.thumbnails:
+            return np.zeros(0, np.int64)
+        rows = search.top(local.direct.thumbnails[-1], exclude=own_row)
+        unscored = rows[~np.isfinite(fused[rows])]
+        if len(unscored):
+            fused[unscored] = np.asarray(self.matrix[unscored], np.float32) @ vector
+        return rows
 
     def stored_query(self, vector: np.ndarray, row: int) -> QueryFeatures:
         """Database image ``row`` (stored descriptor ``vector``) as a copy-search query (``copies.stored_query``)."""
