@@ -83,6 +83,23 @@ def test_likeness_finds_a_copy_upside_down_or_turned_half():
         assert photometric.likeness(flipped, [thumb]) > 0.95
 
 
+@pytest.mark.parametrize("name", ["astronaut", "camera", "coffee", "rocket"])
+def test_flipped_views_count_as_whole_pictures_only(name):
+    """The mirror image is tried at every size (a mirrored crop is a copy); upside down or turned half, only the whole
+    picture: at smaller sizes, flipped parts of one photo's tiles matched its other tiles."""
+    from conftest import demo_photo
+
+    original = np.asarray(demo_photo(name))
+    height, width = original.shape[:2]
+    thumb = colour_thumbnail(original)
+    crop = original[height // 10 : height // 10 + height * 4 // 5, width // 10 : width // 10 + width * 4 // 5]
+    assert photometric.likeness(colour_thumbnail(np.ascontiguousarray(crop[:, ::-1])), [thumb]) > 0.95
+    for whole in (original[::-1], original[::-1, ::-1]):
+        assert photometric.likeness(colour_thumbnail(np.ascontiguousarray(whole)), [thumb]) > 0.95
+    for part in (crop[::-1], crop[::-1, ::-1]):
+        assert photometric.likeness(colour_thumbnail(np.ascontiguousarray(part)), [thumb]) < photometric.MIN_SIMILARITY
+
+
 def noisy(pixels: np.ndarray, sigma: float = 60.0, seed: int = 0) -> np.ndarray:
     """Heavy Gaussian noise over a picture (each channel, sigma in grey levels)."""
     rng = np.random.default_rng(seed)
