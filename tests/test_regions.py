@@ -377,6 +377,34 @@ def test_a_post_header_above_a_narrow_letterboxed_picture_is_cut_off():
     assert box[1] >= 414 and abs(box[3] - 712) <= 6 and box[0] <= 400 and box[2] >= 640, box
 
 
+def product_shot_page(bars: str) -> np.ndarray:
+    """A web post whose picture, a product shot on the page's own white, was fitted into its slot with black bars at
+    its sides (``bars`` "sides") or above and below it ("above"); "none": the product on the page without bars."""
+    from test_verification import photo
+
+    page = np.full((800, 1200, 3), 246, np.uint8)
+    page[356:400, 260:304] = 60  # the avatar
+    page[362:372, 316:400] = 40  # the name
+    item = np.asarray(photo("coffee", 300))[20:150, 60:200]  # the product: a busy patch on the white
+    page[500:630, 450:590] = item
+    if bars == "sides":
+        page[420:712, 250:395] = 0
+        page[420:712, 645:790] = 0
+    elif bars == "above":
+        page[330:420, 250:790] = 0
+        page[712:760, 250:790] = 0
+    return page
+
+
+@pytest.mark.parametrize("bars, expected", [("sides", (395, 420, 645, 712)), ("above", (250, 420, 790, 712))])
+def test_a_picture_on_the_page_colour_between_letterbox_bars_is_the_content(bars, expected):
+    """The bars, the product and the page are three regions, none of them a picture; the bars frame it. Without them
+    the product alone is too small to be a page's picture, and the page is all content."""
+    (box,) = regions.content_boxes(product_shot_page(bars), patterns=True)
+    assert all(abs(a - b) <= 8 for a, b in zip(box, expected)), (box, expected)
+    assert regions.content_boxes(product_shot_page("none"), patterns=True) == []
+
+
 def striped(image: Image.Image, count: int = 4, width: float = 0.09) -> np.ndarray:
     """``image`` under ``count`` opaque white stripes, tilted, each ``width`` of its side wide (AugLy's overlay_stripes)."""
     from PIL import ImageDraw

@@ -163,6 +163,9 @@ FURNITURE_SHARE = 0.2  # a busy edge band thinner than this share of a content b
 FURNITURE_GAP = 2  # flat lines (at CONTENT_SIDE) that cut a band off
 FLAT_LEVELS, NEUTRAL_LEVELS = 3, 16  # page background: grey range over 5 x 5 pixels, spread of R, G, B (of 255)
 CONTENT_MIN_BACKGROUND = 0.15  # a picture with less page background than this is all content
+BAR_MIN_FILL, BAR_MIN_SIDE = 0.95, 3  # letterbox bars (``_between_bars``): solid, this many px thick at CONTENT_SIDE
+BAR_SHRINK = 2  # px: how far inside a flat region its 5 x 5 flatness test ends
+BAR_MIN_CONTENT = 0.1  # share of the picture between two bars that is not page background
 PAGE_WEIGHT = 0.9  # a query with content boxes: the cosines of the whole page (frame included) count this much
 # a plain query's windows: their cosines count this much against the whole query's, since a part of one image that
 # looks like another image is weaker evidence than the whole images alike (a page's picture windows count fully)
@@ -184,7 +187,8 @@ def content_boxes(pixels: np.ndarray, patterns: bool = False) -> list[tuple[int,
     grey); the photo shown in it is the largest rectangle of other colours. Colours covering >= 3 % of the picture and
     >= 5 % of its outer 3 % frame are background; the rest, opened with a square of 1/40 of the side (text and icons
     go), falls into connected regions; a region that fills >= 60 % of its bounding box is content when that box, its
-    flat edge bars (letterboxing) trimmed, covers 10-85 % of the picture. None when page background covers < 15 %,
+    flat edge bars (letterboxing) trimmed, covers 10-85 % of the picture; failing that, a picture between two
+    letterbox bars whose own background is the page's (``_between_bars``). None when page background covers < 15 %,
     when the picture is smaller than ``PAGE_MIN_SIDE`` on its shorter side, or, unless ``patterns``, when
     ``PATTERN_PARTS`` or more of the regions are each at least ``PATTERN_SHARE`` of the largest: a page shows one
     picture, or two side by side, while opaque stripes across a photo (DISC21's overlay_stripes) cut it into several
@@ -227,6 +231,10 @@ def content_boxes(pixels: np.ndarray, patterns: bool = False) -> list[tuple[int,
     if not patterns and count > 1 and np.count_nonzero(areas >= PATTERN_SHARE * areas.max()) >= PATTERN_PARTS:
         return []
     rows, cols = codes.shape
+
+    def in_picture(y: int, x: int, h: int, w: int) -> tuple[int, int, int, int]:  # a box at CONTENT_SIDE, as a crop box
+        return round(x / scale), round(y / scale), min(width, round((x + w) / scale)), min(height, round((y + h) / scale))
+
     boxes = []
     for label in np.argsort(-stats[1:, cv2.CC_STAT_AREA]) + 1 if count > 1 else []:
         x, y, w, h, area = (int(v) for v in stats[label])
@@ -235,11 +243,52 @@ def content_boxes(pixels: np.ndarray, patterns: bool = False) -> list[tuple[int,
         y, x, h, w = _trimmed(small, y, x, h, w)
         if not CONTENT_MIN_AREA <= w * h / (rows * cols) <= CONTENT_MAX_AREA:
             continue
-        right, bottom = min(width, round((x + w) / scale)), min(height, round((y + h) / scale))
-        boxes.append((round(x / scale), round(y / scale), right, bottom))
+        boxes.append(in_picture(y, x, h, w))
         if len(boxes) == MAX_CONTENT_BOXES:
             break
+    if not boxes and (between := _between_bars(candidates & ~background, background)) is not None:
+        boxes.append(in_picture(*between))
     return boxes
+
+
+def _between_bars(bars: np.ndarray, background: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(y, x, h, w) of the largest picture between two letterbox bars at ``CONTENT_SIDE``, or None. ``bars`` bool
+    (h, w): the flat, neutral samples that are not page background (a 5 x 5 window of one grey: a bar's sides are
+    ``BAR_SHRINK`` px inside it); ``background`` bool (h, w): the page background.
+
+    A picture fitted into a page's slot gets black bars at its sides (or above and below). Where the picture's own
+    background is the page's colour (a product shot on white), the bars, the object and the page are three
+    unconnected regions, none of them a picture: the page is taken for all content, its frame stored as the
+    picture's keypoints, and every screenshot of that template matched it (bench/augly_edits.py: all four false
+    copies above the original, 12-24 inliers). Two solid bars (``BAR_MIN_FILL``) at least ``BAR_MIN_SIDE`` thick,
+    beginning and ending within ``INSET_TOLERANCE`` px of each other, with a gap of at least ``INSET_MIN_SIDE`` of
+    the picture between them and more than ``BAR_MIN_CONTENT`` of it other than page background, frame a picture;
+    the bars and the gap cover ``CONTENT_MIN_AREA``-``CONTENT_MAX_AREA`` of the page."""
+    import cv2
+
+    _, _, stats, _ = cv2.connectedComponentsWithStats(bars.astype(np.uint8), connectivity=4)
+    rows, cols = bars.shape
+    solid = [tuple(int(v) for v in s) for s in stats[1:] if s[4] >= BAR_MIN_FILL * s[2] * s[3]]
+    found = []
+    grow = BAR_SHRINK  # each flat region ends this much inside its bar: the picture starts that much further out
+    for ax, ay, aw, ah, _ in solid:
+        for bx, by, bw, bh, _ in solid:
+            if min(aw, bw) >= BAR_MIN_SIDE and abs(ay - by) <= INSET_TOLERANCE and abs(ah - bh) <= INSET_TOLERANCE:
+                top, bottom = min(ay, by) - grow, max(ay + ah, by + bh) + grow  # bars left and right of it
+                left, right = ax + aw + grow, bx - grow
+                outer = (bx + bw - ax) * (bottom - top)
+            elif min(ah, bh) >= BAR_MIN_SIDE and abs(ax - bx) <= INSET_TOLERANCE and abs(aw - bw) <= INSET_TOLERANCE:
+                top, bottom = ay + ah + grow, by - grow  # bars above and below it
+                left, right = min(ax, bx) - grow, max(ax + aw, bx + bw) + grow
+                outer = (right - left) * (by + bh - ay)
+            else:
+                continue
+            top, bottom, left, right = max(0, top), min(rows, bottom), max(0, left), min(cols, right)
+            if (right - left >= INSET_MIN_SIDE * cols and bottom - top >= INSET_MIN_SIDE * rows
+                    and CONTENT_MIN_AREA <= outer / (rows * cols) <= CONTENT_MAX_AREA
+                    and (~background[top:bottom, left:right]).mean() > BAR_MIN_CONTENT):
+                found.append((outer, top, left, bottom - top, right - left))
+    return max(found)[1:] if found else None
 
 
 def _trimmed(small: np.ndarray, y: int, x: int, h: int, w: int) -> tuple[int, int, int, int]:
