@@ -620,6 +620,24 @@ def test_a_picture_pasted_on_another_is_its_inset_box(name, at, seed):
     assert regions.content_boxes(np.asarray(composite)) == []  # no page around it: the page detector cannot see it
 
 
+def test_an_inset_with_one_side_along_its_own_colours_is_found_but_not_with_two(monkeypatch):
+    """Where the drawing under a pasted picture has the picture's colours along a side, that side shows no edge. One
+    such side of four (the picture inside) is allowed, at half its length (here 40 % of the left side has no edge);
+    two are not (40 % of the right side too)."""
+    composite, expected = pasted("chelsea", (200, 150))
+    pixels = np.asarray(composite).copy()
+    left, top, right, bottom = expected
+    start, stop = top + 10, top + 10 + (bottom - top) * 2 // 5
+    pixels[start:stop, left - 12 : left] = pixels[start:stop, left : left + 1]  # the picture's colours left of it
+    box = regions.inset_box(pixels)
+    assert box is not None and all(abs(a - b) <= 8 for a, b in zip(box, expected)), (box, expected)
+    monkeypatch.setattr(regions, "INSET_WEAK_SUPPORT", regions.INSET_SUPPORT)
+    assert regions.inset_box(pixels) is None
+    monkeypatch.undo()
+    pixels[start:stop, right : right + 12] = pixels[start:stop, right - 1 : right]  # ... and right of it
+    assert regions.inset_box(pixels) is None
+
+
 @pytest.mark.parametrize("name", ["astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins",
                                   "hubble_deep_field", "immunohistochemistry", "retina", "rocket"])
 def test_a_plain_photo_has_no_inset(name):

@@ -149,6 +149,39 @@ def test_a_copy_at_a_sixth_of_its_size_is_verified():
         assert result.verified.tolist() == [i == n for i in range(len(names))], name
 
 
+def test_partial_gain_rises_with_the_strength_of_unverified_candidates_only():
+    from retrieval.search.verification import MIN_STRENGTH, PARTIAL_GAIN, partial_gain
+
+    strength = np.array([0.0, 0.2, MIN_STRENGTH / 4, MIN_STRENGTH, 3 * MIN_STRENGTH, 30.0])
+    gains = partial_gain(strength, np.array([False, False, False, False, False, True]))
+    np.testing.assert_allclose(gains, [0, PARTIAL_GAIN * np.sqrt(0.2 / MIN_STRENGTH), PARTIAL_GAIN / 2, PARTIAL_GAIN, PARTIAL_GAIN, 0])
+
+
+def test_an_unverified_copy_with_some_inliers_passes_a_look_alike_and_stays_below_verified_copies(monkeypatch):
+    """The coins photo at 56 px wide: 7 inliers with its 512 px original, one short of verification, and no other
+    photo has any. Unverified, it passes a look-alike 0.1 ahead of it in cosine; without the gain it does not. The
+    thumbnails are left out: the photometric check would find this whole copy by itself."""
+    from dataclasses import replace
+
+    from retrieval.search import verification
+    from retrieval.search.copies import verified_ranking
+    from retrieval.search.verification import MIN_STRENGTH, STRENGTH_HALF
+    from retrieval.storage.copy_features import CopyFeatures
+
+    names = PHOTOS + ["coins", "camera", "brick", "retina"]
+    stored = [replace(extract_local_features(np.asarray(photo(name, 512))), thumbnails=()) for name in names]
+    copies = CopyFeatures.assemble(None, stored, 8)
+    query = as_query(np.asarray(photo("coins", 56)))
+    coins, brick = names.index("coins"), names.index("brick")
+    cosines = np.linspace(0.3, 0.45, len(names)).astype(np.float32)
+    cosines[coins], cosines[brick] = 0.5, 0.6
+    order, scores, inliers = verified_ranking(cosines, query, copies)
+    assert order[0] == coins and inliers[0] == 0 and order[1] == brick  # checked, not verified
+    assert 0.6 < scores[0] < 1 + MIN_STRENGTH / (MIN_STRENGTH + STRENGTH_HALF)  # below the weakest verified score
+    monkeypatch.setattr(verification, "PARTIAL_GAIN", 0.0)
+    assert verified_ranking(cosines, query, copies)[0][0] == brick
+
+
 def test_a_copy_pasted_into_a_frame_is_verified_and_unrelated_images_are_not():
     query = as_query(pasted(photo("chelsea")))
     candidates = [extract_local_features(np.asarray(photo(name, 512))) for name in PHOTOS]

@@ -19,10 +19,12 @@ high cosine, which says less than the same cosine through the whole query. A who
 the best ``verify_top`` images, and the best of a search over the local features themselves that are not among
 them (``visual_words``), are verified with local features (``verification.verify``) and a verified image
 scores ``1 + strength / (strength + 15)`` (the strength capped at 40, where a copy is certain) plus a hundredth of
-its cosine, which orders the certain copies, above every unverified cosine; unverified ones keep their score, plus, for
-the first ``photometric.CHECK_TOP`` of them and for the images whose thumbnails a search over all of them finds
+its cosine, which orders the certain copies, above every unverified cosine; unverified ones keep their score, plus
+what the inliers they have add (``verification.partial_gain``: a copy whose few inliers fall short of verification), and,
+for the first ``photometric.CHECK_TOP`` of them and for the images whose thumbnails a search over all of them finds
 (``photometric.ThumbnailSearch``, verified too), what their colour thumbnail's likeness to the query's adds
-(``photometric``: the copies of smooth, blurred and noisy pictures, which have no keypoints to verify).
+(``photometric``: the copies of smooth, blurred and noisy pictures, which have no keypoints to verify); the two
+together at most ``photometric.MAX_BOOST``.
 
 Each of these is a ranked list of images, as deep as the verification needs (``verify_top``), so the fused top of
 the ranking is the same as if every image were scored.
@@ -39,7 +41,7 @@ from ..descriptors.local_features import LocalFeatures, mirrored
 from ..descriptors.regions import PAGE_WEIGHT
 from ..errors import RetrievalError
 from . import photometric
-from .verification import MIRROR_TOP, VERIFY_TOP, QueryLocalFeatures, verify
+from .verification import MIRROR_TOP, VERIFY_TOP, QueryLocalFeatures, partial_gain, verify
 
 BACKGROUND_RANK = 5  # ``background``: a list's 6th best score
 
@@ -186,7 +188,10 @@ def verified_ranking(
         fused[index] = np.where(result.verified, result.scores(fused[index]), fused[index]).astype(np.float32)
         photometric_rows = {int(row) for row in also_photometric}
         always = np.array([int(order[i]) in photometric_rows for i in candidates])
-        fused[index] += photometric_boost(query.direct, features, result.verified, always).astype(np.float32)
+        # what an unverified candidate's thumbnail and its inliers add, together at most photometric.MAX_BOOST: below
+        # every verified score
+        gained = photometric_boost(query.direct, features, result.verified, always) + partial_gain(result.strength, result.verified)
+        fused[index] += np.minimum(gained, photometric.MAX_BOOST).astype(np.float32)
         again = np.argsort(-fused, kind="stable")
         again = again[np.isfinite(fused[again])]
         order, fused, inliers = order[again], fused[again], inliers[again]
