@@ -190,7 +190,8 @@ def verified_ranking(
         always = np.array([int(order[i]) in photometric_rows for i in candidates])
         # what an unverified candidate's thumbnail and its inliers add, together at most photometric.MAX_BOOST: below
         # every verified score
-        gained = photometric_boost(query.direct, features, result.verified, always) + partial_gain(result.strength, result.verified)
+        gained = (photometric_boost(query.direct, features, result.verified, always)
+                  + partial_gain(result.strength, result.verified))
         fused[index] += np.minimum(gained, photometric.MAX_BOOST).astype(np.float32)
         again = np.argsort(-fused, kind="stable")
         again = again[np.isfinite(fused[again])]

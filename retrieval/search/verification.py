@@ -506,7 +506,7 @@ def partial_gain(strength: np.ndarray, verified: np.ndarray) -> np.ndarray:
     had a strength above 0, and 13 of ~57,000 unverified other candidates; five originals ranked 2nd-4th behind
     look-alikes 0.017-0.113 ahead of them in cosine, with strengths 0.22-4.98. The square root gives a little
     evidence most of its weight (strength 0.2: 0.03)."""
-    strength = np.clip(np.asarray(strength, np.float64), 0.0, MIN_STRENGTH)
+    strength = np.clip(np.nan_to_num(np.asarray(strength, np.float64)), 0.0, MIN_STRENGTH)
     return np.where(np.asarray(verified, bool), 0.0, PARTIAL_GAIN * np.sqrt(strength / MIN_STRENGTH))
 
 
