@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
@@ -34,7 +35,55 @@ def test_stripes_are_found_where_they_are(seed):
     mask = stripe_mask(np.asarray(unseen_edits.striped(image, np.random.default_rng(seed)))) > 0
     assert mask.shape == truth.shape
     assert (mask & truth).sum() >= 0.95 * truth.sum()  # every stripe, to its edges
-    assert (mask & ~truth).sum() <= 0.1 * (~truth).sum()  # and a thin margin of the picture
+    reach = int(np.ceil((occlusion.EDGE_MARGIN + 1) * max(truth.shape) / occlusion.DETECT_SIDE))
+    near = cv2.dilate(truth.astype(np.uint8), np.ones((2 * reach + 1,) * 2, np.uint8)) > 0
+    assert (mask & ~near).sum() <= 0.01 * (~truth).sum()  # and a margin around them for soft edges, no more
+
+
+def test_noise_level_is_the_grey_noise_and_ignores_smooth_gradients():
+    flat = np.full((200, 300, 3), 120, np.uint8)
+    ramp = np.repeat(np.tile(np.linspace(0, 255, 300, dtype=np.float32), (200, 1))[..., None], 3, axis=2).astype(np.uint8)
+    noisy = np.clip(flat + np.random.default_rng(0).normal(0, 20, flat.shape), 0, 255).astype(np.uint8)
+    assert occlusion.noise_level(flat) == 0 and occlusion.noise_level(ramp) < 0.5
+    assert abs(occlusion.noise_level(noisy) - 0.668 * 20) < 1.0  # the luma of three channels' independent noise
+    assert occlusion.noise_level(np.zeros((2, 50, 3), np.uint8)) == 0.0
+
+
+def test_a_softened_edge_widens_the_mask_as_far_as_its_colour_bleeds():
+    """Sharp stripes get EDGE_MARGIN; stripes blurred after they were laid (a blur, pixel blocks) get a wider rim,
+    up to MAX_EDGE_MARGIN: their colour bled into the picture there, and left it took the filled picture's keypoints."""
+    widened = 0
+    for n, name in enumerate(NAMES[:6]):
+        striped = unseen_edits.striped(photo(name), np.random.default_rng(n))
+        sharp = stripe_mask(np.asarray(striped))
+        soft = stripe_mask(np.asarray(striped.filter(ImageFilter.GaussianBlur(3))))
+        small = np.ascontiguousarray(occlusion.at_detect_side(np.asarray(striped)))
+        assert occlusion.edge_margin(small, *occlusion._flat_bands(small)) == occlusion.EDGE_MARGIN
+        assert soft.mean() >= sharp.mean()
+        widened += soft.mean() > sharp.mean() + 0.02
+    assert widened >= 5
+
+
+def test_stripes_under_heavy_noise_are_found_on_a_denoised_look():
+    """Gaussian noise of 40 grey levels after the stripes: no stripe pixel is flat, so only the denoised second look
+    finds them (9 of the 12 demo photos), where they are (without it, none: the next test)."""
+    found = 0
+    for n, name in enumerate(NAMES):
+        image = photo(name)
+        noisy = np.asarray(unseen_edits.noisy(unseen_edits.striped(image, np.random.default_rng(n)), np.random.default_rng(n)))
+        mask = stripe_mask(noisy)
+        if mask is not None:
+            found += 1
+            truth = stripes_of(image, n)
+            assert (mask.astype(bool) & truth).sum() >= 0.95 * truth.sum()
+    assert found >= 8
+
+
+def test_noisy_stripes_are_left_alone_without_the_second_look(monkeypatch):
+    monkeypatch.setattr(occlusion, "NOISE_LEVEL", np.inf)
+    for n, name in enumerate(NAMES[:4]):
+        noisy = unseen_edits.noisy(unseen_edits.striped(photo(name), np.random.default_rng(n)), np.random.default_rng(n))
+        assert stripe_mask(np.asarray(noisy)) is None
 
 
 STRIPE_DETECTORS = {"opaque": stripe_mask, "any opacity": translucent_stripes.find_stripes}

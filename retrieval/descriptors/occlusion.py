@@ -12,11 +12,17 @@ What counts as stripes (measured at ``DETECT_SIDE`` px): flat pixels (colour spr
 levels in a 5 x 5 window) of one colour covering ``MIN_COVER``..``MAX_COVER`` of the picture, whose edges run one way
 (gradient coherence >= ``MIN_COHERENCE``), forming at least ``MIN_BANDS`` bands that each cross the picture (picture
 on both sides: the wedges of a rotated, padded copy are not stripes), are straight and as wide all along (spread of
-its width under ``MAX_WIDTH_SPREAD``), and as wide as one another (within ``MAX_WIDTH_RATIO``). Measured: it finds
-none in the copy-detection set's 980 images and 372 protocol queries (striped facades and wallpapers of curved
-bands among them) nor in the 427 chained-edit queries without stripes (bench/chained_edits.py, seeds 0 and 1), and
-finds the stripes of 33 of the 53 with them (the others mostly got noise, JPEG blocks, a perspective or a frame after
-the stripes, or their stripes merged with a flat area of the same colour).
+its width under ``MAX_WIDTH_SPREAD``), and as wide as one another (within ``MAX_WIDTH_RATIO``). Noise laid over
+the stripes leaves no pixel flat: a picture whose noise (``noise_level``) exceeds ``NOISE_LEVEL`` and where none are
+found is looked at again through a median and a Gaussian blur. The mask is widened by ``edge_margin``: as far as the
+stripes' colour bleeds into the picture beyond the flat bands, 2 px for sharp edges (the flatness window's
+half-width), up to 6 where a blur or pixel blocks came after the stripes (a rim left unfilled kept their colour, and
+the filled picture's keypoints and descriptor were the rim's). Measured: it finds none in 1,967 images without
+stripes (the copy-detection sets' references and distractors of both seeds, seed 0's 420 edited copies, the 427
+chained-edit queries without stripes of bench/chained_edits.py; striped facades and wallpapers of curved bands among
+them), and finds the stripes of 37 of the 53 chained-edit queries with them (33 without the second look; the others mostly got
+JPEG blocks, a perspective, a crop or a frame after the stripes, or their stripes merged with a flat area of the
+same colour).
 """
 
 from __future__ import annotations
@@ -32,7 +38,13 @@ MIN_BANDS = 2
 MIN_ELONGATION = 2.5  # a band's length over its width
 MAX_WIDTH_SPREAD = 0.15  # of a band's width, along its length
 MAX_WIDTH_RATIO = 1.35  # widest band over narrowest
-EDGE_MARGIN = 2  # px at DETECT_SIDE added around the stripes
+EDGE_MARGIN = 2  # px at DETECT_SIDE added around the stripes at least: the flatness window's half-width
+MAX_EDGE_MARGIN = 6  # ... and at most, where their soft edges (a blur, pixel blocks) bleed their colour further
+RIM_LEVEL = 0.9  # the rim ends where the pixels differ from the stripes' colour this much as far beyond it do
+SHARP_RIM = 3  # rings beyond EDGE_MARGIN where a sharp edge's rim ends (``edge_margin``)
+NOISE_LEVEL = 4.0  # grey levels of noise (``noise_level`` at DETECT_SIDE) over which a picture is looked at denoised too
+DENOISE_MEDIAN = 5  # px at DETECT_SIDE: the median, then the Gaussian (sigma, px) of that second look
+DENOISE_SIGMA = 1.5
 FILL_SIGMAS = (2.0, 4.0, 8.0, 16.0, 32.0)  # px at DETECT_SIDE: the fill's scales, finest first
 
 
@@ -86,15 +98,26 @@ def _band_widths(mask: np.ndarray, normal: np.ndarray) -> list[float]:
     return widths
 
 
-def stripe_mask(pixels: np.ndarray) -> np.ndarray | None:
-    """uint8 RGB (H, W, 3) -> uint8 mask (H, W) (1: under a stripe, widened by a couple of pixels for soft edges), or
-    None when the picture has no stripes (see the module docstring)."""
+def noise_level(small: np.ndarray) -> float:
+    """uint8 RGB (H, W, 3) -> the standard deviation of its grey version's noise (grey levels; 0.67 of the same
+    noise on each channel), by Immerkær's estimate (1996: the mean absolute response of a Laplacian difference that
+    cancels smooth gradients): ~0.5-1 for a clean photo, more for a fine texture (the copy-detection set's
+    pictures: 10 % over 4 at ``DETECT_SIDE``), 5-15 there for one with Gaussian noise of 40 grey levels at 512 px
+    (bench/unseen_edits.py's, AugLy's ``random_noise``)."""
     import cv2
 
-    pixels = np.asarray(pixels)
-    if pixels.ndim != 3 or pixels.shape[2] != 3 or min(pixels.shape[:2]) < 16:
-        return None
-    small = at_detect_side(pixels)
+    grey = cv2.cvtColor(np.ascontiguousarray(small), cv2.COLOR_RGB2GRAY).astype(np.float32)
+    if min(grey.shape) < 3:
+        return 0.0
+    laplacian = cv2.filter2D(grey, -1, np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32))
+    return float(np.sqrt(np.pi / 2) / 6 * np.abs(laplacian[1:-1, 1:-1]).mean())
+
+
+def _flat_bands(small: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """uint8 RGB (h, w, 3) at ``DETECT_SIDE`` -> (uint8 mask (h, w) of its flat stripes (1), not widened; their colour
+    float32 (3,)), or None."""
+    import cv2
+
     values = small.astype(np.float32)
     mean = cv2.blur(values, (5, 5))
     spread = np.sqrt(np.maximum(largest_channel(cv2.blur(values * values, (5, 5)) - mean * mean), 0.0))
@@ -120,7 +143,52 @@ def stripe_mask(pixels: np.ndarray) -> np.ndarray | None:
     widths = _band_widths(mask, np.array([np.cos(angle), np.sin(angle)]))
     if len(widths) < MIN_BANDS or max(widths) > MAX_WIDTH_RATIO * min(widths):
         return None
-    mask = cv2.dilate(mask, np.ones((2 * EDGE_MARGIN + 1,) * 2, np.uint8))  # their soft, JPEG-rung edges too
+    return mask, colour
+
+
+def edge_margin(small: np.ndarray, mask: np.ndarray, colour: np.ndarray) -> int:
+    """How far (px, ``EDGE_MARGIN``..``MAX_EDGE_MARGIN``) to widen ``mask`` (uint8 (h, w)) of ``small`` (uint8 RGB
+    (h, w, 3)) so that it takes in the rim where the stripes' ``colour`` (float32 (3,)) bleeds into the picture. The
+    rings of pixels at whole distances from the mask differ more and more from that colour; the first whose median
+    reaches ``RIM_LEVEL`` of the difference further out ends the rim. A sharp edge (JPEG'd, resized) ends
+    ``SHARP_RIM`` rings after ``EDGE_MARGIN``; a softened one (a blur, pixel blocks after the stripes) later, and
+    the mask grows by as many rings more."""
+    import cv2
+
+    distance = cv2.distanceTransform((mask == 0).astype(np.uint8), cv2.DIST_L2, 3)
+    off = largest_channel(np.abs(small.astype(np.float32) - colour))
+    last = MAX_EDGE_MARGIN + SHARP_RIM
+    rings = np.minimum(np.ceil(distance), last + 2).astype(np.int64)  # 0: the mask; last + 2: everything further
+    beyond = off[rings == last + 1]
+    if len(beyond) == 0:
+        return EDGE_MARGIN
+    level = RIM_LEVEL * np.median(beyond)
+    for ring in range(EDGE_MARGIN + SHARP_RIM, last):
+        values = off[rings == ring]
+        if len(values) == 0 or np.median(values) >= level:
+            return ring - SHARP_RIM
+    return MAX_EDGE_MARGIN
+
+
+def stripe_mask(pixels: np.ndarray) -> np.ndarray | None:
+    """uint8 RGB (H, W, 3) -> uint8 mask (H, W) (1: under a stripe, widened by ``edge_margin`` for soft edges), or
+    None when the picture has no stripes (see the module docstring). A noisy picture (``NOISE_LEVEL``), whose
+    stripes are not flat, is looked at again denoised (a median and a Gaussian blur) when they are not found."""
+    import cv2
+
+    pixels = np.asarray(pixels)
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or min(pixels.shape[:2]) < 16:
+        return None
+    small = np.ascontiguousarray(at_detect_side(pixels))
+    found = _flat_bands(small)
+    if found is None and noise_level(small) > NOISE_LEVEL:
+        small = cv2.GaussianBlur(cv2.medianBlur(small, DENOISE_MEDIAN), (0, 0), DENOISE_SIGMA)
+        found = _flat_bands(small)
+    if found is None:
+        return None
+    mask, colour = found
+    margin = edge_margin(small, mask, colour)
+    mask = cv2.dilate(mask, np.ones((2 * margin + 1,) * 2, np.uint8))  # their soft, JPEG-rung edges too
     height, width = pixels.shape[:2]
     if mask.shape != (height, width):  # every pixel a stripe pixel touches
         mask = (cv2.resize(mask.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR) > 0).astype(np.uint8)
