@@ -20,9 +20,9 @@ half-width), up to 6 where a blur or pixel blocks came after the stripes (a rim 
 the filled picture's keypoints and descriptor were the rim's). Measured: it finds none in 1,967 images without
 stripes (the copy-detection sets' references and distractors of both seeds, seed 0's 420 edited copies, the 427
 chained-edit queries without stripes of bench/chained_edits.py; striped facades and wallpapers of curved bands among
-them), and finds the stripes of 37 of the 53 chained-edit queries with them (33 without the second look; the others mostly got
-JPEG blocks, a perspective, a crop or a frame after the stripes, or their stripes merged with a flat area of the
-same colour).
+them; nor in AugLy's 480 queries, whose stripes are mostly translucent), and finds the stripes of 37 of the 53
+chained-edit queries with them (33 without the second look; the others mostly got JPEG blocks, a perspective, a crop
+or a frame after the stripes, or their stripes merged with a flat area of the same colour).
 """
 
 from __future__ import annotations
