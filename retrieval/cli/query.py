@@ -36,9 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ..engine import RetrievalEngine
+    from ..engine import RetrievalEngine, open_query
     from ..errors import RetrievalError
-    from ..images import open_image
     from ..search.expansion import QueryExpansion
     from . import run
 
@@ -47,7 +46,7 @@ def main(argv=None) -> int:
             expansion = QueryExpansion(args.qe, args.qe_top_n, args.qe_alpha)
         except ValueError as exc:
             raise RetrievalError(str(exc)) from None
-        query_image = open_image(args.query)  # fail fast on a bad query, before the model is built
+        query_image = open_query(args.query)  # fail fast on a bad query, before the model is built
         engine = RetrievalEngine.open(args.index, weights_file=args.weights, image_root=args.database)
         try:
             verify = engine.resolve_verify(args.verify)  # one error line for an index without local features

@@ -432,6 +432,7 @@ def encode_query(
     (``query_root / query.image`` for a query that is not a database image, default root the index's image folder;
     else its database row's file, else ``image_root / query.path``), crop it to ``query.bbox`` if any, encode -> (D,); with copy search its ``QueryFeatures`` (local features only
     when ``verify``)."""
+    from ..engine import open_query
     from ..images import open_image
 
     if query.image is not None and query_root is not None:
@@ -442,9 +443,10 @@ def encode_query(
         source = engine.image_root / query.image
     else:
         source = engine.image_path(row) if row is not None else engine.image_root / query.path
-    image = open_image(source)
-    if query.bbox is not None:
-        image = crop_to_box(image, query.bbox)
+    if query.bbox is None:
+        image = open_query(source) if engine.copy_search else open_image(source)  # as the server decodes an upload
+    else:  # the box is in the full picture's pixels
+        image = crop_to_box(open_image(source), query.bbox)
     if engine.copy_search:  # windows and local features too: the query as the server would search it
         return engine.query_features(image, for_verification=verify)
     return engine.encode_images([image])[0]

@@ -391,9 +391,9 @@ def api_search():
             raise ApiError(413, f"file too large: {len(data)} bytes, the limit is {limit} bytes ({limit / 1048576:.0f} MB)")
         try:
             if engine.copy_search:  # windows and local features of the upload, computed once for every page
-                from ..images import open_image
+                from ..engine import open_query
 
-                features = engine.query_features(open_image(data), for_verification=verify)
+                features = engine.query_features(open_query(data), for_verification=verify)
             else:
                 vector = engine.encode(data)
         except ImageError as exc:
