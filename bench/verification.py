@@ -13,9 +13,10 @@ verification of a fixed top 100, so repeated rows measure the same work as disti
 Queries: the set's edited copies (screenshots, crops, captions...), uploaded as files by ``POST /api/search`` on one
 keep-alive connection, one at a time, as the page does. Three modes side by side on the same queries: classic (the
 same rows without copy features: one global vector per image), copy search without verification (``verify=0``: global
-vector, query windows and regions), and copy search with verification (the preset's default). Reports p50 / p95 wall
-time per request and the server's own ``took_ms``, the ratios to classic, and bytes per image of the stored copy
-features. Writes bench/out/verification.md (and .json).
+vector, query windows and regions), and copy search with verification (the preset's default); and the last again with
+the same copies uploaded photo-sized (enlarged to ``PHOTO_SIDE`` px on their longest side, JPEG), as a phone sends
+them. Reports p50 / p95 wall time per request and the server's own ``took_ms``, the ratios to classic, and bytes per
+image of the stored copy features. Writes bench/out/verification.md (and .json).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from bench.run import machine
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "out"
 NOISE = 0.01  # per-coordinate noise added to repeated vectors (then re-normalised): no ties, same neighbourhoods
+PHOTO_SIDE = 4032  # photo-sized uploads: the copies enlarged to a 12-megapixel phone photo's longest side
 
 
 def run(*args, timeout: int = 3600) -> None:
@@ -113,6 +115,22 @@ class Client:
         return wall, payload
 
 
+def photo_sized(queries: list[Path], folder: Path) -> list[Path]:
+    """``queries`` enlarged (bicubic) so that their longest side is ``PHOTO_SIDE``, as JPEG files (quality 90) in
+    ``folder``: what an upload from a phone costs to decode and read, with the same content."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for n, path in enumerate(queries):
+        image = Image.open(path).convert("RGB")
+        scale = PHOTO_SIDE / max(image.size)
+        target = folder / f"{n:03d}-{path.stem}.jpg"
+        image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC).save(target, quality=90)
+        out.append(target)
+    return out
+
+
 def percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, np.float64), q))
 
@@ -181,16 +199,18 @@ def main(argv=None) -> int:
         edits = sorted(queries_dir.rglob("*.jpg"))
         queries = [edits[i] for i in sorted(rng.choice(len(edits), size=min(count, len(edits)), replace=False))]
 
+        photos = photo_sized(queries, work / "photo-sized")
         rows = []
-        for label, index, verify in (
-            ("classic (global MAX only)", work / "classic-grown.h5", None),
-            ("copy search, no verification (verify=0)", work / "copies-grown.h5", "0"),
-            ("copy search + verification (the preset's default)", work / "copies-grown.h5", None),
+        for label, index, verify, uploads in (
+            ("classic (global MAX only)", work / "classic-grown.h5", None, queries),
+            ("copy search, no verification (verify=0)", work / "copies-grown.h5", "0", queries),
+            ("copy search + verification (the preset's default)", work / "copies-grown.h5", None, queries),
+            (f"the same, photo-sized uploads ({PHOTO_SIDE:,} px JPEG)", work / "copies-grown.h5", None, photos),
         ):
             print(f"{label} ...", flush=True)
             process, url = served(index, work)
             try:
-                rows.append({"mode": label, **measure(url, queries, verify)})
+                rows.append({"mode": label, **measure(url, uploads, verify)})
             finally:
                 process.terminate()
                 process.wait(timeout=30)
