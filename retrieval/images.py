@@ -1,12 +1,15 @@
 """Safe image decoding and resizing: file or bytes in, RGB PIL image or uint8 array out.
 
 Every failure (missing, unreadable, zero-byte, truncated, not an image, too many pixels, too many bytes) raises
-``ImageError`` with a one-line reason; nothing here ever writes to disk.
+``ImageError`` with a one-line reason; nothing here ever writes to disk. Pillow reads JPEG, PNG, BMP, GIF, WebP,
+TIFF and AVIF itself; HEIC / HEIF (a phone's photos: an iPhone's default) through ``pi_heif`` (libheif, decoding
+only), registered with Pillow at the first decode.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import struct
@@ -23,7 +26,7 @@ from .errors import ImageError
 
 Loaded = TypeVar("Loaded")
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif", ".heic", ".heif"})
 MAX_PIXELS = 80_000_000  # width * height accepted before decoding; larger is treated as a decompression bomb
 MAX_FILE_BYTES = 200 * 1024 * 1024
 
@@ -111,7 +114,36 @@ def open_image(source: str | os.PathLike | bytes, *, draft_size: int | None = No
     return _decode(stream, label, draft_size)
 
 
+@functools.cache
+def _register_heif() -> None:
+    """Let Pillow open HEIC / HEIF files (``pi_heif``, once per process); without the package they stay unreadable."""
+    with contextlib.suppress(ImportError):
+        import pi_heif
+
+        pi_heif.register_heif_opener()
+
+
+def image_format(data: bytes) -> str:
+    """The format of an image file's bytes as Pillow names it (JPEG, PNG, HEIF, ...), read from its header without
+    decoding the pixels. Raises ImageError for what is no image, or one with too many pixels."""
+    _register_heif()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as probe:
+                if probe.width * probe.height > MAX_PIXELS:
+                    raise ImageError(f"too many pixels ({probe.width}x{probe.height}, limit {MAX_PIXELS})", kind="too_large")
+                return probe.format or ""
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError("too many pixels: possible decompression bomb", kind="too_large") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error):
+        raise ImageError("not an image or unsupported format") from None
+
+
 def _decode(stream: io.BytesIO, label: str, draft_size: int | None) -> Image.Image:
+    _register_heif()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

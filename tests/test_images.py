@@ -1,12 +1,16 @@
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_rgb
+from conftest import DEMO_DATABASE, write_rgb
 from retrieval import images
 from retrieval.errors import ImageError
+
+
+HEIC_PHOTO = Path(__file__).with_name("rotated-coffee.heic")  # the demo coffee photo (CC0) at 120 x 80, stored turned
 
 
 def test_list_image_files_recursive_case_insensitive_sorted(tmp_path):
@@ -73,6 +77,50 @@ def test_exif_orientation_is_applied(tmp_path):
     path = tmp_path / "rotated.jpg"
     picture.save(path, exif=exif)
     assert images.open_image(path).size == (40, 80)
+
+
+def test_heic_and_avif_photos_are_found_and_decoded(tmp_path):
+    """A phone's HEIC photo (``HEIC_PHOTO``: written by pillow-heif with EXIF orientation 6, which it stores as a HEIF
+    rotation) and an AVIF file are image files, decoded upright once, like the JPEG they came from; a truncated HEIC is
+    one error line."""
+    for name in ("a.HEIC", "b.heif", "c.avif", "d.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert images.list_image_files(tmp_path) == ["a.HEIC", "b.heif", "c.avif"]
+    original = Image.open(DEMO_DATABASE / "coffee" / "original.jpg").convert("RGB")
+    original.thumbnail((120, 120))
+    upright = np.asarray(original.transpose(Image.Transpose.ROTATE_270), np.float32)
+    decoded = images.open_image(HEIC_PHOTO)
+    assert decoded.mode == "RGB" and decoded.size == (80, 120) and decoded.info["source_size"] == (80, 120)
+    assert np.abs(np.asarray(decoded, np.float32) - upright).mean() < 8  # the same picture, turned once
+    original.save(tmp_path / "photo.avif", quality=80)
+    assert images.open_image((tmp_path / "photo.avif").read_bytes()).size == original.size
+    with pytest.raises(ImageError, match="not an image or unsupported format"):
+        images.open_image(HEIC_PHOTO.read_bytes()[:1000])
+
+
+def test_image_format_reads_the_header_only(tmp_path):
+    """The format a file's bytes hold, without decoding them (the web app's ``/image`` route sends a browser the formats
+    it shows as they are): HEIC's too in a process that has decoded nothing yet; no image or a bomb is ImageError."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    assert images.image_format(HEIC_PHOTO.read_bytes()) == "HEIF"
+    assert images.image_format((DEMO_DATABASE / "coffee" / "original.jpg").read_bytes()) == "JPEG"
+    fresh = subprocess.run(
+        [sys.executable, "-c", "import sys; from retrieval.images import image_format; "
+                               "print(image_format(open(sys.argv[1], 'rb').read()))", str(HEIC_PHOTO)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert fresh.stdout.strip() == "HEIF", fresh.stderr
+    with pytest.raises(ImageError, match="not an image"):
+        images.image_format(b"GIF89a but not really")
+    bomb = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(bomb, "PNG")
+    with pytest.raises(ImageError, match="too many pixels") as refused:
+        images.image_format(bomb.getvalue())
+    assert refused.value.kind == "too_large"
 
 
 def test_source_size_is_the_displayed_full_resolution_even_after_a_jpeg_draft(tmp_path):

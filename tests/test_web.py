@@ -722,3 +722,34 @@ def test_a_verifying_database_has_its_word_search_built_at_load_not_on_a_request
     assert "words" in vars(engine.pipeline) and engine.pipeline.words is not None
     plain = warmed(RetrievalEngine(database(None), None))
     assert "words" not in vars(plain.pipeline)
+
+
+def test_heic_and_avif_photos_are_indexed_searched_and_shown(tmp_path, effnet_extractor):
+    """A phone's HEIC photo and an AVIF file are indexed like any photo; a HEIC upload finds its own file first; the
+    page gets the AVIF as it is (every current browser shows it) and the HEIC transcoded to PNG, and a JPEG thumbnail
+    of each; the file picker offers both."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    heic = Path(__file__).with_name("rotated-coffee.heic")
+    shutil.copy(heic, folder / "coffee.heic")
+    Image.open(DEMO_DATABASE / "chelsea" / "original.jpg").save(folder / "chelsea.avif", quality=80)
+    shutil.copy(DEMO_DATABASE / "rocket" / "original.jpg", folder / "rocket.jpg")
+    index = tmp_path / "formats.h5"
+    report = build_index(folder, index, backbone="efficientnet-lite0", precision="float32", progress=False)
+    assert report.total == 3 and not report.skipped
+    database = read_database(index)
+    client = create_app(index, engine=RetrievalEngine(database, effnet_extractor), config={"TESTING": True}).test_client()
+    found = post_image(client, heic.read_bytes(), filename="IMG_0001.HEIC", k="3")
+    assert found.status_code == 200
+    top = found.get_json()["results"][0]
+    assert top["path"] == "coffee.heic" and top["score"] == pytest.approx(1.0, abs=1e-4)
+    avif = client.get(f"/image/{database.paths.index('chelsea.avif')}")
+    assert avif.status_code == 200 and avif.mimetype == "image/avif"
+    shown = client.get(f"/image/{database.paths.index('coffee.heic')}")
+    assert shown.status_code == 200 and shown.mimetype == "image/png"
+    assert Image.open(io.BytesIO(shown.data)).size == (80, 120)  # upright, as the phone shows it
+    for name in database.paths:
+        thumb = client.get(f"/thumb/{database.paths.index(name)}")
+        assert thumb.status_code == 200 and thumb.mimetype == "image/jpeg"
+    accept = re.search(r'accept="([^"]*)"', client.get("/").get_data(as_text=True)).group(1)
+    assert ".heic" in accept and ".avif" in accept and "image/heic" in accept
