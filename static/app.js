@@ -394,6 +394,8 @@
       return;
     }
     els.previewImage.onload = null;
+    els.previewImage.onerror = null;
+    els.previewImage.hidden = false;
     if (query.kind === 'upload') {
       state.previewUrl = URL.createObjectURL(new Blob([query.bytes], { type: query.type || '' }));
       els.previewImage.src = state.previewUrl;
@@ -402,6 +404,11 @@
       els.previewImage.onload = () => {
         const { naturalWidth: w, naturalHeight: h } = els.previewImage;
         if (w && h) els.previewMeta.textContent = `your image · ${w} × ${h} · ${formatBytes(query.size)}`;
+      };
+      // a format the server reads and this browser does not show (HEIC in most browsers, TIFF): say so, no broken icon
+      els.previewImage.onerror = () => {
+        els.previewImage.hidden = true;
+        els.previewMeta.textContent = `your image · ${formatBytes(query.size)} · this browser cannot show it; the search reads it`;
       };
       els.previewLinks.hidden = true;
     } else {

@@ -466,6 +466,27 @@ def test_phone_sized_screen(browser, server, tmp_path):
         context.close()
 
 
+def test_a_photo_the_browser_cannot_show_is_still_searched(browser, server):
+    """A phone's HEIC photo picked on a desktop (Chromium shows no HEIC): the search runs on the server, which reads
+    it, and the preview says so instead of showing a broken image; the next query shows its picture again."""
+    url, folder = server.url, server.folder
+    context, page, problems = open_page(browser, url, **DESKTOP)
+    try:
+        page.wait_for_selector("#grid .card img")
+        upload(page, Path(__file__).with_name("rotated-coffee.heic"))
+        page.wait_for_selector('#grid .card[data-rank="1"]')
+        expect(page.locator("#query-meta")).to_contain_text("this browser cannot show it")
+        assert page.is_hidden("#query-image") and "rotated-coffee.heic" in page.inner_text("#query-caption")
+        assert_accessible(page, "an upload without a preview")
+        upload(page, folder / "coffee" / "original.jpg")
+        expect(first_path(page)).to_have_attribute("data-path", "coffee/original.jpg")
+        expect(page.locator("#query-image")).to_be_visible()
+        assert "cannot show" not in page.inner_text("#query-meta")
+        assert problems == []
+    finally:
+        context.close()
+
+
 # ---------------------------------------------------------------------------------------------------- items 9, 10: dark mode
 
 
