@@ -116,11 +116,12 @@ def open_image(source: str | os.PathLike | bytes, *, draft_size: int | None = No
 
 @functools.cache
 def _register_heif() -> None:
-    """Let Pillow open HEIC / HEIF files (``pi_heif``, once per process); without the package they stay unreadable."""
+    """Let Pillow open HEIC / HEIF files (``pi_heif``, once per process); without the package they stay unreadable.
+    Only the primary picture is read: a phone's depth maps, auxiliary pictures and thumbnails are left alone."""
     with contextlib.suppress(ImportError):
         import pi_heif
 
-        pi_heif.register_heif_opener()
+        pi_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 
 
 def image_format(data: bytes) -> str:
