@@ -127,23 +127,14 @@ def _register_heif() -> None:
 def image_format(data: bytes) -> str:
     """The format of an image file's bytes as Pillow names it (JPEG, PNG, HEIF, ...), read from its header without
     decoding the pixels. Raises ImageError for what is no image, or one with too many pixels."""
-    _register_heif()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as probe:
-                if probe.width * probe.height > MAX_PIXELS:
-                    raise ImageError(f"too many pixels ({probe.width}x{probe.height}, limit {MAX_PIXELS})", kind="too_large")
-                return probe.format or ""
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError("too many pixels: possible decompression bomb", kind="too_large") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error):
-        raise ImageError("not an image or unsupported format") from None
+    with _opened(io.BytesIO(data), "image") as image:
+        return image.format or ""
 
 
-def _decode(stream: io.BytesIO, label: str, draft_size: int | None) -> Image.Image:
+@contextlib.contextmanager
+def _opened(stream: io.BytesIO, label: str) -> Iterator[Image.Image]:
+    """The image in ``stream``, opened (its header read, nothing decoded) and checked for a size, inside the one
+    translation of decoder failures into one-line ``ImageError``s, which covers the caller's decoding too."""
     _register_heif()
     try:
         with warnings.catch_warnings():
@@ -157,21 +148,7 @@ def _decode(stream: io.BytesIO, label: str, draft_size: int | None) -> Image.Ima
                         f"{label}: too many pixels ({width}x{height}, limit {MAX_PIXELS}): possible decompression bomb",
                         kind="too_large",
                     )
-                if draft_size and image.format == "JPEG":
-                    image.draft("RGB", (draft_size, draft_size))
-                needed = decode_bytes(image.mode, *image.size)
-                if needed > MAX_DECODE_BYTES:
-                    raise ImageError(
-                        f"{label}: image needs too much memory to decode ({image.size[0]}x{image.size[1]} {image.mode}, "
-                        f"{needed / 2**20:.0f} MB, limit {MAX_DECODE_BYTES / 2**20:.0f} MB)",
-                        kind="too_large",
-                    )
-                with _large_decodes if needed > LARGE_DECODE_BYTES else contextlib.nullcontext():
-                    image.load()
-                    turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn swaps the sides
-                    image = _to_rgb(ImageOps.exif_transpose(image))
-                    image.info["source_size"] = (height, width) if turned else (width, height)
-                    return image
+                yield image
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -183,6 +160,26 @@ def _decode(stream: io.BytesIO, label: str, draft_size: int | None) -> Image.Ima
         raise ImageError(f"{label}: corrupt or truncated image ({reason})") from None
     except MemoryError:
         raise ImageError(f"{label}: image needs too much memory to decode", kind="too_large") from None
+
+
+def _decode(stream: io.BytesIO, label: str, draft_size: int | None) -> Image.Image:
+    with _opened(stream, label) as image:
+        width, height = image.size
+        if draft_size and image.format == "JPEG":
+            image.draft("RGB", (draft_size, draft_size))
+        needed = decode_bytes(image.mode, *image.size)
+        if needed > MAX_DECODE_BYTES:
+            raise ImageError(
+                f"{label}: image needs too much memory to decode ({image.size[0]}x{image.size[1]} {image.mode}, "
+                f"{needed / 2**20:.0f} MB, limit {MAX_DECODE_BYTES / 2**20:.0f} MB)",
+                kind="too_large",
+            )
+        with _large_decodes if needed > LARGE_DECODE_BYTES else contextlib.nullcontext():
+            image.load()
+            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn swaps the sides
+            image = _to_rgb(ImageOps.exif_transpose(image))
+            image.info["source_size"] = (height, width) if turned else (width, height)
+            return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
