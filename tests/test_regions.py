@@ -638,6 +638,27 @@ def test_an_inset_with_one_side_along_its_own_colours_is_found_but_not_with_two(
     assert regions.inset_box(pixels) is None
 
 
+@pytest.mark.parametrize("width", [800, 256, 200])
+def test_the_detectors_read_the_same_picture_whether_its_shrunk_copy_is_given_or_not(width):
+    """Indexing shrinks a picture once (``content_sized``) for the page and straight-edge detectors: the same boxes and
+    edges as each shrinking it itself; a picture at most ``CONTENT_SIDE`` wide is read at its own size for edges."""
+    composite, _ = pasted("chelsea", (200, 150))
+    page = Image.new("RGB", (800, 1000), (245, 245, 245))
+    page.paste(composite.resize((600, 450)), (100, 200))
+    for picture in (composite, page):
+        picture = picture.resize((width, round(picture.height * width / picture.width)))
+        pixels = np.asarray(picture)
+        small = regions.content_sized(pixels)
+        assert max(small.shape[:2]) == regions.CONTENT_SIDE
+        assert regions.content_boxes(pixels, patterns=True, small=small) == regions.content_boxes(pixels, patterns=True)
+        given, own = regions.straight_edges(pixels, small), regions.straight_edges(pixels)
+        assert np.array_equal(given.small, own.small) and np.array_equal(given.across_rows, own.across_rows)
+        assert np.array_equal(given.across_cols, own.across_cols) and given.scale == own.scale
+        assert regions.inset_box(pixels, given) == regions.inset_box(pixels, own)
+    assert regions.content_boxes(np.asarray(page)) != []  # the page is one: its picture is its content box
+    assert regions.inset_box(np.asarray(composite)) is not None
+
+
 @pytest.mark.parametrize("name", ["astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins",
                                   "hubble_deep_field", "immunohistochemistry", "retina", "rocket"])
 def test_a_plain_photo_has_no_inset(name):

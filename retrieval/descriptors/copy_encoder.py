@@ -32,7 +32,9 @@ from ..vectors import l2_normalize
 from . import pooling
 from .extractor import DEFAULT_BATCH_SIZE, EncodedItem, Extractor
 from .local_features import DATABASE_KEYPOINTS, DATABASE_SIDE, LocalFeatures, extract_local_features
-from .regions import content_boxes, database_strip_boxes, grid_boxes, inset_box, region_vectors, straight_edges
+from .regions import (
+    PAGE_MIN_SIDE, content_boxes, content_sized, database_strip_boxes, grid_boxes, inset_box, region_vectors, straight_edges,
+)
 
 SHARED_MAP_POOLINGS = ("max", "avg", "sum", "gem", "rmac", "crow")
 
@@ -99,14 +101,15 @@ class CopyEncoder:
             picture = open_image(path, draft_size=None if rule == "squash-nearest" else max(size, DATABASE_SIDE))
             array, dimensions = resize_for_backbone(picture, size, rule), picture.info["source_size"]
             pixels = np.asarray(picture)
-            boxes = content_boxes(pixels, patterns=True) if self.regions else []  # a page's picture is stored besides
+            small = content_sized(pixels) if self.regions and min(pixels.shape[:2]) >= PAGE_MIN_SIDE else None
+            boxes = content_boxes(pixels, patterns=True, small=small) if self.regions else []  # a page's picture is stored besides
             inside, crops, kind = None, [], None
             if boxes:
                 left, top, right, bottom = boxes[0]
                 inside, crops, kind = pixels[top:bottom, left:right], [picture.crop(boxes[0])], PAGE
             elif self.regions:
                 crops, kind = [picture.crop(box) for box in database_strip_boxes(*picture.size)], STRIPS
-                edges = None if crops else straight_edges(pixels)  # both look for straight lines in the same edges
+                edges = None if crops else straight_edges(pixels, small)  # both look for straight lines in the same edges
                 if edges is not None:
                     crops, kind = [picture.crop(box) for box in grid_boxes(pixels, edges)], GRID
                 if edges is not None and not crops and (inset := inset_box(pixels, edges)) is not None:

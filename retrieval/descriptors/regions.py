@@ -179,7 +179,18 @@ def window_input_side(input_size: int) -> int:
     return max(1, round(input_size * WINDOW_INPUT_SCALE))
 
 
-def content_boxes(pixels: np.ndarray, patterns: bool = False) -> list[tuple[int, int, int, int]]:
+def content_sized(pixels: np.ndarray) -> np.ndarray:
+    """An RGB uint8 (H, W, 3) picture at ``CONTENT_SIDE`` px on its longest side (area filter; a smaller one is
+    enlarged): what ``content_boxes`` reads, and ``straight_edges`` where the picture is larger than that."""
+    import cv2
+
+    pixels = np.asarray(pixels)
+    height, width = pixels.shape[:2]
+    scale = CONTENT_SIDE / max(height, width)
+    return cv2.resize(pixels, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+
+
+def content_boxes(pixels: np.ndarray, patterns: bool = False, small: np.ndarray | None = None) -> list[tuple[int, int, int, int]]:
     """Rectangles of an RGB uint8 (H, W, 3) picture that hold content rather than page background, as PIL crop boxes
     (left, top, right, bottom), largest first, at most ``MAX_CONTENT_BOXES``; [] for a picture that is all content.
 
@@ -196,7 +207,7 @@ def content_boxes(pixels: np.ndarray, patterns: bool = False) -> list[tuple[int,
     its picture, and searched as one band such a query lost its copy (4 of 53 striped chained-edit queries); a
     database image keeps its regions and stores its picture's descriptor besides them, so the index passes
     ``patterns``: there the band helped (searched for by its original, a striped copy stored as a page was found
-    by 4 more of 60 originals than stored whole).
+    by 4 more of 60 originals than stored whole). ``small``: ``content_sized(pixels)``, when known.
     """
     import cv2
 
@@ -205,7 +216,7 @@ def content_boxes(pixels: np.ndarray, patterns: bool = False) -> list[tuple[int,
     if min(height, width) < PAGE_MIN_SIDE:
         return []
     scale = CONTENT_SIDE / max(height, width)
-    small = cv2.resize(pixels, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    small = content_sized(pixels) if small is None else small
     # flat: the grey range (of R + G + B, 3x the mean) over 5 x 5 pixels; neutral: the spread of R, G, B
     red, green, blue = cv2.split(small)  # per-channel planes: numpy's reductions over a last axis of 3 are slow
     total = cv2.add(cv2.add(red, green, dtype=cv2.CV_16S), blue, dtype=cv2.CV_16S)
@@ -485,9 +496,10 @@ class StraightEdges:
     density: float
 
 
-def straight_edges(pixels: np.ndarray) -> StraightEdges | None:
+def straight_edges(pixels: np.ndarray, small: np.ndarray | None = None) -> StraightEdges | None:
     """An RGB uint8 (H, W, 3) picture's ``StraightEdges``; None for a picture under ``PAGE_MIN_SIDE`` and a strip
-    (fewer than ``INSET_MIN_PIXELS`` px across at that scale)."""
+    (fewer than ``INSET_MIN_PIXELS`` px across at that scale). ``small``: ``content_sized(pixels)``, when known (the
+    same pixels where the picture is larger than ``CONTENT_SIDE``)."""
     import cv2
 
     pixels = np.asarray(pixels)
@@ -496,7 +508,8 @@ def straight_edges(pixels: np.ndarray) -> StraightEdges | None:
         return None
     scale = min(1.0, CONTENT_SIDE / max(height, width))  # never enlarged: an enlarged picture's pixels are blocks
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    small = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+    if small is None or scale == 1.0:
+        small = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
     rows, cols = small.shape[:2]
     if min(rows, cols) < INSET_MIN_PIXELS:  # a strip (20,000 x 100 px: 256 x 1 here)
         return None
@@ -526,9 +539,8 @@ def _edge_runs(edges: np.ndarray, min_length: int) -> np.ndarray:
     closed = cv2.morphologyEx(edges.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((1, 3), np.uint8))
     padded = np.zeros((closed.shape[0], closed.shape[1] + 2), np.int8)
     padded[:, 1:-1] = closed
-    steps = np.diff(padded, axis=1)
-    lines, starts = np.nonzero(steps == 1)
-    stops = np.nonzero(steps == -1)[1]
+    lines, ends = np.nonzero(np.diff(padded, axis=1))  # along each line a run's start, then its end, then the next
+    lines, starts, stops = lines[0::2], ends[0::2], ends[1::2]
     long_enough = stops - starts >= max(1, min_length)
     return np.stack([lines[long_enough], starts[long_enough], stops[long_enough]], axis=1)
 
