@@ -5,8 +5,8 @@ space (its own calls), only the strongest extrema oriented, only the kept keypoi
 pre-threshold at ``PRETHRESHOLD`` (half the contrast floor, unrounded; OpenCV rounds it down to 0 at this floor and
 refines ~98,000 faint extrema per 512 px picture to keep ~550). On the 980 pictures of the copy-detection set the
 keypoints are OpenCV's but 17 of 283,717 (27 of 503,249 as queries), each descriptor equal to OpenCV's or one
-rounding apart (tests/test_sift.py); it takes 0.69x OpenCV's time as a database picture (19 against 28 ms on one
-core) and 0.66x as a query (23 against 35 ms; ``python -m bench.sift``).
+rounding apart (tests/test_sift.py); it takes 0.61x OpenCV's time as a database picture (17 against 28 ms on one
+core) and 0.60x as a query (21 against 35 ms; ``python -m bench.sift`` on an Intel Xeon without AMX).
 
 One image gives ``LocalFeatures``: at most ``max_keypoints`` keypoints, each with
 
