@@ -232,7 +232,7 @@ def _dog(gaussians, layer, r, c):
     return gaussians[layer + 1, r, c] - gaussians[layer, r, c]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy", inline="always")
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")  # inlined: a call per row cost ~0.2 µs
 def _row_prefilter(below, lower, upper, above, r, threshold, maybe, start, stop):
     """For the DoG row r of the layer between Gaussian layers ``lower`` and ``upper`` (2-D arrays of one octave;
     ``below`` and ``above`` the Gaussian layers either side of them): maybe[c] = 1 for c in start..stop - 1 where the
@@ -417,7 +417,7 @@ def _gaussian_weights(radius, factor, along):
         along[i + radius] = np.float32(math.exp(np.float32(i * i) * factor))
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy", inline="always")
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")  # inlined: a call per row cost ~0.2 µs
 def _gradient_row(above, row, below, c, low, high, row_weight, along, radius, m, gx, gy, weight):
     """Gradients and Gaussian weights of columns c + low .. c + high of one row (inside the picture), written from
     index ``m`` on. Vectorised; returns the new ``m``."""
