@@ -251,7 +251,8 @@ class RetrievalEngine:
         stripes at any opacity taken off (``without_translucent_stripes``)."""
         from .descriptors.local_features import query_local_features
         from .descriptors.regions import (
-            PAGE_WEIGHT, WINDOW_WEIGHT, content_boxes, detailed_windows, inset_box, window_boxes, window_input_side,
+            PAGE_MIN_SIDE, PAGE_WEIGHT, WINDOW_WEIGHT, content_boxes, content_sized, detailed_windows, inset_box,
+            straight_edges, window_boxes, window_input_side,
         )
         from .search.verification import QueryLocalFeatures
 
@@ -268,14 +269,16 @@ class RetrievalEngine:
             filtered = without_impulses(small)
             pixels = np.asarray(image if filtered is None else filtered)
             scale = image.width / pixels.shape[1]  # the filtered query is at most as large as SIFT reads
-            contents = content_boxes(pixels)
+            shrunk = content_sized(pixels) if min(pixels.shape[:2]) >= PAGE_MIN_SIDE else None  # for both detectors
+            contents = content_boxes(pixels, small=shrunk)
             if contents:  # a picture inside a page (a screenshot): its content stands for the query, the page counts less
                 page = image
                 image = page.crop(_scaled(contents[0], scale))
                 crops = [image, page, *(page.crop(_scaled(box, scale)) for box in contents[1:])]
                 weights = [PAGE_WEIGHT] + [1.0] * (len(contents) - 1)
                 filtered = None if filtered is None else filtered.crop(contents[0])
-            elif (inset := inset_box(pixels)) is not None:  # the pasted picture may be the copy
+            elif (edges := straight_edges(pixels, shrunk)) is not None and (inset := inset_box(pixels, edges)) is not None:
+                # the pasted picture may be the copy
                 crops, weights = [image.crop(_scaled(inset, scale)), image], [1.0]
             windows = detailed_windows(np.asarray(image), window_boxes(*image.size))
             window_rows = range(len(crops), len(crops) + len(windows))
